@@ -1,0 +1,235 @@
+"""Model directories: everything needed to predict with a model or continue training it.
+
+Layout of a model directory::
+
+    config.yaml          human-readable: model, mask and train configs,
+                         normalisation statistics, data axes, model id, version
+    weights_best.pt      state_dict with the best validation loss
+    weights_last.pt      state_dict of the latest step
+    training_state.pt    optimiser, scheduler, step, RNG and sampler state
+
+Every file is written to a temporary name, flushed to disk and renamed, so a
+kill during a save leaves the previous checkpoint intact.  Tensors are loaded
+with ``torch.load(weights_only=True)`` and YAML with a safe loader: a model
+directory from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .config import MaskConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .errors import N2VError
+from .model import UNet
+
+CONFIG = "config.yaml"
+WEIGHTS_BEST = "weights_best.pt"
+WEIGHTS_LAST = "weights_last.pt"
+STATE = "training_state.pt"
+
+
+@dataclasses.dataclass
+class Trained:
+    """A loaded model ready for inference.
+
+    Attributes
+    ----------
+    model : UNet
+        The network in eval mode, on the requested device.
+    config : ModelConfig
+        Its architecture.
+    mean, std : numpy.ndarray
+        Per-channel normalisation statistics, shape ``(C,)``, in input units.
+    meta : dict
+        The whole ``config.yaml`` (axes, model id, training settings).
+    """
+
+    model: UNet
+    config: ModelConfig
+    mean: np.ndarray
+    std: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("model_id", ""))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def new_model_id() -> str:
+    """A unique id recorded in the model and in every output it produces."""
+    return uuid.uuid4().hex[:12]
+
+
+def write_config(
+    model_dir: str | Path,
+    model_cfg: ModelConfig,
+    mask_cfg: MaskConfig,
+    train_cfg: TrainConfig,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    axes: str = "",
+    model_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``config.yaml`` (atomically) and return its content."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "n2v_chunked_version": __version__,
+        "model_id": model_id or new_model_id(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "axes": axes,
+        "model": to_dict(model_cfg),
+        "mask": to_dict(mask_cfg),
+        "train": to_dict(train_cfg),
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+    }
+    if extra:
+        meta.update(extra)
+    atomic_write_bytes(model_dir / CONFIG, yaml.safe_dump(meta, sort_keys=False).encode())
+    return meta
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """Read and validate ``config.yaml`` of a model directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise N2VError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise N2VError(f"model directory is not a directory: {model_dir}")
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise N2VError(f"not a model directory (no {CONFIG}): {model_dir}")
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise N2VError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or "model" not in meta or "normalization" not in meta:
+        raise N2VError(f"corrupt {path}: missing 'model' or 'normalization' section")
+    return meta
+
+
+def save_weights(model_dir: str | Path, model: torch.nn.Module, which: str = WEIGHTS_LAST) -> None:
+    """Save a model's ``state_dict`` atomically."""
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    atomic_write_bytes(Path(model_dir) / which, _torch_bytes(state))
+
+
+def save_training_state(model_dir: str | Path, state: dict[str, Any]) -> None:
+    """Save optimiser, scheduler, step and RNG state atomically."""
+    atomic_write_bytes(Path(model_dir) / STATE, _torch_bytes(state))
+
+
+def safe_torch_load(path: Path, device: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``; any failure becomes one clear line."""
+    if not path.is_file():
+        raise N2VError(f"missing checkpoint file: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise N2VError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise N2VError(f"corrupt or truncated checkpoint {path}: {first[:160]}") from None
+
+
+def load_training_state(model_dir: str | Path) -> dict[str, Any]:
+    """Load ``training_state.pt`` (weights-only unpickler)."""
+    return safe_torch_load(Path(model_dir) / STATE)
+
+
+def configs_from_meta(meta: dict[str, Any]) -> tuple[ModelConfig, MaskConfig, TrainConfig]:
+    """The three config objects recorded in a model directory."""
+    return (
+        from_dict(ModelConfig, meta.get("model"), "model"),
+        from_dict(MaskConfig, meta.get("mask"), "mask"),
+        from_dict(TrainConfig, meta.get("train"), "train"),
+    )
+
+
+def load_model(
+    model_dir: str | Path, device: str | torch.device | None = None, which: str = "best"
+) -> Trained:
+    """Load a model directory for inference.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        Directory written by training.
+    device : str or torch.device, optional
+        Defaults to CUDA when available, else CPU.
+    which : {"best", "last"}
+        Weights with the best validation loss, or of the latest step.
+
+    Returns
+    -------
+    Trained
+        The model in eval mode with its normalisation statistics.
+    """
+    model_dir = Path(model_dir)
+    meta = read_config(model_dir)
+    model_cfg, _, _ = configs_from_meta(meta)
+    norm = meta["normalization"]
+    mean = np.asarray(norm.get("mean"), dtype=np.float32)
+    std = np.asarray(norm.get("std"), dtype=np.float32)
+    if mean.shape != (model_cfg.in_channels,) or std.shape != mean.shape or not np.all(std > 0):
+        raise N2VError(f"corrupt {model_dir / CONFIG}: normalisation does not match {model_cfg.in_channels} channel(s)")
+    name = WEIGHTS_BEST if which == "best" else WEIGHTS_LAST
+    if which == "best" and not (model_dir / name).is_file() and (model_dir / WEIGHTS_LAST).is_file():
+        name = WEIGHTS_LAST  # trained without validation passes yet
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state = safe_torch_load(model_dir / name, "cpu")
+    model = UNet(model_cfg)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise N2VError(f"weights in {model_dir / name} do not match config.yaml: {str(exc).splitlines()[0][:160]}") from None
+    model.to(device).eval()
+    return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta)

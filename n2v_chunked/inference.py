@@ -1,0 +1,198 @@
+"""Running a trained network on arrays: padding, batching, precision, TTA.
+
+The one function that turns normalised pixels into predictions,
+:func:`run_network`, serves every caller: the whole-image :func:`denoise`,
+chunked prediction (one call per dask block) and validation.  Its batch size
+comes from a pixel budget derived from the device's free memory, never from
+the training batch size (a classic cause of GPU out-of-memory in tiled
+prediction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Trained
+from .errors import N2VError
+from .model import receptive_field, size_multiple
+
+# dask's boundary names -> numpy.pad modes (dask's "reflect" repeats the edge)
+NUMPY_PAD_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap", "constant": "constant"}
+
+# Bytes of activations per input pixel and feature of the top level, measured
+# for the depth-2 U-Net in float32 inference (peak, with cuDNN/oneDNN workspaces).
+_BYTES_PER_PIXEL_FEATURE = 48
+
+
+def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
+    """Pixels one forward pass may hold, from the device's free memory.
+
+    Parameters
+    ----------
+    trained : Trained
+        The model (its width sets the cost per pixel).
+    device : torch.device, optional
+        Defaults to the model's device.
+
+    Returns
+    -------
+    int
+        Maximum number of input pixels (summed over the batch) per forward pass.
+    """
+    device = device or trained.device
+    per_pixel = _BYTES_PER_PIXEL_FEATURE * trained.config.features
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, int(0.5 * free) // per_pixel)
+    return max(1, (1 << 30) // per_pixel)  # CPU: about 1 GiB of activations
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for (and supported), else a no-op context."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+        if not ok:
+            return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _cpu_has_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial axes of ``(N, C, *spatial)`` at their ends to a multiple.
+
+    Returns the padded tensor and the slices that crop the result back.
+    """
+    spatial = x.shape[2:]
+    extra = [(-s) % multiple for s in spatial]
+    if not any(extra):
+        return x, tuple(slice(None) for _ in spatial)
+    pad: list[int] = []
+    for e in reversed(extra):  # F.pad lists the last axis first
+        pad += [0, e]
+    mode = "replicate" if all(e < s for e, s in zip(extra, spatial)) else "constant"
+    return F.pad(x, pad, mode=mode), tuple(slice(0, s) for s in spatial)
+
+
+def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    if not inverse:
+        x = torch.flip(x, dims=(-1,)) if k >= 4 else x
+        return torch.rot90(x, k % 4, dims=(-2, -1))
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+@torch.inference_mode()
+def run_network(
+    trained: Trained,
+    x: np.ndarray | torch.Tensor,
+    *,
+    max_pixels: int | None = None,
+    precision: str = "fp32",
+    tta: bool = False,
+) -> np.ndarray:
+    """Predict normalised ``(N, C, *spatial)`` data, any spatial size.
+
+    Parameters
+    ----------
+    trained : Trained
+        Loaded model.
+    x : numpy.ndarray or torch.Tensor
+        Normalised input, float32.
+    max_pixels : int, optional
+        Pixel budget per forward pass (default: :func:`pixel_budget`).
+    precision : {"fp32", "bf16", "auto"}
+        Arithmetic of the forward pass.
+    tta : bool
+        Average the 8 rotations/flips of the YX plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 prediction, same shape as ``x``.
+    """
+    model, device = trained.model, trained.device
+    xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
+    n = xt.shape[0]
+    per_item = math.prod(xt.shape[1:]) // xt.shape[1]
+    step = max(1, (max_pixels or pixel_budget(trained, device)) // max(per_item, 1))
+    out = torch.empty_like(xt)
+    ks = range(8) if tta else range(1)
+    m = size_multiple(trained.config)
+    for start in range(0, n, step):
+        part = xt[start : start + step].to(device, non_blocking=True)
+        acc = torch.zeros_like(part, dtype=torch.float32)
+        for k in ks:
+            inp = _dihedral(part, k) if tta else part
+            padded, crop = pad_to_multiple(inp, m)
+            with autocast_context(device, precision):
+                y = model(padded)
+            y = y[(slice(None), slice(None), *crop)].float()
+            acc += _dihedral(y, k, inverse=True) if tta else y
+        out[start : start + step] = (acc / len(ks)).cpu()
+    return out.numpy()
+
+
+def halo_width(trained: Trained) -> tuple[int, ...]:
+    """Receptive-field half-width rounded up to a multiple of ``2**depth`` per spatial axis."""
+    m = size_multiple(trained.config)
+    return tuple(-(-r // m) * m for r in receptive_field(trained.config))
+
+
+def denoise(
+    trained: Trained,
+    x: np.ndarray,
+    *,
+    boundary: str = "reflect",
+    precision: str = "fp32",
+    tta: bool = False,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Denoise in-memory data of shape ``(N, C, *spatial)`` in input units.
+
+    The image is padded by the halo with the ``boundary`` mode (dask's names),
+    exactly as chunked prediction pads a block at the image border, so
+    chunked and whole-image results agree.
+
+    Parameters
+    ----------
+    trained : Trained
+        Loaded model; its dimensionality and channels must match ``x``.
+    x : numpy.ndarray
+        Noisy data ``(N, C, *spatial)``.
+    boundary : {"reflect", "nearest", "periodic", "constant"}
+        How to extend the image beyond its borders.
+    precision, tta, max_pixels
+        See :func:`run_network`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 denoised data in input units, same shape as ``x``.
+    """
+    cfg = trained.config
+    if x.ndim != cfg.dims + 2:
+        raise N2VError(f"model is {cfg.dims}D but data has {x.ndim - 2} spatial dims")
+    if x.shape[1] != cfg.in_channels:
+        raise N2VError(f"model expects {cfg.in_channels} channel(s), data has {x.shape[1]}")
+    if boundary not in NUMPY_PAD_MODE:
+        raise N2VError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
+    mean = trained.mean.reshape(1, -1, *([1] * cfg.dims))
+    std = trained.std.reshape(1, -1, *([1] * cfg.dims))
+    halo = halo_width(trained)
+    xn = (np.asarray(x, dtype=np.float32) - mean) / std
+    padded = np.pad(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], mode=NUMPY_PAD_MODE[boundary])
+    y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta)
+    y = y[(slice(None), slice(None), *[slice(h, h + s) for h, s in zip(halo, x.shape[2:])])]
+    return (y * std + mean).astype(np.float32)

@@ -1,0 +1,207 @@
+"""The U-Net of Noise2Void (CSBDeep flavour) and its exact receptive field.
+
+Two convolutions per level, batch norm before each activation, nearest
+up-sampling, a linear 1x1 output layer.  The N2V2 variant (Hoeck et al. 2022)
+drops the top-level skip connection and replaces max-pooling with max-blur-
+pooling, which removes the checkerboard artefacts of plain N2V.
+
+The receptive field is computed analytically by propagating index intervals
+backwards through the same structure :class:`UNet` builds, so chunked
+prediction can size its halo exactly (``tests/test_model.py`` proves it with
+autograd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def size_multiple(cfg: ModelConfig) -> int:
+    """Spatial sizes the network accepts without padding are multiples of this."""
+    return 2**cfg.depth
+
+
+def _pool_interval(lo: int, hi: int, n2v2: bool) -> tuple[int, int]:
+    """Input interval (level i) of the pooled interval ``[lo, hi]`` (level i+1)."""
+    if n2v2:  # max-pool(2, stride 1, right pad) then blur(3, stride 2, pad 1)
+        return 2 * lo - 1, 2 * hi + 2
+    return 2 * lo, 2 * hi + 1
+
+
+def _input_interval(o: int, cfg: ModelConfig) -> tuple[int, int]:
+    """Interval of input indices (one axis) that output index ``o`` depends on."""
+    r2 = 2 * ((cfg.kernel_size - 1) // 2)  # two convolutions per block
+
+    def encoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # [lo, hi] at the output of encoder block ``level`` -> level-0 input
+        lo, hi = lo - r2, hi + r2
+        if level == 0:
+            return lo, hi
+        return encoder(level - 1, *_pool_interval(lo, hi, cfg.n2v2))
+
+    def decoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # [lo, hi] at the output of decoder block ``level`` -> level-0 input
+        lo, hi = lo - r2, hi + r2
+        below_lo, below_hi = lo // 2, hi // 2  # nearest up-sampling
+        if level + 1 == cfg.depth:  # the bottleneck block, fed by the last pool
+            below_lo, below_hi = below_lo - r2, below_hi + r2
+            spans = [encoder(level, *_pool_interval(below_lo, below_hi, cfg.n2v2))]
+        else:
+            spans = [decoder(level + 1, below_lo, below_hi)]
+        if not (cfg.n2v2 and level == 0):
+            spans.append(encoder(level, lo, hi))  # skip connection
+        return min(s[0] for s in spans), max(s[1] for s in spans)
+
+    if cfg.depth == 0:
+        return o - r2, o + r2
+    return decoder(0, o, o)
+
+
+def receptive_field(cfg: ModelConfig) -> tuple[int, ...]:
+    """Exact half-width of the receptive field along each spatial axis.
+
+    An output pixel depends on input pixels at most this far away (on either
+    side), for every position relative to the pooling grid.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The architecture.
+
+    Returns
+    -------
+    tuple of int
+        One half-width per spatial axis (the network is isotropic).
+    """
+    half = 0
+    for o in range(size_multiple(cfg)):  # the dependency pattern has this period
+        lo, hi = _input_interval(o, cfg)
+        half = max(half, o - lo, hi - o)
+    return (half,) * cfg.dims
+
+
+class _ConvBlock(nn.Sequential):
+    """Two convolutions, each followed by batch norm and ReLU."""
+
+    def __init__(self, dims: int, cin: int, cout: int, k: int) -> None:
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        layers: list[nn.Module] = []
+        for c_in in (cin, cout):
+            # no conv bias: the following batch norm has its own shift
+            layers += [conv(c_in, cout, k, padding=k // 2, bias=False), norm(cout), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+class _MaxBlurPool(nn.Module):
+    """Anti-aliased max-pooling (Zhang 2019), as used by N2V2."""
+
+    def __init__(self, dims: int, channels: int) -> None:
+        super().__init__()
+        self.dims = dims
+        self.channels = channels
+        k1 = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+        kernel = k1[:, None] * k1[None, :] if dims == 2 else k1[:, None, None] * k1[None, :, None] * k1[None, None, :]
+        self.register_buffer("kernel", kernel.expand(channels, 1, *kernel.shape).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        x = pool(F.pad(x, (0, 1) * self.dims, mode="replicate"), 2, stride=1)
+        conv = F.conv2d if self.dims == 2 else F.conv3d
+        return conv(x, self.kernel.to(x.dtype), stride=2, padding=1, groups=self.channels)
+
+
+class UNet(nn.Module):
+    """U-Net for 2D or 3D N2V.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Architecture; ``cfg.dims`` picks 2D or 3D layers.
+
+    Notes
+    -----
+    Inputs are ``(N, C, *spatial)`` with every spatial size a multiple of
+    ``size_multiple(cfg)``; :func:`n2v_chunked.inference.run_network` pads
+    arbitrary sizes.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, k, f = cfg.dims, cfg.kernel_size, cfg.features
+        cin = 1 if cfg.independent_channels else cfg.in_channels
+        self.encoders = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        c = cin
+        for level in range(cfg.depth):
+            self.encoders.append(_ConvBlock(d, c, f * 2**level, k))
+            c = f * 2**level
+            self.pools.append(_MaxBlurPool(d, c) if cfg.n2v2 else (nn.MaxPool2d(2) if d == 2 else nn.MaxPool3d(2)))
+        self.bottom = _ConvBlock(d, c, f * 2**cfg.depth, k)
+        c = f * 2**cfg.depth
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(cfg.depth)):
+            skip = 0 if (cfg.n2v2 and level == 0) else f * 2**level
+            self.decoders.append(_ConvBlock(d, c + skip, f * 2**level, k))
+            c = f * 2**level
+        conv = nn.Conv2d if d == 2 else nn.Conv3d
+        self.head = conv(c, cin, 1)  # linear output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.independent_channels:
+            n, c = x.shape[:2]
+            return self._forward(x.reshape(n * c, 1, *x.shape[2:])).reshape(x.shape)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for enc, pool in zip(self.encoders, self.pools):
+            x = enc(x)
+            skips.append(x)
+            x = pool(x)
+        x = self.bottom(x)
+        for i, dec in enumerate(self.decoders):
+            level = self.cfg.depth - 1 - i
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            if not (self.cfg.n2v2 and level == 0):
+                x = torch.cat([x, skips[level]], dim=1)
+            x = dec(x)
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_flops(cfg: ModelConfig, spatial: tuple[int, ...]) -> float:
+    """Approximate multiply-add FLOPs (x2) of one forward pass on one patch."""
+    k = cfg.kernel_size**cfg.dims
+    f = cfg.features
+    cin = 1 if cfg.independent_channels else cfg.in_channels
+    pixels = math.prod(spatial)
+    total = 0.0
+    c = cin
+    for level in range(cfg.depth):
+        px = pixels / (2**cfg.dims) ** level
+        co = f * 2**level
+        total += px * k * (c * co + co * co)
+        c = co
+    px = pixels / (2**cfg.dims) ** cfg.depth
+    co = f * 2**cfg.depth
+    total += px * k * (c * co + co * co)
+    c = co
+    for level in reversed(range(cfg.depth)):
+        px = pixels / (2**cfg.dims) ** level
+        co = f * 2**level
+        skip = 0 if (cfg.n2v2 and level == 0) else co
+        total += px * k * ((c + skip) * co + co * co)
+        c = co
+    return 2.0 * total

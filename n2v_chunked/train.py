@@ -1,0 +1,346 @@
+"""The N2V training loop.
+
+``batches -> device -> normalise -> augment -> mask -> model -> masked loss``.
+Batches are raw patches ``(B, C, *patch)`` in input units from any iterator
+(the streaming sampler, or anything else); everything after that happens on
+the model's device, vectorised.  Adam with the paper's learning rate,
+halved when the validation loss plateaus (CSBDeep's schedule).
+
+Checkpoints hold the optimiser, scheduler, step, RNG and sampler state so
+that ``resume=True`` continues exactly where training stopped; under
+``torchrun`` the model is wrapped in DistributedDataParallel and only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .augment import augment_batch
+from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
+from .errors import N2VError
+from .inference import autocast_context
+from .masking import MaskedBatch, mask_batch, masked_mse
+from .model import UNet, size_multiple
+
+log = logging.getLogger(__name__)
+
+# Seeds of the per-rank generators are spread far apart so streams never overlap.
+_RANK_STRIDE = 1_000_003
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Summary of a training run."""
+
+    model_dir: Path
+    step: int
+    best_val_loss: float
+    history: list[dict[str, float]]
+    seconds: float
+    patches_per_second: float
+
+
+@dataclasses.dataclass
+class DistInfo:
+    """Rank and world size (1 process when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Uses NCCL when CUDA is available, else gloo (so it is testable on CPU).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def default_device(info: DistInfo | None = None) -> torch.device:
+    """CUDA (this rank's GPU) when present, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", (info or DistInfo()).local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def default_patch(dims: int) -> list[int]:
+    """The paper's patch shape: 64x64 in 2D, 32x32x32 in 3D."""
+    return [64, 64] if dims == 2 else [32, 32, 32]
+
+
+def _check_patch(patch: list[int], model_cfg: ModelConfig) -> None:
+    m = size_multiple(model_cfg)
+    if len(patch) != model_cfg.dims:
+        raise N2VError(f"patch_size {patch} has {len(patch)} axes but the model is {model_cfg.dims}D")
+    bad = [p for p in patch if p % m]
+    if bad:
+        raise N2VError(f"patch_size {patch} must be a multiple of 2**depth = {m} along every axis")
+
+
+def _normaliser(mean: np.ndarray, std: np.ndarray, dims: int, device: torch.device):
+    shape = (1, -1) + (1,) * dims
+    m = torch.as_tensor(np.asarray(mean, np.float32)).reshape(shape).to(device)
+    s = torch.as_tensor(np.asarray(std, np.float32)).reshape(shape).to(device)
+    return lambda x: (x - m) / s
+
+
+def _to_tensor(batch: Any, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(batch, dtype=torch.float32)
+    if not torch.isfinite(t).all():
+        raise N2VError("training batch contains NaN or Inf values; clean the data or use a foreground filter")
+    return t.to(device, non_blocking=True)
+
+
+def _validation_set(
+    val: np.ndarray | torch.Tensor, norm, mask_cfg: MaskConfig, seed: int, device: torch.device
+) -> MaskedBatch:
+    """Mask the fixed validation patches once, with a fixed generator."""
+    g = torch.Generator(device=device).manual_seed(seed + 17)
+    return mask_batch(norm(_to_tensor(val, device)), mask_cfg, g)
+
+
+@torch.no_grad()
+def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    device = val.inputs.device
+    n = val.inputs.shape[0]
+    bi = val.index[0]
+    for start in range(0, n, batch):
+        with autocast_context(device, precision):
+            pred = model(val.inputs[start : start + batch])
+        sel = (bi >= start) & (bi < start + batch)
+        idx = (bi[sel] - start, *[i[sel] for i in val.index[1:]])
+        diff = pred[idx].float() - val.targets[sel].float()
+        total += float((diff**2).sum())
+        count += int(sel.sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def train(
+    batches: Iterable[Any],
+    val_patches: np.ndarray | torch.Tensor,
+    mean: np.ndarray,
+    std: np.ndarray,
+    model_dir: str | Path,
+    model_cfg: ModelConfig,
+    mask_cfg: MaskConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    sampler: Any = None,
+    axes: str = "",
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train an N2V U-Net.
+
+    Parameters
+    ----------
+    batches : iterable
+        Yields raw patches ``(B, C, *patch)`` (numpy or torch, input units).
+    val_patches : array
+        Fixed validation patches ``(V, C, *patch)`` drawn from held-out data.
+    mean, std : numpy.ndarray
+        Per-channel normalisation statistics ``(C,)``, stored with the model.
+    model_dir : str or Path
+        Where checkpoints go.  With ``resume=True`` training continues from it.
+    model_cfg, mask_cfg, train_cfg : config dataclasses
+        Architecture, masking and schedule; on resume the stored ones are used.
+    resume : bool
+        Continue from the checkpoint in ``model_dir``.
+    device : str or torch.device, optional
+        Defaults to CUDA when present.
+    sampler : object, optional
+        Source of ``batches`` with ``state_dict()`` / ``load_state_dict()``;
+        its state is checkpointed so a resumed run sees the same stream.
+    axes : str
+        Axes of the training data, recorded for prediction.
+    extra_meta : dict, optional
+        More provenance for ``config.yaml`` (e.g. the input path).
+    progress : bool
+        Show a progress bar (rank 0 only).
+
+    Returns
+    -------
+    TrainResult
+        Steps done, best validation loss, per-validation history, timing.
+    """
+    info = init_distributed()
+    model_dir = Path(model_dir)
+    mask_cfg = mask_cfg or MaskConfig()
+    train_cfg = train_cfg or TrainConfig()
+    state: dict[str, Any] | None = None
+    model_id = None
+    if resume:
+        meta = ckpt.read_config(model_dir)
+        model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta)
+        # the step budget and time budget may be extended on resume; the rest is fixed
+        train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
+        mean = np.asarray(meta["normalization"]["mean"], np.float32)
+        std = np.asarray(meta["normalization"]["std"], np.float32)
+        model_id = meta.get("model_id")
+        state = ckpt.load_training_state(model_dir)
+    elif (model_dir / ckpt.CONFIG).exists():
+        raise N2VError(f"model directory {model_dir} already holds a model; pass --resume to continue it or choose another")
+    if not train_cfg.patch_size:
+        train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
+    _check_patch(train_cfg.patch_size, model_cfg)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.shape != (model_cfg.in_channels,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
+        raise N2VError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
+
+    device = torch.device(device) if device else default_device(info)
+    torch.manual_seed(train_cfg.seed)
+    model = UNet(model_cfg).to(device)
+    channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="min", factor=0.5, patience=train_cfg.plateau_patience
+    )
+    gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
+    step, best, history = 0, math.inf, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best, history = int(state["step"]), float(state["best_val_loss"]), list(state["history"])
+        gen.set_state(state["rng"]["generator"].to("cpu") if device.type == "cpu" else state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if sampler is not None and state.get("sampler") is not None:
+            sampler.load_state_dict(state["sampler"])
+        log.info("resumed %s at step %d", model_dir, step)
+    elif info.is_main:
+        meta = ckpt.write_config(
+            model_dir, model_cfg, mask_cfg, train_cfg, mean, std, axes=axes, model_id=model_id, extra=extra_meta
+        )
+        model_id = meta["model_id"]
+
+    net: torch.nn.Module = model
+    if info.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    norm = _normaliser(mean, std, model_cfg.dims, device)
+    val = _validation_set(val_patches, norm, mask_cfg, train_cfg.seed, device)
+    if channels_last:
+        val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
+
+    def save(final: bool = False) -> None:
+        if not info.is_main:
+            return
+        ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_LAST)
+        ckpt.save_training_state(
+            model_dir,
+            {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "best_val_loss": best,
+                "history": history,
+                "rng": _rng_state(gen),
+                "sampler": sampler.state_dict() if sampler is not None else None,
+                "config": {"train": to_dict(train_cfg)},
+            },
+        )
+
+    it: Iterator[Any] = iter(batches)
+    bar = tqdm(
+        total=train_cfg.steps, initial=step, desc="train", unit="step",
+        disable=not (progress and info.is_main), dynamic_ncols=True,
+    )
+    start_time = time.perf_counter()
+    wait_time, patches = 0.0, 0
+    last_loss = float("nan")
+    model.train()
+    try:
+        while step < train_cfg.steps:
+            if train_cfg.time_budget and time.perf_counter() - start_time > train_cfg.time_budget:
+                log.info("time budget of %.0f s reached at step %d", train_cfg.time_budget, step)
+                break
+            t0 = time.perf_counter()
+            try:
+                raw = next(it)
+            except StopIteration:
+                raise N2VError("the patch source ran dry before training finished") from None
+            x = norm(_to_tensor(raw, device))
+            wait_time += time.perf_counter() - t0
+            if train_cfg.augment:
+                x = augment_batch(x, gen)
+            masked = mask_batch(x, mask_cfg, gen)
+            inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
+            with autocast_context(device, train_cfg.precision):
+                pred = net(inputs)
+            loss = masked_mse(pred, masked)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            patches += x.shape[0] * info.world_size
+            last_loss = float(loss.detach())
+            if not math.isfinite(last_loss):
+                raise N2VError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
+            elapsed = time.perf_counter() - start_time
+            postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
+                       "patch/s": f"{patches / elapsed:.0f}"}
+            if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
+                val_loss = _validate(model, val, train_cfg.precision, train_cfg.batch_size)
+                scheduler.step(val_loss)
+                history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
+                                "lr": optimiser.param_groups[0]["lr"], "seconds": elapsed})
+                if val_loss < best and info.is_main:
+                    best = val_loss
+                    ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
+                postfix["val"] = f"{val_loss:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if step % train_cfg.checkpoint_interval == 0:
+                save()
+    finally:
+        bar.close()
+    if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
+        val_loss = _validate(model, val, train_cfg.precision, train_cfg.batch_size)
+        history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
+                        "lr": optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - start_time})
+        if val_loss < best and info.is_main:
+            best = val_loss
+            ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
+    save(final=True)
+    seconds = time.perf_counter() - start_time
+    if seconds > 0 and info.is_main:
+        log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
+    return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0)

@@ -1,0 +1,164 @@
+"""Training loop, checkpoints, resume, and bad model directories."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.errors import N2VError
+from n2v_chunked.inference import denoise
+from n2v_chunked.train import train
+
+
+class RandomCrops:
+    """A tiny seeded patch source with resumable state (stands in for the sampler)."""
+
+    def __init__(self, image: np.ndarray, patch: int, batch: int, seed: int = 0):
+        self.image, self.patch, self.batch = image, patch, batch
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        while True:
+            h, w = self.image.shape[-2:]
+            ys = self.rng.integers(0, h - self.patch + 1, self.batch)
+            xs = self.rng.integers(0, w - self.patch + 1, self.batch)
+            yield np.stack([self.image[:, y : y + self.patch, x : x + self.patch] for y, x in zip(ys, xs)])
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
+
+def _noisy_image(seed=0, size=96):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    clean = 100 + 50 * np.sin(yy / 6.0) * np.cos(xx / 9.0)
+    return clean.astype(np.float32), (clean + rng.normal(0, 20, clean.shape)).astype(np.float32)
+
+
+def _fit(tmp_path, steps, resume=False, source=None, name="m", **kw):
+    clean, noisy = _noisy_image()
+    img = noisy[None]
+    source = source or RandomCrops(img, 32, 16, seed=1)
+    val = np.stack([img[:, :32, :32], img[:, 64:, 64:]])
+    cfg = TrainConfig(patch_size=[32, 32], batch_size=16, steps=steps, val_interval=5,
+                      checkpoint_interval=5, precision="fp32", **kw)
+    return train(source, val, img.mean((1, 2)), img.std((1, 2)), tmp_path / name,
+                 ModelConfig(features=8), MaskConfig(), cfg, resume=resume, sampler=source,
+                 progress=False, device="cpu")
+
+
+def test_training_learns_and_writes_a_model_dir(tmp_path):
+    res = _fit(tmp_path, steps=60, lr=2e-3)
+    d = tmp_path / "m"
+    for name in (ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST, ckpt.STATE):
+        assert (d / name).is_file()
+    meta = yaml.safe_load((d / ckpt.CONFIG).read_text())
+    assert meta["model"]["features"] == 8 and len(meta["normalization"]["mean"]) == 1
+    assert res.step == 60 and res.history[-1]["val_loss"] < res.history[0]["val_loss"] * 1.5
+    clean, noisy = _noisy_image()
+    trained = ckpt.load_model(d, device="cpu")
+    out = denoise(trained, noisy[None, None])[0, 0]
+    assert out.dtype == np.float32 and out.shape == noisy.shape
+    # denoised in the input's units and closer to the truth than the noisy input
+    assert np.mean((out - clean) ** 2) < 0.7 * np.mean((noisy - clean) ** 2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    _fit(tmp_path, steps=10, name="straight")
+    _fit(tmp_path, steps=5, name="split")
+    # a fresh source object: its state comes back from the checkpoint
+    clean, noisy = _noisy_image()
+    res = _fit(tmp_path, steps=10, name="split", resume=True, source=RandomCrops(noisy[None], 32, 16, seed=99))
+    assert res.step == 10
+    a = torch.load(tmp_path / "straight" / ckpt.WEIGHTS_LAST, weights_only=True)
+    b = torch.load(tmp_path / "split" / ckpt.WEIGHTS_LAST, weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = ckpt.load_training_state(tmp_path / "straight")
+    sb = ckpt.load_training_state(tmp_path / "split")
+    assert sa["step"] == sb["step"] == 10
+    assert sa["scheduler"] == sb["scheduler"]
+
+
+def test_refuses_to_overwrite_a_model_dir(tmp_path):
+    _fit(tmp_path, steps=2)
+    with pytest.raises(N2VError, match="already holds a model"):
+        _fit(tmp_path, steps=2)
+
+
+def test_patch_not_multiple_of_depth(tmp_path):
+    with pytest.raises(N2VError, match="multiple of 2\\*\\*depth"):
+        train(iter([]), np.zeros((1, 1, 30, 30), np.float32), np.zeros(1), np.ones(1), tmp_path / "x",
+              ModelConfig(), train_cfg=TrainConfig(patch_size=[30, 30]), progress=False)
+
+
+def test_nan_batch_is_one_clear_error(tmp_path):
+    bad = np.full((4, 1, 32, 32), np.nan, np.float32)
+    with pytest.raises(N2VError, match="NaN or Inf"):
+        train(iter([bad]), np.zeros((1, 1, 32, 32), np.float32), np.zeros(1), np.ones(1), tmp_path / "x",
+              ModelConfig(features=4), train_cfg=TrainConfig(patch_size=[32, 32], steps=1), progress=False)
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(N2VError, match="not found"):
+        ckpt.load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(N2VError, match="not a model directory"):
+        ckpt.load_model(tmp_path / "empty")
+    _fit(tmp_path, steps=5)
+    d = tmp_path / "m"
+    # truncated weights
+    data = (d / ckpt.WEIGHTS_BEST).read_bytes()
+    (d / ckpt.WEIGHTS_BEST).write_bytes(data[: len(data) // 3])
+    with pytest.raises(N2VError, match="corrupt or truncated"):
+        ckpt.load_model(d)
+    # unknown config keys
+    meta = yaml.safe_load((d / ckpt.CONFIG).read_text())
+    meta["model"]["colour"] = "blue"
+    (d / ckpt.CONFIG).write_text(yaml.safe_dump(meta))
+    with pytest.raises(N2VError, match="unknown config key"):
+        ckpt.load_model(d)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_hostile_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fit(tmp_path, steps=5)
+    d = tmp_path / "m"
+    with open(d / ckpt.WEIGHTS_BEST, "wb") as fh:
+        pickle.dump({"w": _Exploit()}, fh)
+    with pytest.raises(N2VError, match="refusing to load"):
+        ckpt.load_model(d)
+    assert not Path("pwned").exists()
+    # a YAML tag that would build a Python object is refused by the safe loader too
+    (d / ckpt.CONFIG).write_text("!!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(N2VError, match="corrupt"):
+        ckpt.load_model(d)
+    assert not Path("pwned").exists()
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    ckpt.atomic_write_bytes(target, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        ckpt.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
