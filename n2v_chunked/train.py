@@ -273,7 +273,7 @@ def train(
                 "best_val_loss": best,
                 "history": history,
                 "rng": _rng_state(gen),
-                "sampler": sampler.state_dict() if sampler is not None else None,
+                "sampler": sampler.state_dict(patches_served=local_patches) if sampler is not None else None,
                 "config": {"train": to_dict(train_cfg)},
             },
         )
@@ -284,7 +284,7 @@ def train(
         disable=not (progress and info.is_main), dynamic_ncols=True,
     )
     start_time = time.perf_counter()
-    wait_time, patches = 0.0, 0
+    wait_time, patches, local_patches = 0.0, 0, 0
     last_loss = float("nan")
     model.train()
     try:
@@ -311,6 +311,7 @@ def train(
             optimiser.step()
             step += 1
             patches += x.shape[0] * info.world_size
+            local_patches += x.shape[0]
             last_loss = float(loss.detach())
             if not math.isfinite(last_loss):
                 raise N2VError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
@@ -344,3 +345,134 @@ def train(
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
     return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0)
+
+
+def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: ModelConfig,
+                    requested: list[int] | None) -> list[int]:
+    """The patch shape to train with.
+
+    A requested shape must fit the data.  The default (64x64 or 32^3) shrinks
+    to the largest multiple of ``2**depth`` that fits each axis, so 3D
+    stacks with few slices and small images train instead of crashing.
+    """
+    m = size_multiple(model_cfg)
+    if requested:
+        for d, p in zip(spatial, requested):
+            if p > sizes[d]:
+                raise N2VError(f"patch size {p} along '{d}' is larger than the image ({sizes[d]} pixels)")
+        return list(requested)
+    patch = []
+    for d, p in zip(spatial, default_patch(len(spatial))):
+        fitted = min(p, sizes[d] // m * m)
+        if fitted < m:
+            raise N2VError(f"axis '{d}' has {sizes[d]} pixels, fewer than the {m} a depth-{model_cfg.depth} U-Net needs")
+        patch.append(fitted)
+    return patch
+
+
+def fit(
+    source: Any,
+    model_dir: str | Path,
+    *,
+    axes: str | None = None,
+    level: int = 0,
+    dims: int | None = None,
+    model_cfg: ModelConfig | None = None,
+    mask_cfg: MaskConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    val_fraction: float = 0.1,
+    buffer_bytes: int | None = None,
+    min_std: float | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train from any source the data layer opens, streaming patches.
+
+    ``source -> sampler -> masking -> model -> loss``: the image is opened
+    lazily (:func:`~n2v_chunked.sources.open_image`), normalisation statistics
+    come from a sample of blocks, and patches stream from a bounded buffer of
+    chunk-aligned blocks (:class:`~n2v_chunked.sampler.ZarrPatchDataset`).
+
+    Parameters
+    ----------
+    source : path, URL or array
+        OME-Zarr, Zarr, TIFF, numpy, dask or xarray.
+    model_dir : str or Path
+        Where the model goes.
+    axes : str, optional
+        Axes of the source when its metadata has none (e.g. ``"tyx"``).
+    level : int
+        Resolution level of a multiscale OME-Zarr.
+    dims : {2, 3}, optional
+        Model dimensionality; default 3D when the data has ``z``.  With 2,
+        ``z`` becomes a sample axis.
+    model_cfg, mask_cfg, train_cfg : config dataclasses, optional
+        ``dims`` and ``in_channels`` of ``model_cfg`` are set from the data.
+    resume : bool
+        Continue the model in ``model_dir``.
+    device : optional
+        Defaults to CUDA when present.
+    val_fraction : float
+        Fraction of blocks held out for validation.
+    buffer_bytes : int, optional
+        Bound on the sampler's decoded-block buffer.
+    min_std : float, optional
+        Foreground filter: skip patches whose std is below this (input units).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    TrainResult
+    """
+    from torch.utils.data import DataLoader
+
+    from .normalize import channel_stats
+    from .sampler import DEFAULT_BUFFER_BYTES, ZarrPatchDataset, batches
+    from .sources import open_image
+
+    info = init_distributed()  # before the sampler, so it shards by rank
+    data = open_image(source, axes=axes, level=level)
+    model_cfg = model_cfg or ModelConfig()
+    mask_cfg = mask_cfg or MaskConfig()
+    train_cfg = train_cfg or TrainConfig()
+    if resume:
+        meta = ckpt.read_config(model_dir)
+        model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta)
+        train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
+    has_z = "z" in data.dims
+    if dims is None:
+        dims = model_cfg.dims if resume else (3 if has_z else 2)
+    if dims == 3 and not has_z:
+        raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
+    spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
+    channels = int(data.sizes.get("c", 1))
+    if resume and (model_cfg.dims != dims or model_cfg.in_channels != channels):
+        raise N2VError(f"model in {model_dir} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+                       f"the data gives {dims}D with {channels}")
+    model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
+    patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
+    train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+    dataset = ZarrPatchDataset(
+        data, patch, spatial, seed=train_cfg.seed, val_fraction=val_fraction,
+        buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
+    )
+    val = dataset.validation_patches(train_cfg.val_patches)
+    if resume:
+        mean = std = np.zeros(channels)  # replaced by the stored statistics
+    else:
+        mean, std = channel_stats(data, seed=train_cfg.seed)
+    if train_cfg.num_workers > 0:
+        stream: Iterable[Any] = DataLoader(
+            dataset, batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,
+            persistent_workers=True, pin_memory=torch.cuda.is_available(),
+        )
+    else:
+        stream = batches(dataset, train_cfg.batch_size)
+    return train(
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
+        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
+        extra_meta={"input": str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")),
+                    "spatial_dims": list(spatial), "world_size": info.world_size},
+    )

@@ -30,7 +30,7 @@ class RandomCrops:
             xs = self.rng.integers(0, w - self.patch + 1, self.batch)
             yield np.stack([self.image[:, y : y + self.patch, x : x + self.patch] for y, x in zip(ys, xs)])
 
-    def state_dict(self):
+    def state_dict(self, patches_served=None):
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state):

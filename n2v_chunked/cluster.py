@@ -1,0 +1,483 @@
+"""Where the dask computation runs: a local cluster, an existing scheduler, or SLURM.
+
+:func:`cluster_client` is the one entry point.  It is a context manager that
+yields a :class:`distributed.Client` and owns the life of whatever cluster it
+started: the cluster is closed when the ``with`` block ends, also on an
+exception or Ctrl-C (for SLURM that cancels the worker jobs).
+
+``scheduler`` selects the cluster:
+
+``None`` or ``"local"``
+    A :class:`distributed.LocalCluster` of worker processes on this machine.
+``"tcp://host:8786"`` (any ``scheme://`` address, or plain ``host:port``)
+    An existing scheduler (``dask scheduler``, another cluster); it is left
+    running at the end.  A path to a ``scheduler.json`` (``dask scheduler
+    --scheduler-file``) works too.
+``"slurm"``
+    A :class:`dask_jobqueue.SLURMCluster`: every worker is a SLURM job.  Its
+    settings come from a ``jobqueue: slurm:`` YAML file (``jobqueue_config``;
+    default: the packaged copy of ``cluster/jobqueue.yaml``).
+
+The dashboard link is logged at WARNING level as soon as the client connects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .errors import N2VError
+
+log = logging.getLogger(__name__)
+
+#: The packaged default of ``cluster/jobqueue.yaml`` (the two files are identical).
+DEFAULT_JOBQUEUE_CONFIG = Path(__file__).resolve().parent / "data" / "jobqueue.yaml"
+
+_LIST_KEYS = ("job-extra-directives", "job-script-prologue", "worker-extra-args", "job-directives-skip")
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-]+:\d+$|^\[[0-9A-Fa-f:.]+\]:\d+$")
+
+
+# ----------------------------------------------------------------------------
+# jobqueue.yaml
+# ----------------------------------------------------------------------------
+
+
+def _slurm_defaults() -> dict[str, Any]:
+    """dask-jobqueue's own ``jobqueue.slurm`` defaults (the keys it knows)."""
+    import dask
+    import dask_jobqueue  # noqa: F401  (registers the jobqueue defaults)
+
+    return dict(dask.config.get("jobqueue.slurm"))
+
+
+def read_jobqueue_config(
+    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read and check the ``jobqueue: slurm:`` section of a YAML file.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        The YAML file; ``None`` reads :data:`DEFAULT_JOBQUEUE_CONFIG`.
+    overrides : mapping, optional
+        Keys of the slurm section that replace the file's values (``_`` or ``-``).
+
+    Returns
+    -------
+    dict
+        The slurm section with canonical (``-``) key names; only the keys that
+        the file or ``overrides`` set.
+
+    Raises
+    ------
+    N2VError
+        Missing or unreadable file, invalid YAML, a section other than
+        ``jobqueue: slurm:``, unknown keys or values of the wrong kind.
+    """
+    import yaml
+
+    src = Path(path) if path is not None else DEFAULT_JOBQUEUE_CONFIG
+    where = f"jobqueue config {src}"
+    try:
+        text = src.read_text()
+    except FileNotFoundError:
+        raise N2VError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise N2VError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise N2VError(f"{where}: invalid YAML{at}: {problem}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobqueue"), dict):
+        raise N2VError(f"{where}: expected a 'jobqueue:' mapping with a 'slurm:' section")
+    extra_top = sorted(str(k) for k in data if k != "jobqueue")
+    if extra_top:
+        raise N2VError(f"{where}: only the 'jobqueue: slurm:' section is read; remove {', '.join(extra_top)}")
+    jq = data["jobqueue"]
+    other = sorted(str(k) for k in jq if k != "slurm")
+    if other:
+        raise N2VError(f"{where}: only 'jobqueue: slurm:' is supported, found jobqueue: {', '.join(other)}")
+    section = jq.get("slurm")
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise N2VError(f"{where}: 'jobqueue: slurm:' must be a mapping, got {type(section).__name__}")
+    merged = {str(k).replace("_", "-"): v for k, v in section.items()}
+    merged.update({str(k).replace("_", "-"): v for k, v in (overrides or {}).items()})
+    return _check_slurm_section(merged, where)
+
+
+def _check_slurm_section(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    from dask.utils import parse_bytes
+
+    known = set(_slurm_defaults())
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        raise N2VError(
+            f"{where}: unknown key(s) in 'jobqueue: slurm:': {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+    def positive_int(key: str) -> None:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise N2VError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+
+    positive_int("cores")
+    positive_int("processes")
+    if cfg.get("cores") is not None and cfg.get("processes") is not None and cfg["processes"] > cfg["cores"]:
+        raise N2VError(f"{where}: 'processes' ({cfg['processes']}) must not exceed 'cores' ({cfg['cores']})")
+    for key in ("memory", "job-mem"):
+        v = cfg.get(key)
+        if v is not None:
+            try:
+                ok = parse_bytes(v) > 0
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                raise N2VError(f"{where}: '{key}' must be a size like '16GB', got {v!r}")
+    for key in ("walltime", "queue", "account", "name", "python", "interface", "local-directory", "log-directory"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str):
+            raise N2VError(f"{where}: '{key}' must be a string (quote it in YAML), got {v!r}")
+    if isinstance(cfg.get("walltime"), str) and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", cfg["walltime"]):
+        raise N2VError(f"{where}: 'walltime' must look like '04:00:00' or '1-00:00:00', got {cfg['walltime']!r}")
+    for key in _LIST_KEYS:
+        if key in cfg:
+            v = cfg[key]
+            if v is None:
+                cfg[key] = []
+            elif isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v):
+                cfg[key] = [str(x) for x in v]
+            else:
+                raise N2VError(f"{where}: '{key}' must be a list of strings, got {v!r}")
+    if cfg.get("scheduler-options") is not None and not isinstance(cfg["scheduler-options"], dict):
+        raise N2VError(f"{where}: 'scheduler-options' must be a mapping, got {cfg['scheduler-options']!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def _dashboard_address(preferred: int = 8787) -> str:
+    """``':8787'`` when that port is free here, else ``':0'`` (any free port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", preferred))
+        except OSError:
+            return ":0"
+    return f":{preferred}"
+
+
+def _announce(client: Any, what: str) -> None:
+    link = getattr(client, "dashboard_link", None)
+    log.warning("%s; dask dashboard: %s", what, link or "(not available: install bokeh)")
+
+
+def _safe_close(obj: Any, what: str, **kwargs: Any) -> None:
+    """Close ``obj`` and log (never raise) what goes wrong: teardown must not mask the real error."""
+    try:
+        obj.close(**kwargs)
+    except BaseException as exc:  # noqa: BLE001 - includes a second Ctrl-C during teardown
+        log.warning("closing the %s failed: %s: %s", what, type(exc).__name__, exc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+
+
+def _classify(scheduler: str | None) -> tuple[str, str]:
+    """Return (kind, target): kind is 'local', 'slurm', 'address' or 'file'."""
+    if scheduler is None or scheduler.strip().lower() in ("", "local"):
+        return "local", ""
+    s = scheduler.strip()
+    if s.lower() == "slurm":
+        return "slurm", ""
+    if "://" in s:
+        return "address", s
+    if _ADDRESS_RE.match(s):
+        return "address", f"tcp://{s}"
+    if s.endswith(".json"):
+        return "file", s
+    raise N2VError(
+        f"unknown scheduler {scheduler!r}: use 'local', 'slurm', an address like tcp://host:8786 "
+        "or a scheduler.json file"
+    )
+
+
+def _squeue(job_ids: list[str]) -> list[str] | None:
+    """``squeue`` lines ``"<id> <state> <reason>"`` of these jobs; ``None`` if squeue fails."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T %R", "-j", ",".join(job_ids)],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return None
+    return [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+
+
+def _job_log_tail(cfg: Mapping[str, Any], job_id: str) -> str:
+    """Last line of a worker job's stderr (where dask-jobqueue puts it), or ''."""
+    log_dir = cfg.get("log-directory")
+    name = cfg.get("name") or "worker"
+    candidates = [Path(log_dir) / f"{name}-{job_id}.err"] if log_dir else [Path(f"slurm-{job_id}.out")]
+    for f in candidates:
+        try:
+            lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            continue
+        if lines:
+            return f"{f}: {lines[-1]}"
+    return ""
+
+
+def _wait_for_first_worker(client: Any, cluster: Any, cfg: Mapping[str, Any], timeout: float) -> None:
+    """Wait until one worker joins; fail early when every worker job has already ended."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 3.0
+    logs = cfg.get("log-directory") or "slurm-<jobid>.out in the working directory"
+    while True:
+        if client.scheduler_info(n_workers=1).get("workers"):
+            log.info("first SLURM worker joined")
+            return
+        ids = [str(j.job_id) for j in list(cluster.workers.values()) if getattr(j, "job_id", None)]
+        now = time.monotonic()
+        if now >= next_check and ids:
+            next_check = now + 3.0
+            lines = _squeue(ids)
+            if lines == [] and not client.scheduler_info(n_workers=1).get("workers"):
+                tail = _job_log_tail(cfg, ids[0])
+                raise N2VError(
+                    f"the dask worker job(s) {', '.join(ids)} ended before a worker joined"
+                    + (f"; {tail}" if tail else f"; see the worker logs ({logs})")
+                )
+        if now >= deadline:
+            lines = _squeue(ids) if ids else None
+            states = "; ".join(lines) if lines else ("no job was submitted" if not ids else "state unknown")
+            raise N2VError(
+                f"no dask worker joined within {timeout:g} s (worker jobs: {states}); "
+                f"raise worker_timeout if the queue is busy, else see the worker logs ({logs})"
+            )
+        time.sleep(0.5)
+
+
+def _preflight(cluster: Any, where: str) -> None:
+    """Let SLURM check the worker job script (``sbatch --test-only``): partition,
+    account, memory and GRES mistakes fail here in one line rather than as
+    workers that never come."""
+    script = cluster.job_script()
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="n2v-worker-", delete=False) as fh:
+        fh.write(script)
+        path = fh.name
+    try:
+        res = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise N2VError("sbatch --test-only of the dask worker job did not answer within 60 s (is slurmctld up?)") from None
+    finally:
+        os.unlink(path)
+    if res.returncode != 0:
+        lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+        err = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else f"exit {res.returncode}")
+        raise N2VError(f"SLURM rejects the dask worker job from {where}: {err}")
+    log.info("worker job script accepted by sbatch --test-only:\n%s", script)
+
+
+# ----------------------------------------------------------------------------
+# the context manager
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cluster_client(
+    scheduler: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float | None = "auto",
+    jobqueue_config: str | os.PathLike[str] | None = None,
+    jobqueue_overrides: Mapping[str, Any] | None = None,
+    jobs: int = 1,
+    adapt: tuple[int, int] | None = None,
+    connect_timeout: float = 10.0,
+    worker_timeout: float = 600.0,
+    dashboard_address: str | None = None,
+) -> Iterator[Any]:
+    """Start or connect to a dask cluster and yield a ``distributed.Client``.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        ``None``/``"local"``, ``"slurm"``, a scheduler address (``tcp://host:8786``
+        or ``host:8786``) or a ``scheduler.json`` file (see the module docstring).
+    n_workers, threads_per_worker : int, optional
+        Local cluster only: worker processes and threads in each.  ``None``
+        lets dask choose from this machine's (affinity/cgroup-limited) cores.
+    memory_limit : str or float, optional
+        Local cluster only: memory per worker (``"auto"`` splits the machine's).
+    jobqueue_config : path-like, optional
+        SLURM only: a YAML file with a ``jobqueue: slurm:`` section (see
+        ``cluster/jobqueue.yaml``); default: the packaged copy of that file.
+    jobqueue_overrides : mapping, optional
+        SLURM only: keys of the slurm section that replace the file's values,
+        e.g. ``{"python": sys.executable, "cores": 1}``.
+    jobs : int
+        SLURM only: number of worker jobs to submit (``cluster.scale(jobs=...)``).
+    adapt : (int, int), optional
+        SLURM only: ``(minimum_jobs, maximum_jobs)`` for adaptive scaling instead of ``jobs``.
+    connect_timeout : float
+        Seconds to reach an existing scheduler before giving up.
+    worker_timeout : float
+        SLURM only: seconds to wait for the first worker (queue wait included);
+        not waited for when ``adapt`` has minimum 0.
+    dashboard_address : str, optional
+        Dashboard address of a started scheduler; default ``":8787"`` when free, else any free port.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    N2VError
+        Unknown scheduler, unreachable address, invalid jobqueue config, no
+        ``sbatch`` on PATH, a worker job SLURM rejects, no worker within ``worker_timeout``.
+    """
+    kind, target = _classify(scheduler)
+    if kind != "local" and (n_workers is not None or threads_per_worker is not None):
+        log.warning("n_workers/threads_per_worker apply to a local cluster only; ignored for %r", scheduler)
+    with contextlib.ExitStack() as stack:
+        if kind == "local":
+            client = _start_local(stack, n_workers, threads_per_worker, memory_limit, dashboard_address)
+        elif kind in ("address", "file"):
+            client = _connect(stack, kind, target, connect_timeout)
+        else:
+            client = _start_slurm(
+                stack, jobqueue_config, jobqueue_overrides, jobs, adapt, worker_timeout, dashboard_address
+            )
+        yield client
+
+
+def _start_local(
+    stack: contextlib.ExitStack,
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | float | None,
+    dashboard_address: str | None,
+) -> Any:
+    from distributed import Client, LocalCluster
+
+    for name, v in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise N2VError(f"{name} must be a positive integer, got {v!r}")
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=dashboard_address or _dashboard_address(),
+    )
+    stack.callback(_safe_close, cluster, "local dask cluster")
+    client = Client(cluster)
+    stack.callback(_safe_close, client, "dask client")
+    n = len(cluster.scheduler_info.get("workers", {}))
+    _announce(client, f"local dask cluster with {n} worker process(es)")
+    return client
+
+
+def _connect(stack: contextlib.ExitStack, kind: str, target: str, timeout: float) -> Any:
+    from distributed import Client
+
+    try:
+        if kind == "file":
+            if not Path(target).is_file():
+                raise N2VError(f"scheduler file {target}: no such file")
+            client = Client(scheduler_file=target, timeout=timeout)
+        else:
+            client = Client(target, timeout=timeout)
+    except N2VError:
+        raise
+    except (OSError, TimeoutError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise N2VError(f"cannot reach the dask scheduler at {target} within {timeout:g} s: {first}") from None
+    stack.callback(_safe_close, client, "dask client")
+    _announce(client, f"connected to the dask scheduler at {client.scheduler.address}")
+    if not client.scheduler_info(n_workers=1).get("workers"):
+        log.warning("the scheduler at %s has no workers yet; computations wait until some join", target)
+    return client
+
+
+def _start_slurm(
+    stack: contextlib.ExitStack,
+    jobqueue_config: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    jobs: int,
+    adapt: tuple[int, int] | None,
+    worker_timeout: float,
+    dashboard_address: str | None,
+) -> Any:
+    import dask
+
+    where = str(jobqueue_config or DEFAULT_JOBQUEUE_CONFIG)
+    if adapt is not None:
+        if (
+            not isinstance(adapt, (tuple, list)) or len(adapt) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in adapt)
+            or adapt[0] < 0 or adapt[1] < max(1, adapt[0])
+        ):
+            raise N2VError(f"adapt must be (minimum_jobs, maximum_jobs) with 0 <= minimum <= maximum, maximum >= 1; got {adapt!r}")
+    elif isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise N2VError(f"jobs must be a positive integer, got {jobs!r}")
+    cfg = read_jobqueue_config(jobqueue_config, overrides)
+    if shutil.which("sbatch") is None:
+        raise N2VError(
+            "scheduler 'slurm' needs the SLURM command sbatch on PATH "
+            "(run on a login node of the cluster, or use --scheduler local)"
+        )
+
+    # The settings stay in dask's config for the life of the cluster: dask-jobqueue
+    # reads them again each time it creates a worker job (scale-up, adapt).
+    stack.enter_context(dask.config.set({f"jobqueue.slurm.{k}": v for k, v in cfg.items()}))
+    scheduler_options = dict(cfg.get("scheduler-options") or {})
+    scheduler_options.setdefault("dashboard_address", dashboard_address or _dashboard_address())
+
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    try:
+        cluster = SLURMCluster(scheduler_options=scheduler_options)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise N2VError(f"jobqueue config {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    stack.callback(_safe_close, cluster, "SLURM dask cluster")
+    _preflight(cluster, where)
+    client = Client(cluster)
+    stack.callback(_safe_close, client, "dask client")
+
+    if adapt is not None:
+        cluster.adapt(minimum_jobs=adapt[0], maximum_jobs=adapt[1])
+        wait = adapt[0] >= 1
+        how = f"adaptive, {adapt[0]}..{adapt[1]} worker job(s)"
+    else:
+        cluster.scale(jobs=jobs)
+        wait = True
+        how = f"{jobs} worker job(s)"
+    _announce(client, f"SLURM dask cluster ({how}, scheduler {cluster.scheduler_address})")
+    if wait:
+        _wait_for_first_worker(client, cluster, cfg, worker_timeout)
+    return client
+

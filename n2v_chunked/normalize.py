@@ -1,0 +1,247 @@
+"""Per-channel normalisation statistics, computed out of core.
+
+N2V trains on ``(x - mean) / std`` per channel.  For an in-memory array the
+statistics are exact; for a chunked (dask/zarr) array they come from a dask
+reduction over a random sample of blocks within a byte budget, so a terabyte
+volume is never read in full.  When the budget covers every block the result
+is exact.  Per-block moments (count, mean, sum of squared deviations) are
+combined pairwise (Chan et al.), which stays accurate for large counts and
+large offsets where a naive sum of squares would cancel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import N2VError
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+_SLAB = 2**24  # elements per in-memory pass: bounds the float64 temporaries
+
+
+def _moments(x: np.ndarray) -> tuple[int, float, float, int]:
+    """(count, mean, M2, non-finite count) of ``x`` in float64."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    bad = 0 if x.dtype.kind != "f" else int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad or x.size == 0:
+        return int(x.size), 0.0, 0.0, bad
+    mean = float(x.mean())
+    return int(x.size), mean, float(np.square(x - mean).sum()), 0
+
+
+def _combine(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return 0, 0.0, 0.0
+    delta = mb - ma
+    return n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n
+
+
+def _block_moments(block: np.ndarray, c_axis: int | None) -> np.ndarray:
+    """Per-channel moments of one block: rows (count, mean, M2, non-finite)."""
+    block = np.asarray(block)
+    channels = [block] if c_axis is None else [np.take(block, k, axis=c_axis) for k in range(block.shape[c_axis])]
+    return np.array([_moments(ch) for ch in channels], dtype=np.float64)
+
+
+def _finish(rows: list[np.ndarray], where: str, note: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Combine per-block moment rows into (mean, std); check NaN/Inf and constant channels."""
+    table = np.stack(rows)  # (blocks, C, 4)
+    nonfinite = table[:, :, 3].sum(axis=0)
+    if nonfinite.any():
+        k = int(np.flatnonzero(nonfinite)[0])
+        raise N2VError(
+            f"{where} contains NaN or Inf values ({int(nonfinite.sum())} found{note}, "
+            f"first in channel {k}); replace or mask them before training"
+        )
+    mean, std = [], []
+    for k in range(table.shape[1]):
+        acc = (0, 0.0, 0.0)
+        for n, m, m2, _ in table[:, k]:
+            acc = _combine(acc, (int(n), float(m), float(m2)))
+        if acc[0] == 0:
+            raise N2VError(f"{where} is empty: cannot compute normalisation statistics")
+        mean.append(acc[1])
+        std.append(math.sqrt(acc[2] / acc[0]))
+    std_arr = np.array(std)
+    if not (std_arr > 0).all():
+        k = int(np.flatnonzero(std_arr <= 0)[0])
+        raise N2VError(f"channel {k} of {where} is constant{note} (std 0): nothing to denoise, "
+                       "or sample more blocks (max_bytes)")
+    return np.array(mean), std_arr
+
+
+def stats_numpy(array: np.ndarray, channel_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel mean and std (ddof 0) of an in-memory array.
+
+    Parameters
+    ----------
+    array : ndarray
+        The image.
+    channel_axis : int, optional
+        Axis of the channels; None for a single channel.
+
+    Returns
+    -------
+    mean, std : ndarray
+        float64, shape ``(C,)``.
+    """
+    array = np.asarray(array)
+    c_axis = None if channel_axis is None else channel_axis % array.ndim
+    moved = array[None] if c_axis is None else np.moveaxis(array, c_axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)  # a view for contiguous data
+    # Slabs bound the float64 temporaries; each row of the table is one slab, all channels.
+    return _finish(
+        [np.array([_moments(ch[i: i + _SLAB]) for ch in flat]) for i in range(0, max(flat.shape[1], 1), _SLAB)],
+        "the image",
+    )
+
+
+def stats_dask(
+    darr: Any,
+    channel_axis: int | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_blocks: int | None = None,
+    seed: int = 0,
+    where: str = "the image",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (ddof 0) from a random sample of blocks.
+
+    Blocks of the dask chunk grid (each spanning all channels) are taken in a
+    random order until ``max_bytes`` (or ``max_blocks``) is reached, and
+    reduced with one ``dask.compute`` on the active scheduler.
+
+    Parameters
+    ----------
+    darr : dask.array.Array
+        The image.
+    channel_axis : int, optional
+        Axis of the channels; None for a single channel.
+    max_bytes : int
+        Budget of (uncompressed) bytes to read; at least one block is read.
+    max_blocks : int, optional
+        Cap on the number of blocks.
+    seed : int
+        Seed of the block sample.
+    where : str
+        Name of the data, for messages.
+
+    Returns
+    -------
+    mean, std : ndarray
+        float64, shape ``(C,)``.
+    """
+    import dask
+
+    c_axis = None if channel_axis is None else channel_axis % darr.ndim
+    grid_axes = [i for i in range(darr.ndim) if i != c_axis]
+    nblocks = [len(darr.chunks[i]) for i in grid_axes]
+    total = math.prod(nblocks)
+    order = np.random.default_rng(seed).permutation(total)
+    block_bytes = darr.dtype.itemsize * math.prod(
+        darr.shape[i] if i == c_axis else max(c) for i, c in enumerate(darr.chunks)
+    )
+    n = max(1, min(total, int(max_bytes) // max(block_bytes, 1)))
+    if max_blocks is not None:
+        n = max(1, min(n, int(max_blocks)))
+    tasks = []
+    for flat in order[:n]:
+        idx = np.unravel_index(flat, nblocks)
+        sel: list[Any] = [slice(None)] * darr.ndim
+        for ax, i in zip(grid_axes, idx):
+            sel[ax] = int(i)
+        tasks.append(dask.delayed(_block_moments)(darr.blocks[tuple(sel)], c_axis))
+    rows = list(dask.compute(*tasks))
+    note = "" if n == total else f" in {n} of {total} sampled blocks"
+    return _finish(rows, where, note)
+
+
+def channel_stats(
+    data: Any,
+    dims: Sequence[str] | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_blocks: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of any image: DataArray, dask, zarr or numpy.
+
+    In-memory data gives exact statistics; chunked data is sampled (see
+    :func:`stats_dask`), exactly when ``max_bytes`` covers the whole array.
+
+    Parameters
+    ----------
+    data : xarray.DataArray, dask array, zarr array or ndarray
+        The image; the channel axis is the ``c`` dim.
+    dims : sequence of str, optional
+        Dim names, required unless ``data`` is a DataArray.  Without a ``c``
+        dim there is one channel.
+    max_bytes, max_blocks, seed
+        Sampling of chunked data, see :func:`stats_dask`.
+
+    Returns
+    -------
+    mean, std : ndarray
+        float64, shape ``(C,)``.
+
+    Raises
+    ------
+    N2VError
+        NaN or Inf values in the (sampled) data, or a constant channel.
+    """
+    import dask.array as da
+
+    where = "the image"
+    try:
+        import xarray as xr
+
+        if isinstance(data, xr.DataArray):
+            dims = tuple(data.dims)
+            src = data.attrs.get("source")
+            where = src if isinstance(src, str) and src else where
+            data = data.data
+    except ImportError:  # pragma: no cover - xarray is a dependency
+        pass
+    if dims is None:
+        raise N2VError("dims are required to find the channel axis, e.g. dims=('c', 'y', 'x')")
+    dims = tuple(dims)
+    if len(dims) != data.ndim:
+        raise N2VError(f"dims {dims} do not match the {data.ndim}-d data")
+    c_axis = dims.index("c") if "c" in dims else None
+    if isinstance(data, np.ndarray):
+        return stats_numpy(data, c_axis)
+    if not hasattr(data, "dask"):  # zarr array (or any array-like): read through dask by chunk
+        chunks = getattr(data, "chunks", "auto")
+        where = f"{getattr(data, 'store', '')}/{getattr(data, 'path', '')}".strip("/") or where
+        data = da.from_zarr(data) if hasattr(data, "store") else da.from_array(data, chunks=chunks)
+    return stats_dask(data, c_axis, max_bytes=max_bytes, max_blocks=max_blocks, seed=seed, where=where)
+
+
+def normalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
+    """``(x - mean) / std`` per channel, for numpy arrays or torch tensors."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
+    return (x - m) / s
+
+
+def denormalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
+    """Inverse of :func:`normalize`."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
+    return x * s + m
+
+
+def _like(x: Any, v: np.ndarray) -> Any:
+    if isinstance(x, np.ndarray):
+        return np.asarray(v, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
+    import torch
+
+    return torch.as_tensor(np.asarray(v), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)

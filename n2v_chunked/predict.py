@@ -1,0 +1,1102 @@
+"""Chunked prediction: source -> halo plan -> per-block predict -> writer.
+
+A volume of any size is denoised block by block with :func:`dask.array.map_overlap`
+and written to OME-Zarr, so that the result equals the whole-image prediction
+(:func:`n2v_chunked.inference.denoise` with the same boundary mode) to float
+rounding.  Three facts make that exact:
+
+* the halo along each spatial axis is the network's receptive-field half-width
+  rounded up to a multiple of ``2**depth`` (:func:`~n2v_chunked.inference.halo_width`),
+  so every output pixel of a block sees all the input it depends on;
+* working chunks are multiples of ``2**depth`` too, so every block's extended
+  extent starts on the pooling grid of the padded whole image;
+* the image border is padded with the same index map as ``numpy.pad`` in
+  ``denoise`` (dask's ``reflect`` = numpy's ``symmetric``), built per batch of
+  blocks from the source itself, so batching and axes shorter than the halo
+  change nothing.
+
+Blocks are written by the tasks that compute them, chunk-aligned (no two tasks
+touch one stored chunk), each followed by a marker file
+``<output>/.n2v_blocks/<i>_<j>...`` that ``resume=True`` uses to skip finished
+blocks.  The output is marked complete (``attributes["n2v_chunked"]["complete"]``)
+only after the last block and the pyramid have landed; the markers are then
+removed.
+
+The graph is built and submitted in batches of at most ``batch_blocks`` blocks
+so the scheduler's memory stays bounded for volumes of millions of chunks.  The
+model is loaded once per worker process (:func:`get_model`); tasks carry only
+the model directory's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import itertools
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .errors import N2VError
+
+log = logging.getLogger(__name__)
+
+BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
+MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
+DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph: ~10-30 tasks each, a few MB of scheduler state
+# Default working chunk: the extended block's activations stay near this many bytes.
+BLOCK_ACTIVATION_BYTES = 1.5 * 2**30
+# Defaults for the local schedulers; see benchmarks/predict.py --compare-schedulers.
+# In-process ("threads"): dask threads, each task's torch gets cores / threads.
+LOCAL_DASK_THREADS = 1
+# LocalCluster ("local"): worker processes of 1 thread each (None: one per core).
+LOCAL_WORKERS: int | None = None
+
+
+# ----------------------------------------------------------------------------
+# The plan: halo, working chunks, block grid.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How an array is cut into blocks for prediction.
+
+    Attributes
+    ----------
+    dims : tuple of str
+        Axis names of the data (canonical order, a subset of ``tczyx``).
+    shape : tuple of int
+        Data shape.
+    spatial : tuple of str
+        The model's spatial axes (``("y", "x")`` or ``("z", "y", "x")``); other
+        axes except ``c`` are sample axes (``t``, and ``z`` for a 2D model).
+    halo : tuple of int
+        Halo per axis: receptive-field half-width rounded up to a multiple of
+        :attr:`multiple` on spatial axes, 0 elsewhere.
+    chunks : tuple of int
+        Working chunk per axis, also the output's Zarr chunk shape.
+    grid : tuple of tuple of int
+        The dask chunks of the working array: regular ``chunks``, except that a
+        last chunk smaller than the halo is merged into the one before it (a
+        block must supply a whole halo to its neighbour).  Every block is a
+        union of whole output chunks.
+    rechunked : bool
+        Whether ``grid`` differs from the input's dask chunks.
+    multiple : int
+        ``2**depth`` of the model.
+    """
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    spatial: tuple[str, ...]
+    halo: tuple[int, ...]
+    chunks: tuple[int, ...]
+    grid: tuple[tuple[int, ...], ...]
+    rechunked: bool
+    multiple: int
+
+    @property
+    def numblocks(self) -> tuple[int, ...]:
+        return tuple(len(g) for g in self.grid)
+
+    @property
+    def nblocks(self) -> int:
+        return math.prod(self.numblocks)
+
+    def bounds(self, axis: int) -> np.ndarray:
+        """Block boundaries along ``axis`` (``numblocks[axis] + 1`` offsets)."""
+        return np.concatenate([[0], np.cumsum(self.grid[axis])]).astype(int)
+
+    def block_slices(self, index: Sequence[int]) -> tuple[slice, ...]:
+        """The region of block ``index`` of the grid."""
+        out = []
+        for ax, i in enumerate(index):
+            b = self.bounds(ax)
+            out.append(slice(int(b[i]), int(b[i + 1])))
+        return tuple(out)
+
+
+def model_spatial_dims(trained: Any) -> tuple[str, ...]:
+    """The spatial axes a model works on: ``yx`` (2D) or ``zyx`` (3D)."""
+    return ("z", "y", "x")[3 - trained.config.dims :]
+
+
+def check_compatible(trained: Any, dims: Sequence[str], shape: Sequence[int]) -> tuple[str, ...]:
+    """Raise :class:`N2VError` unless the model can predict data of these dims and shape.
+
+    Returns the model's spatial axes.
+    """
+    cfg = trained.config
+    sizes = dict(zip(dims, shape))
+    spatial = model_spatial_dims(trained)
+    missing = [d for d in spatial if d not in sizes]
+    if missing:
+        have = "".join(dims)
+        raise N2VError(
+            f"model is {cfg.dims}D (axes {''.join(spatial)}) but the input has axes {have}: "
+            f"no {''.join(missing)} axis (pass --axes if the metadata is wrong)"
+        )
+    channels = sizes.get("c", 1)
+    if channels != cfg.in_channels:
+        raise N2VError(f"model was trained for {cfg.in_channels} channel(s) but the input has {channels}")
+    m = 2**cfg.depth
+    small = [f"{d}={sizes[d]}" for d in spatial if sizes[d] < m]
+    if small:
+        raise N2VError(
+            f"input axis {', '.join(small)} is smaller than 2**depth = {m} of the model; "
+            "such an image is too small for this network"
+        )
+    return spatial
+
+
+def _chunk_list(chunks: Any, dims: Sequence[str], spatial: Sequence[str]) -> dict[str, int]:
+    """User chunks (one per axis, one per spatial axis, or a dict) as ``{dim: size}``."""
+    if chunks is None:
+        return {}
+    if isinstance(chunks, dict):
+        out = {str(k).lower(): v for k, v in chunks.items()}
+        bad = sorted(set(out) - set(dims))
+        if bad:
+            raise N2VError(f"chunks name axes {bad} that the input (axes {''.join(dims)}) lacks")
+    else:
+        values = list(chunks)
+        if len(values) == len(dims):
+            out = dict(zip(dims, values))
+        elif len(values) == len(spatial):
+            out = dict(zip(spatial, values))
+        else:
+            raise N2VError(
+                f"chunks {values} must give {len(dims)} sizes (axes {''.join(dims)}) "
+                f"or {len(spatial)} (axes {''.join(spatial)})"
+            )
+    try:
+        out = {k: int(v) for k, v in out.items()}
+    except (TypeError, ValueError):
+        raise N2VError(f"chunks must be integers, got {chunks}") from None
+    if any(v < 1 for v in out.values()):
+        raise N2VError(f"chunks must be positive, got {chunks}")
+    return out
+
+
+def _default_spatial_chunks(
+    sizes: Sequence[int], halo: Sequence[int], m: int, features: int, store: Sequence[int | None]
+) -> list[int]:
+    """Near-cubic working chunks whose extended block fits the activation budget.
+
+    Axes that fit in one block (with the budget left by the others) take their
+    whole size; the rest share the budget equally.  Where the stored chunk is a
+    multiple of ``m`` and fits, a block is a whole number of stored chunks (no
+    chunk is read twice); otherwise the axis is split into equal blocks, so no
+    thin last block wastes a halo.
+    """
+    from .inference import _BYTES_PER_PIXEL_FEATURE
+
+    budget = BLOCK_ACTIVATION_BYTES / (_BYTES_PER_PIXEL_FEATURE * features)
+    n = len(sizes)
+    whole: set[int] = set()
+    side = 0
+    while True:
+        free = [i for i in range(n) if i not in whole]
+        if not free:
+            break
+        fixed = math.prod(sizes[i] + 2 * halo[i] for i in whole)
+        ext = (budget / fixed) ** (1.0 / len(free))
+        side = max(m, int((ext - 2 * max(halo[i] for i in free)) // m) * m)
+        fits = {i for i in free if sizes[i] <= side}
+        if not fits:
+            break
+        whole |= fits
+    out = []
+    for i in range(n):
+        if i in whole:
+            out.append(sizes[i])
+            continue
+        c = max(side, halo[i])
+        s = store[i]
+        if s and s % m == 0 and halo[i] <= s <= c:
+            c = (c // s) * s
+        else:
+            k = math.ceil(sizes[i] / c)
+            c = max(halo[i], -(-math.ceil(sizes[i] / k) // m) * m)
+        out.append(min(c, sizes[i]))
+    return out
+
+
+def _samples_per_block(
+    trained: Any, dims: Sequence[str], shape: Sequence[int], spatial: Sequence[str],
+    sp_chunks: Sequence[int], halo: Sequence[int],
+) -> int:
+    """Samples (t, or z for a 2D model) per block so one block's activations fit the budget."""
+    from .inference import _BYTES_PER_PIXEL_FEATURE
+
+    per = math.prod(
+        min(c, shape[dims.index(d)]) + 2 * halo[dims.index(d)] for d, c in zip(spatial, sp_chunks)
+    )
+    per *= shape[dims.index("c")] if "c" in dims else 1
+    budget = BLOCK_ACTIVATION_BYTES / (_BYTES_PER_PIXEL_FEATURE * trained.config.features)
+    return max(1, int(budget // per))
+
+
+def _grid(size: int, chunk: int, halo: int) -> tuple[int, ...]:
+    """Regular chunks along one axis; a tail shorter than the halo joins the block before it."""
+    full, tail = divmod(size, chunk)
+    blocks = [chunk] * full
+    if tail:
+        if blocks and tail < halo:
+            blocks[-1] += tail
+        else:
+            blocks.append(tail)
+    return tuple(blocks)
+
+
+def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
+    """Halo and working chunks for predicting ``data_array`` with ``trained``.
+
+    Parameters
+    ----------
+    trained : checkpoint.Trained
+        The loaded model.
+    data_array : xarray.DataArray
+        Input with canonical dims (as from :func:`~n2v_chunked.sources.open_image`).
+    chunks : sequence of int or dict, optional
+        Working (and output) chunks: one size per axis of the data, one per
+        spatial axis of the model, or ``{dim: size}``.  Spatial sizes are
+        rounded up to a multiple of ``2**depth`` and to at least the halo;
+        ``c`` is always one chunk.  Default: sized so one block's activations
+        take about :data:`BLOCK_ACTIVATION_BYTES`, aligned to the stored chunks.
+
+    Returns
+    -------
+    Plan
+    """
+    dims = tuple(str(d) for d in data_array.dims)
+    shape = tuple(int(s) for s in data_array.shape)
+    spatial = check_compatible(trained, dims, shape)
+    from .inference import halo_width
+
+    m = 2**trained.config.depth
+    hw = dict(zip(spatial, halo_width(trained)))
+    halo = tuple(hw.get(d, 0) for d in dims)
+    user = _chunk_list(chunks, dims, spatial)
+    data = data_array.data
+    src = tuple(c[0] for c in data.chunks) if isinstance(data, da.Array) else shape
+    sp_idx = [dims.index(d) for d in spatial]
+    if all(d in user for d in spatial):
+        sp_chunks = [user[d] for d in spatial]
+    else:
+        sp_chunks = _default_spatial_chunks(
+            [shape[i] for i in sp_idx], [halo[i] for i in sp_idx], m, trained.config.features, [src[i] for i in sp_idx]
+        )
+        sp_chunks = [user.get(d, c) for d, c in zip(spatial, sp_chunks)]
+    work: list[int] = []
+    for ax, d in enumerate(dims):
+        n = shape[ax]
+        if d in spatial:
+            asked = sp_chunks[spatial.index(d)]
+            c = max(-(-asked // m) * m, halo[ax])
+            if c >= n:
+                c = n  # one block spans the axis: no halo exchange, any size
+            elif d in user and c != asked:
+                log.warning("chunk %d along %s rounded up to %d (a multiple of 2**depth = %d, at least the halo %d)",
+                            asked, d, c, m, halo[ax])
+        elif d == "c":
+            if d in user and user[d] != n:
+                log.warning("chunk %d along c ignored: every block holds all %d channel(s)", user[d], n)
+            c = n
+        else:  # sample axes: as asked, else as many as the activation budget allows
+            c = user.get(d) or _samples_per_block(trained, dims, shape, spatial, sp_chunks, halo)
+            c = min(c, n)
+        work.append(c)
+    grid = tuple(_grid(n, c, h) for n, c, h in zip(shape, work, halo))
+    current = tuple(tuple(int(v) for v in c) for c in data.chunks) if isinstance(data, da.Array) else None
+    return Plan(dims, shape, spatial, halo, tuple(work), grid, current != grid, m)
+
+
+# ----------------------------------------------------------------------------
+# Per worker: the model cache and the per-block prediction.
+# ----------------------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def model_token(model_dir: str | os.PathLike[str]) -> str:
+    """A token that changes when the model directory's config or weights change."""
+    from . import checkpoint as ckpt
+
+    p = Path(model_dir)
+    parts = []
+    for name in (ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST):
+        with contextlib.suppress(OSError):
+            st = (p / name).stat()
+            parts.append(f"{name}:{st.st_mtime_ns}:{st.st_size}")
+    return "|".join(parts)
+
+
+def get_model(model_dir: str | os.PathLike[str], token: str = "", device: str | None = None) -> Any:
+    """The model of ``model_dir`` on ``device``, loaded once per process.
+
+    The cache key is ``(model_dir, token, device)`` with ``token`` from
+    :func:`model_token`, so a long-lived worker picks up a retrained model.
+    """
+    import torch
+
+    from . import checkpoint as ckpt
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (str(Path(model_dir).absolute()), token, str(dev))
+    trained = _MODELS.get(key)
+    if trained is None:
+        with _MODELS_LOCK:
+            trained = _MODELS.get(key)
+            if trained is None:
+                trained = ckpt.load_model(model_dir, device=dev)
+                for k in [k for k in _MODELS if k[0] == key[0] and k[2] == key[2]]:
+                    del _MODELS[k]  # an older version of the same directory
+                _MODELS[key] = trained
+    return trained
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def predict_block(
+    block: np.ndarray,
+    model_dir: str | os.PathLike[str],
+    *,
+    dims: Sequence[str],
+    halo: Sequence[int],
+    precision: str = "fp32",
+    tta: bool = False,
+    device: str | None = None,
+    token: str = "",
+    threads: int | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Denoise one block extended by its halo; return the block without the halo.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        Input in input units with axes ``dims``, extended by ``halo[i]`` on both
+        sides of every spatial axis (image borders already padded).
+    model_dir : str or Path
+        Model directory (loaded once per process, see :func:`get_model`).
+    dims : sequence of str
+        Axis names of ``block``.
+    halo : sequence of int
+        Halo per axis (0 on non-spatial axes).
+    precision, tta, max_pixels
+        See :func:`n2v_chunked.inference.run_network`.
+    device : str, optional
+        Torch device; CUDA when available, else CPU.
+    token : str
+        Model cache token (:func:`model_token`).
+    threads : int, optional
+        Torch intra-op threads for this process (left as is when None).
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 prediction in input units, shape of ``block`` minus the halos.
+    """
+    from .inference import run_network
+
+    trained = get_model(model_dir, token, device)
+    _set_torch_threads(threads)
+    dims = tuple(dims)
+    spatial = model_spatial_dims(trained)
+    x = np.asarray(block, dtype=np.float32)
+    no_c = "c" not in dims
+    if no_c:  # a single-channel input without a c axis
+        x, dims, halo = x[..., None], dims + ("c",), tuple(halo) + (0,)
+    samples = [i for i, d in enumerate(dims) if d != "c" and d not in spatial]
+    sp = [dims.index(d) for d in spatial]
+    order = samples + [dims.index("c")] + sp  # model layout (N, C, *spatial), N = all samples
+    xt = x.transpose(order)
+    lead = xt.shape[: len(samples)]
+    c = xt.shape[len(samples)]
+    xt = xt.reshape((math.prod(lead), c) + xt.shape[len(samples) + 1 :])
+    shape = (1, -1) + (1,) * len(spatial)
+    mean, std = trained.mean.reshape(shape), trained.std.reshape(shape)
+    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, max_pixels=max_pixels)
+    crop = tuple(slice(halo[i], y.shape[2 + k] - halo[i]) for k, i in enumerate(sp))
+    y = y[(slice(None), slice(None), *crop)] * std + mean
+    y = y.reshape(lead + (c,) + y.shape[2:]).transpose(np.argsort(order))
+    if no_c:
+        y = y[..., 0]
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _predict_task(
+    block: np.ndarray, block_info: dict | None = None, *, lo: Sequence[int], halo_blocks: Sequence[bool],
+    threads: Any = None, **kwargs: Any,
+) -> np.ndarray:
+    """``map_overlap`` task: :func:`predict_block`, with failures naming the block."""
+    loc = block_info[0]["chunk-location"] if block_info else (0,) * block.ndim
+    index = tuple(int(l + c - hb) for l, c, hb in zip(lo, loc, halo_blocks))
+    try:
+        return predict_block(block, threads=_resolve_threads(threads), **kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        what = first if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first}"
+        raise N2VError(f"block {index}: {what}") from exc
+
+
+def _resolve_threads(threads: Any) -> int | None:
+    """Torch threads for this process: an int, or ``{host: dask threads on host}`` from the client."""
+    if not isinstance(threads, dict):
+        return threads
+    try:
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = threads.get(get_address_host(worker.address), worker.state.nthreads)
+    return max(1, cpus // max(1, total))
+
+
+# ----------------------------------------------------------------------------
+# The graph of one batch of blocks: padded input region -> map_overlap.
+# ----------------------------------------------------------------------------
+
+# A segment of an axis of the extended region: a (start, stop, step) slice of
+# the source, or an int = that many positions of constant fill.
+Segment = Any
+
+
+@functools.lru_cache(maxsize=8)
+def _pad_index(n: int, h: int, mode: str) -> np.ndarray:
+    """Source index of each position of an axis of length ``n`` padded by ``h`` (``numpy.pad``); -1 = fill."""
+    from .inference import NUMPY_PAD_MODE
+
+    kw = {"constant_values": -1} if mode == "constant" else {}
+    return np.pad(np.arange(n), h, mode=NUMPY_PAD_MODE[mode], **kw)
+
+
+def _runs(idx: np.ndarray) -> list[Segment]:
+    """Split source indices into monotonic unit-step runs (slices) and fill runs."""
+    out: list[Segment] = []
+    i, n = 0, len(idx)
+    while i < n:
+        j = i + 1
+        if idx[i] < 0:
+            while j < n and idx[j] < 0:
+                j += 1
+            out.append(j - i)
+        else:
+            step = -1 if j < n and idx[j] == idx[i] - 1 else 1
+            while j < n and idx[j] >= 0 and idx[j] == idx[j - 1] + step:
+                j += 1
+            out.append((int(idx[i]), int(idx[j - 1]) + step, step))
+        i = j
+    return out
+
+
+def _segments(n: int, a: int, b: int, h: int, mode: str) -> list[Segment]:
+    """Source segments of ``[a - h, b + h)`` along an axis of length ``n``, borders padded like ``numpy.pad``."""
+    lo, hi = a - h, b + h
+    segs: list[Segment] = []
+    if lo < 0:
+        segs += _runs(_pad_index(n, h, mode)[lo + h : h])
+    segs.append((max(lo, 0), min(hi, n), 1))
+    if hi > n:
+        segs += _runs(_pad_index(n, h, mode)[n + h : hi + h])
+    return segs
+
+
+def _seg_len(s: Segment) -> int:
+    return s if isinstance(s, int) else abs(s[1] - s[0])
+
+
+def _seg_slice(s: Segment) -> slice:
+    start, stop, step = s
+    return slice(start, stop if stop >= 0 else None, step)
+
+
+def _batch_input(
+    x: da.Array, p: Plan, lo: Sequence[int], hi: Sequence[int], boundary: str, fill: np.ndarray
+) -> tuple[da.Array, dict[int, int]]:
+    """Blocks ``lo..hi`` of the grid extended by the halo, as one dask array.
+
+    Along a spatial axis with several blocks the result has chunks
+    ``(h, *blocks, h)``: the outer two are halo donors for ``map_overlap``
+    (never predicted themselves).  A spatial axis that is a single block is one
+    chunk already padded by ``h`` on both sides.  Only the region's source
+    chunks enter the graph, so its size is bounded by the batch.
+
+    Returns the array and the ``map_overlap`` depth per axis.
+    """
+    per_axis: list[list[Segment]] = []
+    target: list[tuple[int, ...]] = []
+    depth: dict[int, int] = {}
+    for ax, h in enumerate(p.halo):
+        b = p.bounds(ax)
+        a0, b0 = int(b[lo[ax]]), int(b[hi[ax]])
+        blocks = p.grid[ax][lo[ax] : hi[ax]]
+        if not h:
+            per_axis.append([(a0, b0, 1)])
+            target.append(blocks)
+        else:
+            per_axis.append(_segments(p.shape[ax], a0, b0, h, boundary))
+            if p.numblocks[ax] > 1:
+                target.append((h, *blocks, h))
+                depth[ax] = h
+            else:
+                target.append((p.shape[ax] + 2 * h,))
+    if boundary == "constant":
+        x = x.astype(np.float32)  # the fill is the channel mean, i.e. 0 after normalisation as in denoise()
+
+    def piece(combo: tuple[Segment, ...]) -> da.Array:
+        lengths = tuple(_seg_len(s) for s in combo)
+        if any(isinstance(s, int) for s in combo):
+            chunks = tuple(min(n, c) for n, c in zip(lengths, p.chunks))
+            return da.broadcast_to(da.from_array(fill, chunks=fill.shape), lengths, chunks=chunks)
+        return x[tuple(_seg_slice(s) for s in combo)]
+
+    def nest(ax: int, prefix: tuple[Segment, ...]) -> Any:
+        if ax == len(per_axis):
+            return piece(prefix)
+        return [nest(ax + 1, prefix + (s,)) for s in per_axis[ax]]
+
+    if all(len(s) == 1 for s in per_axis):
+        arr = piece(tuple(s[0] for s in per_axis))
+    else:
+        arr = da.block(nest(0, ()))
+    return arr.rechunk(tuple(target)), depth
+
+
+def _fill_value(trained: Any, dims: Sequence[str]) -> np.ndarray:
+    """The constant-boundary fill: each channel's mean (0 after normalisation, as in ``denoise``)."""
+    shape = [1] * len(dims)
+    if "c" in dims:
+        shape[list(dims).index("c")] = -1
+        return trained.mean.astype(np.float32).reshape(shape)
+    return np.full(shape, trained.mean[0], dtype=np.float32)
+
+
+def batch_prediction(
+    x: da.Array,
+    p: Plan,
+    lo: Sequence[int],
+    hi: Sequence[int],
+    *,
+    trained: Any,
+    model_dir: str,
+    boundary: str = "reflect",
+    precision: str = "fp32",
+    tta: bool = False,
+    device: str | None = None,
+    threads: Any = None,
+) -> da.Array:
+    """Lazy prediction of blocks ``lo..hi`` (exclusive) of the plan's grid.
+
+    ``map_overlap`` runs :func:`predict_block` on every block extended by the
+    halo; the result has the blocks' region and chunks (``plan.grid``).
+    """
+    xin, depth = _batch_input(x, p, lo, hi, boundary, _fill_value(trained, p.dims))
+    out_chunks = tuple(
+        ((p.halo[ax], *p.grid[ax][lo[ax] : hi[ax]], p.halo[ax]) if ax in depth else
+         (p.shape[ax],) if p.halo[ax] else p.grid[ax][lo[ax] : hi[ax]])
+        for ax in range(len(p.dims))
+    )
+    y = da.map_overlap(
+        _predict_task, xin, depth=depth, boundary="none", trim=False, allow_rechunk=False,
+        chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
+        lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
+        model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, device=device,
+        token=model_token(model_dir),
+    )
+    # drop the halo donors (chunk-aligned: their tasks are culled, never run)
+    crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
+    return y[crop]
+
+
+def _batches(numblocks: Sequence[int], batch_blocks: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Hyper-rectangles of at most ``batch_blocks`` blocks covering the grid, outer axes split first."""
+    tile = list(numblocks)
+    for ax in range(len(tile)):
+        if math.prod(tile) <= batch_blocks:
+            break
+        tile[ax] = max(1, batch_blocks // math.prod(tile[ax + 1 :]))
+    for starts in itertools.product(*(range(0, n, t) for n, t in zip(numblocks, tile))):
+        yield starts, tuple(min(s + t, n) for s, t, n in zip(starts, tile, numblocks))
+
+
+# ----------------------------------------------------------------------------
+# The writer: each block's task writes its own (whole) chunks, then a marker.
+# ----------------------------------------------------------------------------
+
+_OUTPUTS: dict[str, tuple[str, Any]] = {}
+_OUTPUTS_LOCK = threading.Lock()
+
+
+def _output_array(path: str, run_id: str) -> Any:
+    """Level 0 of the output, opened once per process and run."""
+    cached = _OUTPUTS.get(path)
+    if cached is None or cached[0] != run_id:
+        import zarr
+
+        with _OUTPUTS_LOCK:
+            cached = _OUTPUTS.get(path)
+            if cached is None or cached[0] != run_id:
+                cached = (run_id, zarr.open_array(store=f"{path.rstrip('/')}/0", mode="r+"))
+                _OUTPUTS[path] = cached
+    return cached[1]
+
+
+def _markers(path: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs, f"{root.rstrip('/')}/{MARKER_DIR}"
+
+
+def _marker_name(index: Sequence[int]) -> str:
+    return "_".join(str(int(i)) for i in index)
+
+
+def done_blocks(path: str | os.PathLike[str]) -> set[tuple[int, ...]]:
+    """Grid indices of the blocks an unfinished run has written (their markers)."""
+    fs, mdir = _markers(str(path))
+    try:
+        names = fs.ls(mdir, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    out = set()
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        with contextlib.suppress(ValueError):
+            out.add(tuple(int(v) for v in base.split("_")))
+    return out
+
+
+def _write_task(
+    block: np.ndarray, block_info: dict | None = None, *, path: str, run_id: str, lo: Sequence[int],
+    offset: Sequence[int], channels: int,
+) -> np.ndarray:
+    """Store one predicted block in its (whole) output chunks, then mark it done."""
+    from .ome import cast_block
+
+    info = block_info[0]
+    region = tuple(slice(o + s, o + e) for o, (s, e) in zip(offset, info["array-location"]))
+    index = tuple(l + c for l, c in zip(lo, info["chunk-location"]))
+    arr = _output_array(path, run_id)
+    arr[region] = cast_block(block, arr.dtype)
+    fs, mdir = _markers(path)  # written only after the data is in the store
+    fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+    return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------
+# Executing batches: distributed (futures, two batches in flight) or local.
+# ----------------------------------------------------------------------------
+
+
+class _Bar:
+    """tqdm over blocks with the output rate in MPix/s."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="block", desc="predicting", disable=not enabled or None, smoothing=0.1)
+        self.t0 = time.perf_counter()
+        self.pixels = 0
+        self.blocks = 0
+
+    def done(self, pixels: int) -> None:
+        self.pixels += pixels
+        self.blocks += 1
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{self.mpix_per_s:.2f} MPix/s", refresh=False)
+
+    @property
+    def mpix_per_s(self) -> float:
+        return self.pixels / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_local(batches: Iterator[list[Any]], bar: _Bar, scheduler: str, threads: int) -> None:
+    from dask.callbacks import Callback
+
+    class Progress(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+            if isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith("n2v-write-"):
+                bar.done(int(np.sum(result)))
+
+    with Progress():
+        for tasks in batches:
+            dask.compute(*tasks, scheduler=scheduler, num_workers=threads)
+
+
+def _run_distributed(client: Any, batches: Iterator[list[Any]], bar: _Bar, window: int) -> None:
+    """Keep about two batches' futures in flight so workers never wait for the next graph."""
+    from distributed import as_completed
+
+    ac = as_completed(with_results=False)
+    pending = 0
+    live: set[Any] = set()
+    exhausted = False
+
+    def feed() -> None:
+        nonlocal pending, exhausted
+        while not exhausted and pending < window:
+            tasks = next(batches, None)
+            if tasks is None:
+                exhausted = True
+                return
+            futures = client.compute(tasks)
+            ac.update(futures)
+            live.update(futures)
+            pending += len(futures)
+
+    feed()
+    try:
+        for fut in ac:
+            pending -= 1
+            live.discard(fut)
+            if fut.status != "finished":
+                raise fut.exception() or RuntimeError(f"task {fut.key} {fut.status}")
+            bar.done(int(np.sum(fut.result())))
+            feed()
+    finally:
+        if live:
+            client.cancel(list(live))
+
+
+def _default_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _host_threads(client: Any) -> dict[str, int]:
+    """Dask threads per worker host, so each process gives torch its share of the cores."""
+    out: dict[str, int] = {}
+    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+        host = w.get("host", "")
+        out[host] = out.get(host, 0) + int(w.get("nthreads", 1))
+    return out
+
+
+@contextlib.contextmanager
+def scheduler_context(
+    scheduler: Any = None, *, jobqueue_config: str | None = None, jobs: int | None = None
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` or a local dask scheduler name.
+
+    ``None`` uses the active distributed client if there is one, else local
+    threads; ``"sync"``/``"threads"`` force a local scheduler; a ``Client`` is
+    used as is; ``"local"``, ``"tcp://..."`` and ``"slurm"`` go through
+    :func:`n2v_chunked.cluster.cluster_client` (which prints the dashboard link).
+    """
+    if scheduler is None:
+        client = _default_client()
+        yield client if client is not None else "threads"
+        return
+    if not isinstance(scheduler, str):
+        yield scheduler
+        return
+    if scheduler in ("sync", "synchronous", "single-threaded"):
+        yield "sync"
+        return
+    if scheduler == "threads":
+        yield "threads"
+        return
+    from .cluster import cluster_client
+
+    kw: dict[str, Any] = {"jobqueue_config": jobqueue_config}
+    if jobs is not None:
+        kw["jobs"] = jobs
+    if scheduler in ("local", ""):
+        kw.update(n_workers=LOCAL_WORKERS, threads_per_worker=1)
+    cm = cluster_client(scheduler, **kw)
+    with cm as client:
+        yield client
+
+
+# ----------------------------------------------------------------------------
+# Orchestration.
+# ----------------------------------------------------------------------------
+
+
+def _check_options(boundary: str, precision: str, ngff_version: str, dtype: Any, batch_blocks: int | None,
+                   resume: bool, overwrite: bool) -> None:
+    if boundary not in BOUNDARIES:
+        raise N2VError(f"unknown boundary mode {boundary!r}; use one of {', '.join(BOUNDARIES)}")
+    if precision not in PRECISIONS:
+        raise N2VError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if str(ngff_version) not in ("0.4", "0.5"):
+        raise N2VError(f"NGFF version must be 0.4 or 0.5, got {ngff_version}")
+    if dtype is not None:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise N2VError(f"unknown dtype {dtype!r}") from None
+        if not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)):
+            raise N2VError(f"output dtype must be a float or integer type, got {dt}")
+    if batch_blocks is not None and batch_blocks < 1:
+        raise N2VError(f"batch_blocks must be >= 1, got {batch_blocks}")
+    if resume and overwrite:
+        raise N2VError("--resume and --overwrite exclude each other")
+
+
+def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
+    """Refuse an existing output unless asked; when resuming it, return its ``n2v_chunked`` attributes."""
+    import fsspec
+
+    from .sources import ZARR_MARKERS
+
+    fs, root = fsspec.core.url_to_fs(out)
+    if not fs.exists(root):
+        return None
+    if resume:
+        import zarr
+
+        try:
+            meta = zarr.open_group(store=out, mode="r").attrs.get("n2v_chunked")
+        except Exception:
+            meta = None
+        if not isinstance(meta, dict) or "parameters" not in meta:
+            raise N2VError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
+        return dict(meta)
+    if not overwrite:
+        raise N2VError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
+    if not fs.isdir(root):
+        raise N2VError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
+    if fs.ls(root) and not any(fs.exists(f"{root}/{m}") for m in ZARR_MARKERS):
+        raise N2VError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
+    return None
+
+
+def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
+    sp, np_ = stored.get("parameters", {}), now["parameters"]
+    diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)
+        raise N2VError(f"cannot resume {out}: it was started with other settings ({detail}); use --overwrite")
+
+
+def predict(
+    source: Any,
+    output: str | os.PathLike[str] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    chunks: Any = None,
+    boundary: str = "reflect",
+    tta: bool = False,
+    precision: str = "fp32",
+    resume: bool = False,
+    overwrite: bool = False,
+    scheduler: Any = None,
+    ngff_version: str = "0.5",
+    dtype: Any = "float32",
+    axes: str | None = None,
+    level: int = 0,
+    batch_blocks: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    pyramid: bool = True,
+    jobqueue_config: str | None = None,
+    jobs: int | None = None,
+) -> xr.DataArray:
+    """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
+
+    Parameters
+    ----------
+    source : str, Path or array
+        Anything :func:`~n2v_chunked.sources.open_image` reads.
+    output : str or Path, optional
+        OME-Zarr to write.  None returns the lazy (dask-backed) prediction.
+    model_dir : str or Path
+        Model directory written by training.
+    chunks : sequence of int or dict, optional
+        Working and output chunks (see :func:`plan`).
+    boundary : {"reflect", "nearest", "periodic", "constant"}
+        Image border extension (dask's names; ``reflect`` is numpy's ``symmetric``).
+    tta : bool
+        Average the 8 rotations/flips of the YX plane.
+    precision : {"fp32", "bf16", "auto"}
+        Arithmetic of the network.
+    resume : bool
+        Finish an interrupted run into ``output``: blocks already written are skipped.
+    overwrite : bool
+        Replace an existing output.
+    scheduler : None, str or distributed.Client
+        None: the active distributed client, else local threads.  ``"sync"``,
+        ``"threads"``, ``"local"`` (a LocalCluster), ``"tcp://host:port"`` or
+        ``"slurm"`` (see :func:`scheduler_context`).
+    ngff_version : {"0.5", "0.4"}
+        Output format.
+    dtype : dtype-like or None
+        Output type (float32; None keeps the input's; integers are rounded and clipped).
+    axes : str, optional
+        Axis letters for inputs without metadata.
+    level : int
+        Resolution level of a multiscale input.
+    batch_blocks : int, optional
+        Blocks per submitted graph (:data:`DEFAULT_BATCH_BLOCKS`).
+    progress : bool
+        Progress bar (blocks, MPix/s, ETA).
+    device : str, optional
+        Torch device of the workers (CUDA when available).
+    pyramid : bool
+        Add downsampled levels once level 0 is complete.
+    jobqueue_config, jobs
+        For ``scheduler="slurm"``.
+
+    Returns
+    -------
+    xarray.DataArray
+        The written output opened lazily (``attrs["predict_stats"]`` counts the
+        blocks computed and skipped), or the lazy prediction when ``output`` is None.
+    """
+    from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
+    from .sources import open_image
+
+    ngff_version = str(ngff_version)
+    _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
+    if model_dir is None:
+        raise N2VError("predict needs a model directory (--model-dir)")
+    trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
+    data = open_image(source, axes=axes, level=level)
+    p = plan(trained, data, chunks)
+    model_dir = str(Path(model_dir).absolute())
+    kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, device=device)
+    if output is None:
+        y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
+        return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
+
+    from .ome import _location
+
+    out = _location(output)
+    check_not_input(out, data.attrs.get("source"))
+    out_dtype = np.dtype(data.dtype if dtype is None else dtype)
+    stored = _existing_output(out, overwrite, resume)
+    if stored is not None:
+        p = plan(trained, data, stored["parameters"].get("chunks") if chunks is None else chunks)
+    prov = {
+        "command": "predict",
+        "model_id": trained.model_id,
+        "model_dir": model_dir,
+        "input": str(data.attrs.get("source")),
+        "parameters": {
+            "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
+            "boundary": boundary, "tta": bool(tta), "precision": precision, "dtype": str(out_dtype),
+            "level": int(level),
+        },
+    }
+    if stored is not None:
+        _check_resumable(out, stored, prov)
+        if stored.get("complete"):
+            log.info("%s is already complete; nothing to do", out)
+            return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
+    if p.rechunked:
+        log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
+                 tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
+    t0 = time.perf_counter()
+    with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs) as sched:
+        if stored is None:
+            create_ome_zarr(
+                out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
+                scale=data.attrs.get("scale"), units=data.attrs.get("units"),
+                translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite,
+            )
+            done: set[tuple[int, ...]] = set()
+        else:
+            done = done_blocks(out)
+        fs, mdir = _markers(out)
+        fs.makedirs(mdir, exist_ok=True)
+        stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw)
+        if pyramid:
+            build_pyramid(out, progress=progress)
+        mark_complete(out, True)
+    fs, mdir = _markers(out)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(mdir, recursive=True)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
+             stats["blocks_skipped"], stats["mpix_per_s"])
+    return _result(out, stats)
+
+
+def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
+    from .sources import open_image
+
+    res = open_image(out)
+    res.attrs["predict_stats"] = stats
+    return res
+
+
+def _run(
+    x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
+    kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Predict and write every block not in ``done``, batch by batch."""
+    channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
+    skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
+    todo = p.nblocks - skipped
+    run_id = uuid.uuid4().hex
+    local = isinstance(sched, str)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_threads = 1 if sched == "sync" else LOCAL_DASK_THREADS
+    threads: Any = max(1, cpus // local_threads) if local else _host_threads(sched)
+
+    def graphs() -> Iterator[list[Any]]:
+        for lo, hi in _batches(p.numblocks, batch_blocks):
+            wanted = [idx for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))) if idx not in done]
+            if not wanted:
+                continue
+            y = batch_prediction(x, p, lo, hi, threads=threads, **kw)
+            offset = tuple(int(p.bounds(ax)[lo[ax]]) for ax in range(len(lo)))
+            w = y.map_blocks(
+                _write_task, path=out, run_id=run_id, lo=tuple(lo), offset=offset, channels=channels,
+                chunks=(1,) * y.ndim, dtype=np.int64, name=f"n2v-write-{uuid.uuid4().hex}",
+            )
+            blocks = w.to_delayed(optimize_graph=True)
+            yield [blocks[tuple(i - a for i, a in zip(idx, lo))] for idx in wanted]
+
+    bar = _Bar(todo, progress)
+    try:
+        if local:
+            _run_local(graphs(), bar, sched, local_threads)
+        else:
+            _run_distributed(sched, graphs(), bar, batch_blocks)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        msg = first if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first}"
+        raise N2VError(f"prediction stopped: {msg}; {out} stays marked incomplete "
+                       "(fix the cause and rerun with --resume to finish it)") from exc
+    finally:
+        bar.close()
+    return {"blocks_total": p.nblocks, "blocks_computed": bar.blocks, "blocks_skipped": skipped,
+            "mpix_per_s": round(bar.mpix_per_s, 4)}

@@ -1,0 +1,392 @@
+"""Chunked prediction: exactness vs whole-image prediction, writing, resume, batching,
+the distributed path, the CLI's errors, and the benchmark's smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from n2v_chunked import checkpoint as ckpt
+from n2v_chunked import predict as P
+from n2v_chunked.cli import main
+from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.errors import N2VError
+from n2v_chunked.inference import denoise
+from n2v_chunked.masking import mask_batch, masked_mse
+from n2v_chunked.model import UNet
+from n2v_chunked.ome import is_complete, write_ome_zarr
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4  # of the data range, float32
+
+
+# ----------------------------------------------------------------------------
+# Models and data.
+# ----------------------------------------------------------------------------
+
+
+def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0):
+    """Random weights, batch norm in eval mode with non-trivial running statistics."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2)
+    net = UNet(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+    mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
+    ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std)
+    ckpt.save_weights(path, net, ckpt.WEIGHTS_BEST)
+    return Path(path)
+
+
+def noisy(shape, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    clean = 100 + 40 * np.sin(grids[-1] / 7.0) * np.cos(grids[-2] / 5.0)
+    return (clean + rng.normal(0, 15, shape)).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """A 2D model trained for a few N2V steps by hand (blind-spot masking + masked MSE)."""
+    d = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(1)
+    cfg = ModelConfig(dims=2, depth=2, features=8)
+    img = noisy((96, 96), seed=3)
+    mean, std = np.array([img.mean()]), np.array([img.std()])
+    net = UNet(cfg).train()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        ys, xs = rng.integers(0, 64, 8), rng.integers(0, 64, 8)
+        patches = np.stack([img[y : y + 32, x : x + 32] for y, x in zip(ys, xs)])[:, None]
+        batch = mask_batch(torch.from_numpy((patches - mean[0]) / std[0]).float(), MaskConfig(), gen)
+        loss = masked_mse(net(batch.inputs), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt.write_config(d, cfg, MaskConfig(), TrainConfig(), mean, std)
+    ckpt.save_weights(d, net.eval(), ckpt.WEIGHTS_BEST)
+    return d
+
+
+def whole_image(model_dir, arr, dims, **kw):
+    """``denoise`` of the whole array, in the array's own layout."""
+    trained = ckpt.load_model(model_dir, "cpu")
+    spatial = P.model_spatial_dims(trained)
+    samples = [d for d in dims if d not in spatial and d != "c"]
+    order = samples + (["c"] if "c" in dims else []) + list(spatial)
+    x = xr.DataArray(arr, dims=tuple(dims)).transpose(*order).values
+    lead = x.shape[: len(samples)]
+    x = x.reshape((-1,) + ((x.shape[len(samples)],) if "c" in dims else (1,)) + x.shape[-len(spatial) :])
+    y = denoise(trained, x, **kw).reshape(xr.DataArray(arr, dims=tuple(dims)).transpose(*order).shape)
+    return xr.DataArray(y, dims=tuple(order)).transpose(*dims).values
+
+
+def chunked(model_dir, arr, dims, chunks, **kw):
+    y = P.predict(xr.DataArray(arr, dims=tuple(dims)), None, model_dir, chunks=chunks, **kw)
+    assert isinstance(y, xr.DataArray) and isinstance(y.data, da.Array)
+    return y.data.compute(scheduler="sync")
+
+
+def assert_close(a, b, arr):
+    assert a.shape == b.shape and a.dtype == np.float32
+    err = np.abs(a - b).max() / np.ptp(arr)
+    assert err <= TOL, err
+
+
+# ----------------------------------------------------------------------------
+# The plan.
+# ----------------------------------------------------------------------------
+
+
+def test_plan_halo_chunks_and_grid(tmp_path):
+    trained = ckpt.load_model(make_model_dir(tmp_path / "m"), "cpu")
+    x = xr.DataArray(da.zeros((3, 77, 131), chunks=(3, 77, 131)), dims=("t", "y", "x"))
+    p = P.plan(trained, x, chunks=(1, 32, 48))
+    assert p.halo == (0, 24, 24) and p.multiple == 4 and p.spatial == ("y", "x")
+    assert p.chunks == (1, 32, 48)
+    # a last block shorter than the halo joins the one before it: every block is whole output chunks
+    assert p.grid == ((1, 1, 1), (32, 45), (48, 48, 35)) and p.rechunked
+    # spatial sizes become multiples of 2**depth and at least the halo; one-per-spatial-axis form
+    assert P.plan(trained, x, chunks=(30, 50)).chunks == (3, 32, 52)  # t: as many as fit
+    assert P.plan(trained, x, chunks=(10, 500)).chunks == (3, 24, 131)
+    # defaults: spatial multiples of 2**depth (or the whole axis), all channels in one block
+    xc = xr.DataArray(da.zeros((2, 1, 3000, 2500), chunks=(1, 1, 256, 256)), dims=("t", "c", "y", "x"))
+    p = P.plan(trained, xc)
+    assert p.chunks[1] == 1 and all(c % 4 == 0 and c % 256 == 0 for c in p.chunks[2:])
+    assert p.nblocks == len(list(P._batches(p.numblocks, 7**9)))
+    assert sum(1 for _ in P._batches(p.numblocks, 5)) >= p.nblocks // 5
+
+
+def test_plan_rejects_models_that_do_not_fit(tmp_path):
+    m3 = ckpt.load_model(make_model_dir(tmp_path / "m3", dims=3), "cpu")
+    m2c = ckpt.load_model(make_model_dir(tmp_path / "m2c", channels=2), "cpu")
+    yx = xr.DataArray(da.zeros((64, 64)), dims=("y", "x"))
+    with pytest.raises(N2VError, match="3D"):
+        P.plan(m3, yx)
+    with pytest.raises(N2VError, match="2 channel"):
+        P.plan(m2c, yx)
+    with pytest.raises(N2VError, match="smaller than 2\\*\\*depth"):
+        P.plan(m3, xr.DataArray(da.zeros((3, 64, 64)), dims=("z", "y", "x")))
+
+
+# ----------------------------------------------------------------------------
+# Chunked == whole image.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n2v2", [False, True], ids=["n2v", "n2v2"])
+@pytest.mark.parametrize("boundary", ["reflect", "nearest", "periodic", "constant"])
+def test_2d_odd_sizes_equal_whole_image(tmp_path, boundary, n2v2):
+    md = make_model_dir(tmp_path / "m", n2v2=n2v2)
+    arr = noisy((77, 131))
+    got = chunked(md, arr, "yx", (32, 48), boundary=boundary)
+    assert_close(got, whole_image(md, arr, "yx", boundary=boundary), arr)
+
+
+def test_3d_equal_whole_image(tmp_path):
+    arr = noisy((13, 45, 37), seed=1)
+    # depth 1: halo 10, blocks of 10 (z is one block: 13 = 10 + a tail shorter than the halo)
+    md = make_model_dir(tmp_path / "d1", dims=3, depth=1)
+    got = chunked(md, arr, "zyx", (10, 10, 10))
+    assert_close(got, whole_image(md, arr, "zyx"), arr)
+    # depth 2, N2V2: every axis shorter than twice the halo (z even shorter than the halo)
+    md = make_model_dir(tmp_path / "d2", dims=3, depth=2, n2v2=True)
+    assert_close(chunked(md, arr, "zyx", (16, 24, 24)), whole_image(md, arr, "zyx"), arr)
+
+
+def test_trained_model_interiors_and_borders(trained_dir):
+    arr = noisy((2, 150, 131), seed=2)
+    got = chunked(trained_dir, arr, "tyx", (1, 32, 48))
+    ref = whole_image(trained_dir, arr, "tyx")
+    assert_close(got, ref, arr)
+    # the interior away from every border agrees as well as the borders
+    assert np.abs(got - ref)[:, 40:-40, 40:-40].max() / np.ptp(arr) <= TOL
+    assert np.abs(got - ref)[:, :24].max() / np.ptp(arr) <= TOL
+
+
+def test_channels_and_2d_model_on_z_stack(tmp_path):
+    md = make_model_dir(tmp_path / "c2", channels=2, n2v2=True)
+    arr = noisy((2, 2, 50, 70))
+    assert_close(chunked(md, arr, "tcyx", (1, 1, 24, 32)), whole_image(md, arr, "tcyx"), arr)
+    md = make_model_dir(tmp_path / "z")
+    arr = noisy((5, 40, 70)).astype(np.uint16)
+    got = chunked(md, arr, "zyx", (2, 24, 32), boundary="constant")
+    assert_close(got, whole_image(md, arr, "zyx", boundary="constant"), arr)
+
+
+def test_tta_and_bf16(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((64, 96))  # sizes multiples of 2**depth: the rotated pooling grids line up
+    assert_close(chunked(md, arr, "yx", (32, 48), tta=True), whole_image(md, arr, "yx", tta=True), arr)
+    got = chunked(md, arr, "yx", (32, 48), precision="bf16")
+    assert np.abs(got - whole_image(md, arr, "yx")).max() / np.ptp(arr) < 0.05
+
+
+# ----------------------------------------------------------------------------
+# Writing, batching, resume.
+# ----------------------------------------------------------------------------
+
+
+def test_writes_ome_zarr_with_provenance(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((2, 77, 131))
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(arr, dims=("t", "y", "x")), chunks=(1, 32, 64), progress=False)
+    out = tmp_path / "out.ome.zarr"
+    res = P.predict(str(src), str(out), md, chunks=(1, 32, 48), scheduler="sync", progress=False,
+                    ngff_version="0.4", dtype="uint16")
+    assert res.dtype == np.uint16 and res.dims == ("t", "y", "x")
+    assert res.attrs["predict_stats"]["blocks_computed"] == res.attrs["predict_stats"]["blocks_total"] == 12
+    ref = np.clip(np.rint(whole_image(md, arr, "tyx")), 0, 65535)
+    assert np.abs(res.values.astype(np.float64) - ref).max() <= 1
+    group = zarr.open_group(str(out), mode="r")
+    meta = group.attrs["n2v_chunked"]
+    assert meta["complete"] is True and is_complete(out)
+    assert meta["model_id"] == ckpt.read_config(md)["model_id"] and meta["input"] == str(src)
+    assert meta["parameters"]["chunks"] == [1, 32, 48] and meta["parameters"]["halo"] == [0, 24, 24]
+    assert group["0"].chunks == (1, 32, 48) and group["0"].metadata.zarr_format == 2
+    assert not (out / P.MARKER_DIR).exists()
+
+
+def test_batches_give_the_same_output(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((77, 131))
+    kw = dict(chunks=(32, 48), scheduler="sync", progress=False, pyramid=False)
+    a = P.predict(arr, str(tmp_path / "a.zarr"), md, **kw).values
+    b = P.predict(arr, str(tmp_path / "b.zarr"), md, batch_blocks=1, **kw).values
+    c = P.predict(arr, str(tmp_path / "c.zarr"), md, batch_blocks=4, **kw).values
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert_close(a, whole_image(md, arr, "yx"), arr)
+
+
+def _failing(arr, chunks, bad_block):
+    """A lazy array whose block ``bad_block`` raises (a corrupt chunk, a dying disk)."""
+
+    def read(block, block_info=None):
+        if block_info[None]["chunk-location"] == bad_block:
+            raise OSError("input/output error")
+        return block
+
+    return da.from_array(arr, chunks=chunks).map_blocks(read, dtype=arr.dtype)
+
+
+def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((150, 131))
+    kw = dict(chunks=(32, 48), scheduler="sync", progress=False)
+    full = P.predict(arr, str(tmp_path / "full.zarr"), md, **kw).values
+
+    out = tmp_path / "out.zarr"
+    with pytest.raises(N2VError) as err:
+        P.predict(_failing(arr, (32, 48), (3, 1)), str(out), md, **kw)
+    msg = str(err.value)
+    assert "\n" not in msg and "input/output error" in msg and "incomplete" in msg and "block (" in msg
+    assert not is_complete(out)
+    done = P.done_blocks(out)
+    assert 0 < len(done) < 12
+    # the markers do not confuse OME-Zarr readers of the unfinished output
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    node = next(iter(Reader(parse_url(str(out)))()))
+    assert node.data[0].shape == arr.shape
+    # lose one finished block's marker: it is recomputed
+    lost = sorted(done)[0]
+    (out / P.MARKER_DIR / "_".join(map(str, lost))).unlink()
+    with pytest.raises(N2VError, match="other settings"):
+        P.predict(arr, str(out), md, resume=True, boundary="nearest", **kw)
+    res = P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, **kw)
+    stats = res.attrs["predict_stats"]
+    assert stats["blocks_computed"] == 12 - len(done) + 1 and stats["blocks_skipped"] == len(done) - 1
+    assert np.array_equal(res.values, full)
+    assert is_complete(out) and not (out / P.MARKER_DIR).exists()
+    again = P.predict(arr, str(out), md, resume=True, **kw)  # complete: nothing to do
+    assert again.attrs["predict_stats"]["blocks_computed"] == 0
+
+
+def test_distributed_local_cluster_writes_the_same(tmp_path, local_cluster):
+    from distributed import Client
+
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((2, 77, 131))
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(arr, dims=("t", "y", "x")), chunks=(1, 64, 64), progress=False)
+    kw = dict(chunks=(1, 32, 48), progress=False, batch_blocks=5)
+    ref = P.predict(str(src), str(tmp_path / "sync.zarr"), md, scheduler="sync", **kw).values
+    # join the running cluster by its address (the --scheduler tcp://... path)
+    res = P.predict(str(src), str(tmp_path / "dist.zarr"), md, scheduler=local_cluster.scheduler_address, **kw)
+    assert_close(res.values, ref, arr)
+    assert is_complete(tmp_path / "dist.zarr")
+    with Client(local_cluster) as client:
+        # the model was loaded once per worker process, not shipped with the tasks
+        loaded = client.run(lambda: sorted(k[0] for k in P._MODELS))
+        assert all(v == [str(md.absolute())] for v in loaded.values())
+
+
+def test_tasks_carry_the_model_path_not_the_model(tmp_path):
+    import cloudpickle
+
+    md = make_model_dir(tmp_path / "m", features=16)
+    src = tmp_path / "in.zarr"
+    write_ome_zarr(src, xr.DataArray(noisy((77, 131)), dims=("y", "x")), progress=False)
+    y = P.predict(str(src), None, md, chunks=(32, 48))
+    blob = cloudpickle.dumps(dict(y.__dask_graph__()))
+    weights = (md / ckpt.WEIGHTS_BEST).stat().st_size
+    assert len(blob) < weights / 4 and b"torch" not in blob
+    assert P.get_model(md, P.model_token(md), "cpu") is P.get_model(md, P.model_token(md), "cpu")
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------
+
+
+def _cli(capsys, *args):
+    rc = main(["predict", *map(str, args), "--scheduler", "sync", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.fixture()
+def cli_setup(tmp_path):
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(noisy((3, 40, 50)), dims=("t", "y", "x")), progress=False)
+    return tmp_path, src, make_model_dir(tmp_path / "m")
+
+
+def test_cli_predicts(cli_setup, capsys):
+    tmp, src, md = cli_setup
+    rc, err = _cli(capsys, src, tmp / "out.zarr", "--model-dir", md, "--chunks", "1,24,32", "--dtype", "float32")
+    assert rc == 0, err
+    got = zarr.open_array(str(tmp / "out.zarr" / "0"), mode="r")[:]
+    assert_close(got, whole_image(md, noisy((3, 40, 50)), "tyx"), noisy((3, 40, 50)))
+    assert is_complete(tmp / "out.zarr")
+
+
+@pytest.mark.parametrize("case", ["channels", "dims", "small", "exists", "no-model"])
+def test_cli_bad_input_is_one_line_before_any_output(cli_setup, capsys, case):
+    tmp, src, md = cli_setup
+    out = tmp / "out.zarr"
+    if case == "channels":
+        md = make_model_dir(tmp / "m2", channels=2)
+    elif case == "dims":
+        md = make_model_dir(tmp / "m3", dims=3)
+    elif case == "small":
+        write_ome_zarr(src, xr.DataArray(noisy((3, 3, 50)), dims=("t", "y", "x")), progress=False, overwrite=True)
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "no-model":
+        md = tmp / "nowhere"
+    rc, err = _cli(capsys, src, out, "--model-dir", md)
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and err.startswith("n2v-chunked: error: "), err
+    expected = {"channels": "channel", "dims": "3D", "small": "smaller than 2**depth", "exists": "exists",
+                "no-model": "model directory not found"}[case]
+    assert expected in err
+    if case == "exists":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_cli_help_has_examples():
+    proc = subprocess.run([sys.executable, "-m", "n2v_chunked.cli", "predict", "--help"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0 and "example" in proc.stdout and "--resume" in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# Benchmark smoke run.
+# ----------------------------------------------------------------------------
+
+
+def test_benchmark_quick():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "predict.py"), "--quick", "--precisions", "fp32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    measures = {r["measure"] for r in records}
+    assert {"bare", "pipeline", "scale", "scale_ratio"} <= measures
+    pipe = next(r for r in records if r["measure"] == "pipeline")
+    assert pipe["mpix_per_s"] > 0 and pipe["efficiency"] > 0
