@@ -146,7 +146,7 @@ start_munge() {
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     munged --force --socket="$MUNGE_SOCKET" --key-file="$STATE/munge/munge.key" \
         --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
-        --seed-file="$STATE/munge/munged.seed" >>"$STATE/log/munged.log" 2>&1 \
+        --seed-file="$STATE/munge/munged.seed" >>"$STATE/log/munged.log" 2>&1 9>&- \
         || fail_start "munged did not start"
     local i
     for i in $(seq 1 50); do
@@ -158,12 +158,12 @@ start_munge() {
 
 start_slurmctld() {
     pid_alive "$STATE/run/slurmctld.pid" && return 0
-    slurmctld -f "$CONF" >>"$STATE/log/slurmctld.log" 2>&1 || fail_start "slurmctld did not start"
+    slurmctld -f "$CONF" >>"$STATE/log/slurmctld.log" 2>&1 9>&- || fail_start "slurmctld did not start"
 }
 
 start_slurmd() {
     pid_alive "$STATE/run/slurmd-$NODE.pid" && return 0
-    slurmd -f "$CONF" >>"$STATE/log/slurmd.log" 2>&1 || fail_start "slurmd did not start"
+    slurmd -f "$CONF" >>"$STATE/log/slurmd.log" 2>&1 9>&- || fail_start "slurmd did not start"
 }
 
 node_state() { sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
@@ -276,7 +276,8 @@ cmd_status() {
     return "$ok"
 }
 
-# start/stop hold a lock: test sessions running side by side share the cluster.
+# start/stop hold a lock (fd 9, which the daemons do not inherit): test
+# sessions running side by side share the cluster.
 lock() {
     mkdir -p "$STATE"
     exec 9>"$STATE/.lock"

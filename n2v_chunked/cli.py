@@ -61,13 +61,6 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -92,7 +85,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
     g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
     g.add_argument("--batch-size", type=int, default=128, help="patches per step (default 128)")
-    g.add_argument("--patch", type=_int_list, help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
+    g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
     g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default 4e-4)")
     g.add_argument("--val-interval", type=int, default=100, help="steps between validations (default 100)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -118,13 +111,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
     def handler(args: argparse.Namespace) -> int:
         from .config import MaskConfig, ModelConfig, TrainConfig
+        from .convert import parse_int_list
         from .train import fit
 
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels)
         mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
                               struct_axes=list(args.struct_axes), replacement="median" if args.n2v2 else "uniform")
-        train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=args.patch or [],
+        train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
                                 lr=args.lr, val_interval=args.val_interval, precision=args.precision,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,

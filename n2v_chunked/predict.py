@@ -704,10 +704,14 @@ def _write_task(
     info = block_info[0]
     region = tuple(slice(o + s, o + e) for o, (s, e) in zip(offset, info["array-location"]))
     index = tuple(l + c for l, c in zip(lo, info["chunk-location"]))
-    arr = _output_array(path, run_id)
-    arr[region] = cast_block(block, arr.dtype)
-    fs, mdir = _markers(path)  # written only after the data is in the store
-    fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+    try:
+        arr = _output_array(path, run_id)
+        arr[region] = cast_block(block, arr.dtype)
+        fs, mdir = _markers(path)  # written only after the data is in the store
+        fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first}") from exc
     return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)
 
 

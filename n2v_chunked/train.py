@@ -454,11 +454,21 @@ def fit(
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
-    dataset = ZarrPatchDataset(
-        data, patch, spatial, seed=train_cfg.seed, val_fraction=val_fraction,
-        buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
-    )
-    val = dataset.validation_patches(train_cfg.val_patches)
+    def sampler(fraction: float) -> ZarrPatchDataset:
+        return ZarrPatchDataset(
+            data, patch, spatial, seed=train_cfg.seed, val_fraction=fraction,
+            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
+        )
+
+    dataset = sampler(0.0)
+    if val_fraction > 0 and dataset.grid.n_blocks >= 2:
+        dataset = sampler(val_fraction)
+        val = dataset.validation_patches(train_cfg.val_patches)
+    else:
+        # Too small to hold out a block (e.g. one small image): validate on a
+        # fixed draw of training patches, as other N2V tools do, and say so.
+        log.warning("image too small to hold out validation blocks; validating on training patches")
+        val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
     if resume:
         mean = std = np.zeros(channels)  # replaced by the stored statistics
     else:

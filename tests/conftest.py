@@ -68,25 +68,36 @@ def slurm() -> Iterator[SlurmCluster]:
     # the last holder stops it, and only if a test session (not a person) started it.
     holders = state / "holders"
     started_marker = holders / ".started-by-tests"
+    holders.mkdir(parents=True, exist_ok=True)
+    me = holders / str(os.getpid())
+    me.touch()  # before start: a session that ends meanwhile must not stop the cluster under us
+
+    def release() -> None:
+        me.unlink(missing_ok=True)
+        others = [p for p in holders.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+        if not others and started_marker.exists():
+            started_marker.unlink(missing_ok=True)
+            subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, text=True, env=env, timeout=120)
+
     try:
         res = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, env=env, timeout=900)
     except subprocess.TimeoutExpired:
+        release()
         pytest.skip("single-node SLURM: cluster/slurm_local.sh start did not finish within 900 s")
-    tail = " | ".join(ln for ln in (res.stderr + res.stdout).strip().splitlines()[-12:])
+    tail = " | ".join((res.stderr + res.stdout).strip().splitlines()[-12:])
+    if res.returncode != 0:
+        release()
     if res.returncode == 3:
-        pytest.skip(f"single-node SLURM unavailable (cannot install slurm-wlm/munge): {tail}")
+        pytest.skip(f"single-node SLURM unavailable here: {tail}")
     if res.returncode == 4:
         if os.environ.get("N2V_REQUIRE_SLURM") == "1":
             pytest.fail(f"single-node SLURM did not start: {tail}")
         pytest.skip(f"single-node SLURM daemons did not start on this machine: {tail}")
     if res.returncode != 0:
         pytest.fail(f"cluster/slurm_local.sh start failed (exit {res.returncode}): {tail}")
-
-    holders.mkdir(parents=True, exist_ok=True)
     if "already running" not in res.stderr:
         started_marker.touch()
-    me = holders / str(os.getpid())
-    me.touch()
+
     old_conf = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
@@ -97,8 +108,4 @@ def slurm() -> Iterator[SlurmCluster]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
-        me.unlink(missing_ok=True)
-        others = [p for p in holders.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
-        if not others and started_marker.exists():
-            started_marker.unlink(missing_ok=True)
-            subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, text=True, env=env, timeout=120)
+        release()

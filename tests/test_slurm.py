@@ -67,7 +67,7 @@ def jobqueue_yaml(tmp_path: Path, slurm) -> Path:  # noqa: ANN001
     return p
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 def test_sbatch_runs_a_script(slurm, tmp_path: Path) -> None:  # noqa: ANN001
     out = tmp_path / "hello.out"
     script = tmp_path / "hello.sh"
@@ -87,7 +87,7 @@ def test_sbatch_runs_a_script(slurm, tmp_path: Path) -> None:  # noqa: ANN001
     assert out.read_text().strip() == f"hello from job {job_id} on {slurm.node}"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 @pytest.mark.parametrize("template", ["predict.sbatch", "train.sbatch"])
 def test_sbatch_accepts_job_templates(slurm, template: str) -> None:  # noqa: ANN001
     path = REPO / "cluster" / template
@@ -97,7 +97,7 @@ def test_sbatch_accepts_job_templates(slurm, template: str) -> None:  # noqa: AN
     assert "to start at" in res.stderr + res.stdout
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 def test_cluster_client_slurm_workers_are_jobs(slurm, jobqueue_yaml: Path) -> None:  # noqa: ANN001
     name = yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     x = np.random.default_rng(0).random((600, 400))
@@ -122,7 +122,7 @@ def test_cluster_client_slurm_workers_are_jobs(slurm, jobqueue_yaml: Path) -> No
     assert _squeue_ids(name) == [], "worker jobs left after the context closed"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 def test_slurm_rejects_bad_partition_in_one_line(slurm, jobqueue_yaml: Path) -> None:  # noqa: ANN001
     t0 = time.monotonic()
     with pytest.raises(N2VError, match="invalid partition") as info:
@@ -131,7 +131,7 @@ def test_slurm_rejects_bad_partition_in_one_line(slurm, jobqueue_yaml: Path) -> 
     assert "\n" not in str(info.value) and time.monotonic() - t0 < 20
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 def test_worker_job_that_dies_is_reported(slurm, jobqueue_yaml: Path) -> None:  # noqa: ANN001
     t0 = time.monotonic()
     with pytest.raises(N2VError, match="ended before a worker joined.*no/such/python") as info:
@@ -142,7 +142,7 @@ def test_worker_job_that_dies_is_reported(slurm, jobqueue_yaml: Path) -> None:  
     assert "\n" not in str(info.value) and time.monotonic() - t0 < 30
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)
 def test_worker_jobs_cancelled_on_interrupt(slurm, jobqueue_yaml: Path) -> None:  # noqa: ANN001
     name = yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,142 @@
+"""The N2V paper's natural-image benchmark: BSD68 with Gaussian noise, sigma 25.
+
+Protocol (Krull et al. 2019, Section 4.1): add zero-mean Gaussian noise with
+sigma 25 (0..255 scale) with a fixed seed; train on the noisy Train400 images
+only; denoise the noisy BSD68 test images; report the mean PSNR against the
+clean images (data range 255, no clipping).
+
+Prints one JSON line: PSNR, steps, train seconds, patches/s, predict MPix/s.
+
+Examples
+--------
+python benchmarks/bsd68.py --steps 100                  # the 100-step figure
+python benchmarks/bsd68.py --minutes 15 --steps 100000  # the 15-minute figure
+python benchmarks/bsd68.py --steps 200000 --features 96 # the paper's full run (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_pngs(folder: Path, limit: int | None = None) -> list[np.ndarray]:
+    """Grey PNGs of a folder, sorted by name, as float32 on the 0..255 scale."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:limit]
+    if not files:
+        raise SystemExit(f"bsd68: no PNG images in {folder}")
+    return [np.asarray(Image.open(f).convert("L"), dtype=np.float32) for f in files]
+
+
+def add_gaussian_noise(images: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:
+    """The paper's noise: zero-mean Gaussian, ``sigma`` on the 0..255 scale, not clipped."""
+    rng = np.random.default_rng(seed)
+    return [(im + rng.normal(0.0, sigma, im.shape)).astype(np.float32) for im in images]
+
+
+def mean_psnr(clean: list[np.ndarray], restored: list[np.ndarray]) -> float:
+    """Mean PSNR in dB with data range 255, as in the paper."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(np.mean([peak_signal_noise_ratio(c, r, data_range=255) for c, r in zip(clean, restored)]))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train on noisy Train400, evaluate on noisy BSD68; return the figures."""
+    import torch
+
+    from n2v_chunked.checkpoint import load_model
+    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.inference import denoise
+    from n2v_chunked.sources import open_image
+    from n2v_chunked.train import fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    train_clean = load_pngs(data / "Train400", args.n_train)
+    test_clean = load_pngs(data / "BSD68", args.n_test)
+    # one generator for both sets, training first: the noise is fixed by the seed
+    noisy = add_gaussian_noise(train_clean + test_clean, args.sigma, args.seed)
+    train_noisy = np.stack(noisy[: len(train_clean)])  # (400, 180, 180): axes t, y, x
+    test_noisy = noisy[len(train_clean):]
+
+    work = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="bsd68_"))
+    if work.exists() and not args.model_dir:
+        shutil.rmtree(work)
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, patch_size=[args.patch, args.patch],
+        time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
+        checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
+    )
+    # one image per chunk: blocks of whole images, some held out for validation
+    source = open_image(train_noisy, axes="tyx", chunks={"t": 1})
+    result = fit(
+        source, work, dims=2,
+        model_cfg=ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2),
+        train_cfg=cfg, progress=not args.quiet,
+    )
+    trained = load_model(work, which=args.weights)
+    start = time.perf_counter()
+    restored = [denoise(trained, im[None, None], precision=args.predict_precision)[0, 0] for im in test_noisy]
+    predict_s = time.perf_counter() - start
+    pixels = sum(im.size for im in test_noisy)
+    out = {
+        "benchmark": "bsd68",
+        "sigma": args.sigma,
+        "psnr": round(mean_psnr(test_clean, restored), 3),
+        "psnr_noisy_input": round(mean_psnr(test_clean, test_noisy), 3),
+        "steps": result.step,
+        "batch_size": args.batch_size,
+        "features": args.features,
+        "precision": args.precision,
+        "train_seconds": round(result.seconds, 1),
+        "patches_per_second": round(result.patches_per_second, 1),
+        "predict_mpix_per_second": round(pixels / predict_s / 1e6, 3),
+        "weights": args.weights,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if not args.model_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with Train400/ and BSD68/")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: none)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--n2v2", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--val-interval", type=int, default=50)
+    p.add_argument("--weights", default="last", choices=["best", "last"])
+    p.add_argument("--sigma", type=float, default=25.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, help="use only the first N training images")
+    p.add_argument("--n-test", type=int, help="evaluate only the first N test images")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model-dir", help="keep the model here (default: a temporary directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    print(json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

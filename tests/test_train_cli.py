@@ -1,0 +1,104 @@
+"""`n2v-chunked train` end to end: streaming from Zarr/TIFF, odd sizes, resume, DDP under torchrun."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+import zarr
+
+from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.cli import main
+from n2v_chunked.config import ModelConfig
+from n2v_chunked.train import fit_patch_shape
+
+FAST = ["--steps", "3", "--batch-size", "8", "--features", "4", "--val-interval", "2", "--no-progress"]
+
+
+def _zarr_stack(path: Path, shape=(6, 80, 72), chunks=(1, 40, 36), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    z = zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32")
+    z[:] = (100 + 10 * rng.standard_normal(shape)).astype(np.float32)
+    return path
+
+
+def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
+    src = _zarr_stack(tmp_path / "in.zarr")
+    model = tmp_path / "model"
+    assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32", *FAST]) == 0
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    assert meta["model"]["dims"] == 2 and meta["axes"] == "tyx"
+    assert meta["train"]["patch_size"] == [32, 32]
+    assert ckpt.load_training_state(model)["step"] == 3
+    # a second train into the same directory is refused; --resume continues it
+    assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), *FAST]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    args = ["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--resume", *FAST]
+    args[args.index("3")] = "5"
+    assert main(args) == 0
+    assert ckpt.load_training_state(model)["step"] == 5
+
+
+def test_3d_stack_with_few_slices_and_odd_sizes(tmp_path):
+    # 5 slices and odd sizes: the default patch shrinks to fit instead of crashing
+    rng = np.random.default_rng(1)
+    tifffile.imwrite(tmp_path / "few.tif", rng.normal(50, 5, (5, 61, 47)).astype(np.float32),
+                     imagej=True, metadata={"axes": "ZYX"})
+    model = tmp_path / "m3d"
+    assert main(["train", str(tmp_path / "few.tif"), "--model-dir", str(model), "--val-fraction", "0.2", *FAST]) == 0
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    assert meta["model"]["dims"] == 3
+    assert meta["train"]["patch_size"] == [4, 32, 32]
+
+
+def test_patch_shape_rules():
+    cfg = ModelConfig(dims=3)
+    assert fit_patch_shape({"z": 9, "y": 100, "x": 100}, ("z", "y", "x"), cfg, None) == [8, 32, 32]
+    with pytest.raises(Exception, match="larger than the image"):
+        fit_patch_shape({"y": 50, "x": 100}, ("y", "x"), ModelConfig(), [64, 64])
+    with pytest.raises(Exception, match="fewer than the 4"):
+        fit_patch_shape({"z": 3, "y": 100, "x": 100}, ("z", "y", "x"), cfg, None)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--patch", "200,200"], "larger than the image"),
+        (["--dims", "3"], "needs a 'z' axis"),
+        (["--depth", "9"], "depth must be between"),
+    ],
+)
+def test_bad_training_input_is_one_line(tmp_path, capsys, args, message):
+    src = _zarr_stack(tmp_path / "in.zarr")
+    code = main(["train", str(src), "--axes", "tyx", "--model-dir", str(tmp_path / "m"), *FAST, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("n2v-chunked: error:") and message in err[0]
+    assert not (tmp_path / "m" / ckpt.WEIGHTS_LAST).exists()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """torchrun with 2 CPU processes (gloo): one model directory written by rank 0."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this Python")
+    src = _zarr_stack(tmp_path / "in.zarr", shape=(8, 64, 64), chunks=(1, 32, 32))
+    model = tmp_path / "ddp"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "n2v_chunked.cli", "train", str(src),
+           "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32", "--device", "cpu", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                          "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    assert meta["world_size"] == 2
+    state = ckpt.load_training_state(model)
+    assert state["step"] == 3
+    # checkpoints only from rank 0: no stray temporary files from a second writer
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        [ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST, ckpt.STATE])
+    weights = torch.load(model / ckpt.WEIGHTS_LAST, weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
