@@ -93,6 +93,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def remove_stale_temp_files(model_dir: str | Path) -> None:
+    """Delete temporary files left by a save that was killed mid-write."""
+    for tmp in Path(model_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -88,6 +88,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
     g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default 4e-4)")
     g.add_argument("--val-interval", type=int, default=100, help="steps between validations (default 100)")
+    g.add_argument("--checkpoint-interval", type=int, default=200, help="steps between checkpoints (default 200)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware supports it (default)")
     g.add_argument("--seed", type=int, default=0)
@@ -120,6 +121,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                               struct_axes=list(args.struct_axes), replacement="median" if args.n2v2 else "uniform")
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
                                 lr=args.lr, val_interval=args.val_interval, precision=args.precision,
+                                checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,

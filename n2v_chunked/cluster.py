@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -182,6 +183,15 @@ def _dashboard_address(preferred: int = 8787) -> str:
     return f":{preferred}"
 
 
+@contextlib.contextmanager
+def _quiet_port_fallback() -> Iterator[None]:
+    """Hide distributed's warning that 8787 was taken (another cluster won the
+    race since the check): the dashboard link logged afterwards has the real port."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+        yield
+
+
 def _announce(client: Any, what: str) -> None:
     link = getattr(client, "dashboard_link", None)
     log.warning("%s; dask dashboard: %s", what, link or "(not available: install bokeh)")
@@ -288,7 +298,9 @@ def _preflight(cluster: Any, where: str) -> None:
     try:
         res = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        raise N2VError("sbatch --test-only of the dask worker job did not answer within 60 s (is slurmctld up?)") from None
+        raise N2VError(
+            "sbatch --test-only of the dask worker job did not answer within 60 s (is slurmctld up?)"
+        ) from None
     finally:
         os.unlink(path)
     if res.returncode != 0:
@@ -385,13 +397,14 @@ def _start_local(
     for name, v in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise N2VError(f"{name} must be a positive integer, got {v!r}")
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=dashboard_address or _dashboard_address(),
-    )
+    with _quiet_port_fallback():
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address or _dashboard_address(),
+        )
     stack.callback(_safe_close, cluster, "local dask cluster")
     client = Client(cluster)
     stack.callback(_safe_close, client, "dask client")
@@ -440,7 +453,9 @@ def _start_slurm(
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in adapt)
             or adapt[0] < 0 or adapt[1] < max(1, adapt[0])
         ):
-            raise N2VError(f"adapt must be (minimum_jobs, maximum_jobs) with 0 <= minimum <= maximum, maximum >= 1; got {adapt!r}")
+            raise N2VError(
+                f"adapt must be (minimum_jobs, maximum_jobs) with 0 <= minimum <= maximum, maximum >= 1; got {adapt!r}"
+            )
     elif isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise N2VError(f"jobs must be a positive integer, got {jobs!r}")
     cfg = read_jobqueue_config(jobqueue_config, overrides)
@@ -460,9 +475,11 @@ def _start_slurm(
     from distributed import Client
 
     try:
-        cluster = SLURMCluster(scheduler_options=scheduler_options)
+        with _quiet_port_fallback():
+            cluster = SLURMCluster(scheduler_options=scheduler_options)
     except (ValueError, TypeError, KeyError) as exc:
-        raise N2VError(f"jobqueue config {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise N2VError(f"jobqueue config {where}: {first}") from None
     stack.callback(_safe_close, cluster, "SLURM dask cluster")
     _preflight(cluster, where)
     client = Client(cluster)

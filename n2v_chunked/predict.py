@@ -33,12 +33,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import itertools
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
@@ -60,11 +58,12 @@ MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscal
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph: ~10-30 tasks each, a few MB of scheduler state
 # Default working chunk: the extended block's activations stay near this many bytes.
 BLOCK_ACTIVATION_BYTES = 1.5 * 2**30
-# Defaults for the local schedulers; see benchmarks/predict.py --compare-schedulers.
-# In-process ("threads"): dask threads, each task's torch gets cores / threads.
-LOCAL_DASK_THREADS = 1
-# LocalCluster ("local"): worker processes of 1 thread each (None: one per core).
-LOCAL_WORKERS: int | None = None
+# Local layouts (benchmarks/predict.py --compare-schedulers, 2 cores): one block
+# at a time with torch on every core beat two blocks at a time with one core
+# each (MPix/s 0.132 vs 0.125 in-process, 0.096 vs 0.057 as a LocalCluster) and
+# hold one model and one block's activations instead of two.
+LOCAL_DASK_THREADS = 1  # scheduler="threads": dask threads; torch gets cores // threads each
+LOCAL_WORKERS = 1  # scheduler="local": LocalCluster worker processes of 1 thread
 
 
 # ----------------------------------------------------------------------------
@@ -327,6 +326,9 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
     return Plan(dims, shape, spatial, halo, tuple(work), grid, current != grid, m)
 
 
+plan_halo = plan  # the name docs/design.md gives it
+
+
 # ----------------------------------------------------------------------------
 # Per worker: the model cache and the per-block prediction.
 # ----------------------------------------------------------------------------
@@ -586,7 +588,7 @@ def _batch_input(
         arr = piece(tuple(s[0] for s in per_axis))
     else:
         arr = da.block(nest(0, ()))
-    return arr.rechunk(tuple(target)), depth
+    return arr.rechunk(tuple(target), method="tasks"), depth  # tasks: a small, cullable graph (no p2p barrier)
 
 
 def _fill_value(trained: Any, dims: Sequence[str]) -> np.ndarray:
@@ -1086,7 +1088,7 @@ def _run(
                 _write_task, path=out, run_id=run_id, lo=tuple(lo), offset=offset, channels=channels,
                 chunks=(1,) * y.ndim, dtype=np.int64, name=f"n2v-write-{uuid.uuid4().hex}",
             )
-            blocks = w.to_delayed(optimize_graph=True)
+            blocks = w.to_delayed(optimize_graph=False)  # optimised once, by compute
             yield [blocks[tuple(i - a for i, a in zip(idx, lo))] for idx in wanted]
 
     bar = _Bar(todo, progress)

@@ -36,6 +36,8 @@ import collections
 import dataclasses
 import itertools
 import math
+import queue
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -956,8 +958,9 @@ class ZarrPatchDataset(IterableDataset):
     ----------
     data : xarray.DataArray, zarr.Array, dask array, numpy array or str
         The image.  A DataArray or dask array that wraps a zarr array
-        unchanged (``da.from_zarr``) is read through zarr directly; a string is
-        opened with ``zarr.open_array`` (local path or fsspec URL) in each
+        unchanged (``da.from_zarr``) is read through the zarr array, not dask
+        (chunk files of local unsharded arrays are decoded directly); a string
+        is opened with ``zarr.open_array`` (local path or fsspec URL) in each
         process.
     patch_shape : sequence of int, optional
         Spatial patch shape; default 64x64 (2D) or 32x32x32 (3D).
@@ -1010,6 +1013,15 @@ class ZarrPatchDataset(IterableDataset):
         initialised, else 0 and 1.
     epochs : int, optional
         Passes over the training blocks before the stream ends (None: endless).
+
+    Attributes
+    ----------
+    grid : BlockGrid
+        The blocks (``grid.bounds(b)`` gives block ``b``'s extent).
+    train_blocks, val_blocks : ndarray of int
+        Flat ids of the training and held-out validation blocks.
+    n_channels : int
+        C of the patches.
     """
 
     def __init__(
@@ -1125,12 +1137,20 @@ class ZarrPatchDataset(IterableDataset):
         Parameters
         ----------
         patches_served : int, optional
-            Patches consumed since the last :meth:`set_epoch` /
-            :meth:`load_state_dict` over all streams (e.g. steps x batch
-            size).  Needed with loader workers, whose counts the main process
-            cannot see; default the count iterated in this process.
+            Patches this process (rank) consumed since the last
+            :meth:`set_epoch` / :meth:`load_state_dict`, all its loader
+            workers together (e.g. steps x batch size).  Needed with loader
+            workers, whose counts the main process cannot see; default the
+            count iterated in this process.
+
+        Returns
+        -------
+        dict
+            ``seed``, ``epoch`` and ``patches_served`` over all ranks (ranks
+            step together, so this rank's count times the world size).
         """
-        served = self._resume + (self._served if patches_served is None else int(patches_served))
+        local = self._served if patches_served is None else int(patches_served)
+        served = self._resume + local * self._rank_world()[1]
         return {"seed": self.seed, "epoch": self._epoch, "patches_served": served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -1176,8 +1196,8 @@ class ZarrPatchDataset(IterableDataset):
                 yield epoch, int(b)
             epoch, start = epoch + 1, 0
 
-    def _streams(self) -> tuple[int, int]:
-        """(this stream, number of streams) from loader worker and distributed rank."""
+    def _rank_world(self) -> tuple[int, int]:
+        """Distributed rank and world size: explicit, else from ``torch.distributed``, else (0, 1)."""
         rank, world = self.rank, self.world_size
         if rank is None or world is None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1187,6 +1207,11 @@ class ZarrPatchDataset(IterableDataset):
                 rank, world = rank or 0, world or 1
         if not 0 <= rank < world:
             raise N2VError(f"rank {rank} is outside world size {world}")
+        return rank, world
+
+    def _streams(self) -> tuple[int, int]:
+        """(this stream, number of streams) from loader worker and distributed rank."""
+        rank, world = self._rank_world()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nw + wid, world * nw
@@ -1320,26 +1345,82 @@ class ZarrPatchDataset(IterableDataset):
 # ----------------------------------------------------------------------------
 
 
-def batches(dataset: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Group patches into ``(B, C, *patch)`` float32 tensors.
+def batches(dataset: Iterable[torch.Tensor], batch_size: int, prefetch: int = 2) -> Iterator[torch.Tensor]:
+    """Group patches into ``(B, C, *patch)`` float32 tensors, drawn ahead in a thread.
 
     A :class:`ZarrPatchDataset` is drawn straight into each batch array (no
     per-patch tensors); any other iterable of ``(C, *patch)`` patches is
     stacked.  A finite stream ends with a short last batch.
+
+    Parameters
+    ----------
+    dataset : ZarrPatchDataset or iterable of tensors
+        Where the patches come from.
+    batch_size : int
+        Patches per batch.
+    prefetch : int
+        Batches prepared ahead by a background thread, so that drawing
+        overlaps the consumer's work (0: draw on demand in the caller).
     """
     if isinstance(dataset, ZarrPatchDataset):
         s = dataset.stream()
         try:
-            while (batch := s.next_batch(batch_size)) is not None:
+            for batch in _ahead(iter(lambda: s.next_batch(batch_size), None), prefetch):
                 dataset._served += len(batch)
                 yield batch
         finally:
             s.close()
-    buf: list[torch.Tensor] = []
-    for patch in dataset:
-        buf.append(torch.as_tensor(patch))
-        if len(buf) == batch_size:
+        return
+
+    def stacked() -> Iterator[torch.Tensor]:
+        buf: list[torch.Tensor] = []
+        for patch in dataset:
+            buf.append(torch.as_tensor(patch))
+            if len(buf) == batch_size:
+                yield torch.stack(buf)
+                buf = []
+        if buf:
             yield torch.stack(buf)
-            buf = []
-    if buf:
-        yield torch.stack(buf)
+
+    yield from _ahead(stacked(), prefetch)
+
+
+def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``items`` in a background thread, ``depth`` items ahead; re-raise its errors here."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(("error", exc))
+
+    thread = threading.Thread(target=run, name="n2v-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

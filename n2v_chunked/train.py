@@ -123,8 +123,39 @@ def _validation_set(
     return mask_batch(norm(_to_tensor(val, device)), mask_cfg, g)
 
 
+def _inference_copy(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> torch.nn.Module:
+    """A copy of ``model`` for evaluation and saving, with batch-norm statistics
+    recomputed for its current weights.
+
+    During training the running statistics trail the weights (an exponential
+    average over past steps); early in training that lag costs accuracy at
+    inference.  Recomputing them on the fixed validation inputs (held-out,
+    noisy data) matches them to the weights.  The training model itself is
+    untouched, so resumed runs stay identical to uninterrupted ones.
+    """
+    import copy
+
+    if os.environ.get("N2V_NO_BN_RECAL"):
+        return model
+    twin = copy.deepcopy(model)
+    norms = [m for m in twin.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return twin
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes below
+    twin.train()
+    with torch.no_grad():
+        for start in range(0, val.inputs.shape[0], batch):
+            with autocast_context(val.inputs.device, precision):
+                twin(val.inputs[start : start + batch])
+    twin.eval()
+    return twin
+
+
 @torch.no_grad()
 def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> float:
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = val.inputs.device
@@ -138,7 +169,7 @@ def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: i
         diff = pred[idx].float() - val.targets[sel].float()
         total += float((diff**2).sum())
         count += int(sel.sum())
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -211,6 +242,7 @@ def train(
         std = np.asarray(meta["normalization"]["std"], np.float32)
         model_id = meta.get("model_id")
         state = ckpt.load_training_state(model_dir)
+        ckpt.remove_stale_temp_files(model_dir)
     elif (model_dir / ckpt.CONFIG).exists():
         raise N2VError(f"model directory {model_dir} already holds a model; pass --resume to continue it or choose another")
     if not train_cfg.patch_size:
@@ -259,10 +291,11 @@ def train(
     if channels_last:
         val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
 
-    def save(final: bool = False) -> None:
+    def save() -> None:
         if not info.is_main:
             return
-        ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_LAST)
+        ckpt.save_weights(model_dir, _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size),
+                          ckpt.WEIGHTS_LAST)
         ckpt.save_training_state(
             model_dir,
             {
@@ -319,13 +352,14 @@ def train(
             postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
                        "patch/s": f"{patches / elapsed:.0f}"}
             if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
-                val_loss = _validate(model, val, train_cfg.precision, train_cfg.batch_size)
+                evaluated = _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size)
+                val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
                 scheduler.step(val_loss)
                 history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
                                 "lr": optimiser.param_groups[0]["lr"], "seconds": elapsed})
                 if val_loss < best and info.is_main:
                     best = val_loss
-                    ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
+                    ckpt.save_weights(model_dir, evaluated, ckpt.WEIGHTS_BEST)
                 postfix["val"] = f"{val_loss:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
@@ -334,13 +368,14 @@ def train(
     finally:
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
-        val_loss = _validate(model, val, train_cfg.precision, train_cfg.batch_size)
+        evaluated = _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size)
+        val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
         history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
                         "lr": optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - start_time})
         if val_loss < best and info.is_main:
             best = val_loss
-            ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
-    save(final=True)
+            ckpt.save_weights(model_dir, evaluated, ckpt.WEIGHTS_BEST)
+    save()
     seconds = time.perf_counter() - start_time
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)

@@ -126,7 +126,8 @@ def test_bad_local_worker_counts() -> None:
 def test_packaged_jobqueue_config_is_the_documented_copy() -> None:
     documented = REPO / "cluster" / "jobqueue.yaml"
     assert DEFAULT_JOBQUEUE_CONFIG.read_bytes() == documented.read_bytes(), (
-        "n2v_chunked/data/jobqueue.yaml must stay identical to cluster/jobqueue.yaml: cp cluster/jobqueue.yaml n2v_chunked/data/"
+        "n2v_chunked/data/jobqueue.yaml must stay identical to cluster/jobqueue.yaml: "
+        "cp cluster/jobqueue.yaml n2v_chunked/data/"
     )
 
 
@@ -146,7 +147,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_jobqueue_config_underscores_and_overrides(tmp_path: Path) -> None:
-    p = _write(tmp_path, "jobqueue:\n  slurm:\n    cores: 2\n    memory: 4GB\n    job_extra_directives: ['--gres=gpu:1']\n")
+    p = _write(
+        tmp_path, "jobqueue:\n  slurm:\n    cores: 2\n    memory: 4GB\n    job_extra_directives: ['--gres=gpu:1']\n"
+    )
     cfg = read_jobqueue_config(p, {"memory": "8GB", "worker_extra_args": ["--lifetime", "1h"]})
     assert cfg == {
         "cores": 2,
@@ -200,7 +203,11 @@ def test_slurm_without_sbatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"jobs": 0}, "jobs must be a positive integer"), ({"adapt": (2, 1)}, "adapt must be"), ({"adapt": (0, 0)}, "adapt must be")],
+    [
+        ({"jobs": 0}, "jobs must be a positive integer"),
+        ({"adapt": (2, 1)}, "adapt must be"),
+        ({"adapt": (0, 0)}, "adapt must be"),
+    ],
 )
 def test_slurm_bad_scaling(kwargs: dict, match: str) -> None:
     with pytest.raises(N2VError, match=match):

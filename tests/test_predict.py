@@ -132,8 +132,10 @@ def test_plan_halo_chunks_and_grid(tmp_path):
     xc = xr.DataArray(da.zeros((2, 1, 3000, 2500), chunks=(1, 1, 256, 256)), dims=("t", "c", "y", "x"))
     p = P.plan(trained, xc)
     assert p.chunks[1] == 1 and all(c % 4 == 0 and c % 256 == 0 for c in p.chunks[2:])
-    assert p.nblocks == len(list(P._batches(p.numblocks, 7**9)))
-    assert sum(1 for _ in P._batches(p.numblocks, 5)) >= p.nblocks // 5
+    # batches of at most N blocks cover the grid exactly once
+    for n in (1, 5, 7, 10**6):
+        sizes = [int(np.prod(np.subtract(hi, lo))) for lo, hi in P._batches(p.numblocks, n)]
+        assert sum(sizes) == p.nblocks and max(sizes) <= n
 
 
 def test_plan_rejects_models_that_do_not_fit(tmp_path):
@@ -274,13 +276,13 @@ def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
     lost = sorted(done)[0]
     (out / P.MARKER_DIR / "_".join(map(str, lost))).unlink()
     with pytest.raises(N2VError, match="other settings"):
-        P.predict(arr, str(out), md, resume=True, boundary="nearest", **kw)
+        P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, boundary="nearest", **kw)
     res = P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, **kw)
     stats = res.attrs["predict_stats"]
     assert stats["blocks_computed"] == 12 - len(done) + 1 and stats["blocks_skipped"] == len(done) - 1
     assert np.array_equal(res.values, full)
     assert is_complete(out) and not (out / P.MARKER_DIR).exists()
-    again = P.predict(arr, str(out), md, resume=True, **kw)  # complete: nothing to do
+    again = P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, **kw)  # nothing to do
     assert again.attrs["predict_stats"]["blocks_computed"] == 0
 
 

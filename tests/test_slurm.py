@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import dask.array as da
@@ -50,7 +51,7 @@ def jobqueue_yaml(tmp_path: Path, slurm) -> Path:  # noqa: ANN001
     data = yaml.safe_load(DEFAULT_JOBQUEUE_CONFIG.read_text())
     data["jobqueue"]["slurm"].update(
         {
-            "name": f"n2v-test-{tmp_path.name[-12:]}",
+            "name": f"n2v-test-{uuid.uuid4().hex[:10]}",  # unique: sessions may share the cluster
             "python": sys.executable,
             "cores": 1,
             "memory": "2GB",
@@ -126,7 +127,9 @@ def test_cluster_client_slurm_workers_are_jobs(slurm, jobqueue_yaml: Path) -> No
 def test_slurm_rejects_bad_partition_in_one_line(slurm, jobqueue_yaml: Path) -> None:  # noqa: ANN001
     t0 = time.monotonic()
     with pytest.raises(N2VError, match="invalid partition") as info:
-        with cluster_client("slurm", jobqueue_config=jobqueue_yaml, jobqueue_overrides={"queue": "no-such-partition"}):
+        with cluster_client(
+            "slurm", jobqueue_config=jobqueue_yaml, jobqueue_overrides={"queue": "no-such-partition"}
+        ):
             pass  # pragma: no cover
     assert "\n" not in str(info.value) and time.monotonic() - t0 < 20
 

@@ -1,0 +1,70 @@
+"""Training killed with SIGKILL at random points resumes from an intact checkpoint."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from n2v_chunked import checkpoint as ckpt
+
+
+def _stack(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    z = zarr.create_array(str(path), shape=(6, 64, 64), chunks=(1, 32, 32), dtype="float32")
+    z[:] = rng.normal(100, 10, (6, 64, 64)).astype(np.float32)
+    return path
+
+
+def _train_cmd(src: Path, model: Path, steps: int, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "n2v_chunked.cli", "train", str(src), "--axes", "tyx", "--model-dir", str(model),
+           "--steps", str(steps), "--batch-size", "4", "--features", "4", "--patch", "32,32",
+           "--val-interval", "1", "--checkpoint-interval", "1", "--no-progress", "--precision", "fp32"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def kill_and_resume(tmp_path: Path, seed: int, steps: int = 40) -> dict:
+    """Start training, SIGKILL it at a random moment after the first checkpoint, resume to the end."""
+    rnd = random.Random(seed)
+    src = _stack(tmp_path / "in.zarr")
+    model = tmp_path / f"model{seed}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_cmd(src, model, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (model / ckpt.STATE).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    time.sleep(rnd.uniform(0.0, 1.5))  # checkpoints are written every step: kills land mid-save too
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # whatever moment the kill hit, the latest checkpoint loads
+    state = ckpt.load_training_state(model)
+    killed_at = int(state["step"])
+    weights = torch.load(model / ckpt.WEIGHTS_LAST, weights_only=True)
+    assert set(weights) == set(state["model"])
+    assert killed_at >= 1
+    # the optimiser and scheduler state belong to the same step
+    adam_steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
+    assert adam_steps == {killed_at}
+    res = subprocess.run(_train_cmd(src, model, steps, resume=True), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = ckpt.load_training_state(model)
+    assert final["step"] == steps
+    assert {int(v["step"]) for v in final["optimizer"]["state"].values()} == {steps}
+    assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]  # cleaned on resume
+    return {"killed_at": killed_at, "final_step": int(final["step"])}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_survives_sigkill(tmp_path, seed):
+    kill_and_resume(tmp_path, seed)
