@@ -31,7 +31,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,21 +65,6 @@ def naive_rate(z: Any, n: int, seed: int = 0) -> float:
     for i in range(n):
         y, x = rng.integers(0, H - PATCH[0] + 1), rng.integers(0, W - PATCH[1] + 1)
         out[i % BATCH, 0] = z[y:y + PATCH[0], x:x + PATCH[1]]
-    return n / (time.perf_counter() - t0)
-
-
-def naive_direct_rate(z: Any, n: int, seed: int = 0) -> float:
-    """Random crops read one by one through the sampler's direct chunk-file reader (no zarr overhead)."""
-    from n2v_chunked.sampler import _ZarrSource
-
-    src = _ZarrSource(array=z)
-    rng = np.random.default_rng(seed)
-    H, W = z.shape
-    out = np.empty((BATCH, 1, *PATCH), dtype=np.float32)
-    t0 = time.perf_counter()
-    for i in range(n):
-        y, x = rng.integers(0, H - PATCH[0] + 1), rng.integers(0, W - PATCH[1] + 1)
-        out[i % BATCH, 0] = src.read((slice(y, y + PATCH[0]), slice(x, x + PATCH[1])))
     return n / (time.perf_counter() - t0)
 
 
@@ -130,7 +114,6 @@ def throughput(args: argparse.Namespace) -> None:
     # Interleave the methods so that load from other processes hits them alike.
     for rep in range(args.reps):
         rates.setdefault("naive_zarr", []).append(naive_rate(z, n_naive, rep))
-        rates.setdefault("naive_direct_chunks", []).append(naive_direct_rate(z, n_naive, rep))
         rates.setdefault("in_memory_numpy", []).append(numpy_rate(arr, n_fast, rep))
         r, startup, stats = sampler_rate(z, n_fast, seed=rep)
         rates.setdefault("sampler", []).append(r)
@@ -140,9 +123,7 @@ def throughput(args: argparse.Namespace) -> None:
         emit(measure="throughput", method=method, patches_per_s=round(float(np.median(rs))),
              runs=[round(r) for r in rs], patch=list(PATCH), **extra)
     s, nv, mem = (float(np.median(rates[k])) for k in ("sampler", "naive_zarr", "in_memory_numpy"))
-    nd = float(np.median(rates["naive_direct_chunks"]))
     emit(measure="throughput_ratio", sampler_vs_naive=round(s / nv, 1), target_vs_naive=20,
-         sampler_vs_naive_direct_chunks=round(s / nd, 1),
          sampler_vs_in_memory=round(s / mem, 2), target_vs_in_memory=0.5, cpu_count=os.cpu_count())
 
 

@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-_M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

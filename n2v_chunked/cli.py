@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -127,8 +128,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
                   min_std=args.min_std, progress=not args.no_progress)
-        print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
-              f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
+            print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
+                  f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
         return 0
 
     p.set_defaults(handler=handler)

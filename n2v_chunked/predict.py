@@ -55,15 +55,19 @@ log = logging.getLogger(__name__)
 BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
-DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph: ~10-30 tasks each, a few MB of scheduler state
-# Default working chunk: the extended block's activations stay near this many bytes.
-BLOCK_ACTIVATION_BYTES = 1.5 * 2**30
-# Local layouts (benchmarks/predict.py --compare-schedulers, 2 cores): one block
-# at a time with torch on every core beat two blocks at a time with one core
-# each (MPix/s 0.132 vs 0.125 in-process, 0.096 vs 0.057 as a LocalCluster) and
-# hold one model and one block's activations instead of two.
-LOCAL_DASK_THREADS = 1  # scheduler="threads": dask threads; torch gets cores // threads each
-LOCAL_WORKERS = 1  # scheduler="local": LocalCluster worker processes of 1 thread
+DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
+# Default working chunk: the extended block's activations, estimated at
+# inference._BYTES_PER_PIXEL_FEATURE, stay below this.  For the paper's 2D U-Net
+# (32 features) that is 1024^2 blocks (1072^2 with the halo, 91% useful pixels),
+# about 1.2 GB measured peak per block on CPU.
+BLOCK_ACTIVATION_BYTES = 2.5 * 2**30
+# Local layouts (benchmarks/predict.py --compare-schedulers, 2 idle cores, 2048^2
+# frames): one block per core with one torch thread each beat one block at a
+# time with torch on both cores, in-process (0.49-0.51 vs 0.43-0.44 MPix/s) and
+# as a LocalCluster (0.42-0.45 vs 0.40), at the cost of one block's activations
+# (about 1.2 GB by default) per core.  None = one per core.
+LOCAL_DASK_THREADS: int | None = None  # scheduler="threads": torch gets cores // threads each
+LOCAL_WORKERS: int | None = None  # scheduler="local": LocalCluster processes of 1 thread each
 
 
 # ----------------------------------------------------------------------------
@@ -1074,7 +1078,7 @@ def _run(
     run_id = uuid.uuid4().hex
     local = isinstance(sched, str)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_threads = 1 if sched == "sync" else LOCAL_DASK_THREADS
+    local_threads = 1 if sched == "sync" else (LOCAL_DASK_THREADS or cpus)
     threads: Any = max(1, cpus // local_threads) if local else _host_threads(sched)
 
     def graphs() -> Iterator[list[Any]]:

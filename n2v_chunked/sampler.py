@@ -40,7 +40,6 @@ import queue
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -354,7 +353,6 @@ class _ZarrSource(_Source):
     def __init__(self, array: Any = None, url: str | None = None) -> None:
         self._url = url
         self._array = array
-        self._direct: _DirectChunks | bool | None = None  # set up on first read
         z = self.array
         self.shape = tuple(z.shape)
         self.dtype = np.dtype(z.dtype)
@@ -376,87 +374,12 @@ class _ZarrSource(_Source):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_direct"] = None  # rebuilt where it reads
         if self._url is not None:
             state["_array"] = None  # reopen in the worker
         return state
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        if self._direct is None:
-            self._direct = _DirectChunks.for_array(self.array) or False
-        if self._direct:
-            return self._direct.read(region)
         return np.asarray(self.array[region])
-
-
-class _DirectChunks:
-    """Read chunk files of a local, unsharded zarr array and decode them with numcodecs.
-
-    zarr 3 spends ~0.3 ms of event-loop and thread hand-offs per chunk, 5-10x
-    the time to decode a 256 KiB Blosc chunk; reading the files directly
-    cuts a block read about three-fold.  Only the plainest layouts qualify
-    (local store, no sharding, C order, bytes codec plus at most one of
-    Blosc/Zstd/Gzip, or a zarr v2 compressor without filters); anything else
-    goes through zarr.
-    """
-
-    def __init__(self, root: Any, key: Any, decode: Any, dtype: np.dtype, chunks: tuple[int, ...], fill: Any) -> None:
-        self.root, self.key, self.decode, self.dtype, self.chunks, self.fill = root, key, decode, dtype, chunks, fill
-
-    @classmethod
-    def for_array(cls, z: Any) -> _DirectChunks | None:
-        try:
-            import numcodecs
-            import zarr
-            from zarr.storage import LocalStore
-
-            if not isinstance(z.store, LocalStore) or getattr(z, "shards", None) is not None:
-                return None
-            md = z.metadata
-            root = Path(z.store.root) / z.path
-            fill = z.fill_value if z.fill_value is not None else 0
-            if getattr(md, "zarr_format", None) == 3:
-                codecs = list(md.codecs)
-                if not codecs or not isinstance(codecs[0], zarr.codecs.BytesCodec):
-                    return None
-                endian = codecs[0].endian
-                dtype = np.dtype(z.dtype)
-                if endian is not None and dtype.itemsize > 1:
-                    dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
-                rest = codecs[1:]
-                known = {zarr.codecs.BloscCodec: numcodecs.Blosc, zarr.codecs.ZstdCodec: numcodecs.Zstd,
-                         zarr.codecs.GzipCodec: numcodecs.GZip}
-                if len(rest) > 1 or (rest and type(rest[0]) not in known):
-                    return None
-                decode = known[type(rest[0])]().decode if rest else bytes
-            elif getattr(md, "zarr_format", None) == 2:
-                if md.filters or md.order != "C" or (md.compressor is not None and not hasattr(md.compressor, "decode")):
-                    return None
-                dtype = md.dtype.to_native_dtype()
-                decode = md.compressor.decode if md.compressor is not None else bytes
-            else:
-                return None
-            if dtype.kind not in "biufc":
-                return None
-            return cls(root, md.encode_chunk_key, decode, dtype, tuple(z.chunks), fill)
-        except Exception:  # noqa: BLE001 - any surprise: use zarr itself
-            return None
-
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        out = np.empty(tuple(s.stop - s.start for s in region), dtype=self.dtype.newbyteorder("="))
-        ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(region, self.chunks)]
-        for idx in itertools.product(*ranges):
-            lo = [i * c for i, c in zip(idx, self.chunks)]
-            src = tuple(slice(max(s.start, a) - a, min(s.stop, a + c) - a) for s, a, c in zip(region, lo, self.chunks))
-            dst = tuple(slice(max(s.start, a) - s.start, min(s.stop, a + c) - s.start)
-                        for s, a, c in zip(region, lo, self.chunks))
-            try:
-                raw = (self.root / self.key(idx)).read_bytes()
-            except FileNotFoundError:  # never written: the fill value
-                out[dst] = self.fill
-                continue
-            out[dst] = np.frombuffer(self.decode(raw), dtype=self.dtype).reshape(self.chunks)[src]
-        return out
 
 
 class _DaskSource(_Source):
@@ -486,7 +409,8 @@ class _NumpySource(_Source):
 
 
 def _zarr_behind(darr: Any) -> Any:
-    """The zarr array a dask array reads, if it is an unmodified ``da.from_zarr``."""
+    """The zarr array a dask array reads, if it is an unmodified ``da.from_zarr``
+    (or ``da.from_array`` of a reader object holding the zarr array as ``.array``)."""
     layer = darr.dask.layers.get("original-" + darr.name) if hasattr(darr.dask, "layers") else None
     if layer is None:
         return None
@@ -494,6 +418,8 @@ def _zarr_behind(darr: Any) -> Any:
         obj = layer["original-" + darr.name]
     except KeyError:
         return None
+    if not _is_zarr(obj) and _is_zarr(getattr(obj, "array", None)):
+        obj = obj.array
     return obj if _is_zarr(obj) and tuple(obj.shape) == tuple(darr.shape) else None
 
 
@@ -764,7 +690,7 @@ class PatchStream:
         self._resident = max(1, min(total - prefetch, blocks_per_pass))
         self._lookahead = prefetch
         self._pool = ThreadPoolExecutor(ds.io_threads, thread_name_prefix="n2v-block") if prefetch else None
-        self._pending: collections.deque[tuple[int, Future | _Loaded]] = collections.deque()
+        self._pending: collections.deque[tuple[int, Future | _Later]] = collections.deque()
         # Re-seeded from the start position: a resumed stream skips without replaying.
         self._rng = _rng(ds.seed, _TAG_SLOT, stream, n_streams, *ds._start_position(stream, n_streams))
         self._uniform: list[float] = []

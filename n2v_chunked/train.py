@@ -123,36 +123,6 @@ def _validation_set(
     return mask_batch(norm(_to_tensor(val, device)), mask_cfg, g)
 
 
-def _inference_copy(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> torch.nn.Module:
-    """A copy of ``model`` for evaluation and saving, with batch-norm statistics
-    recomputed for its current weights.
-
-    During training the running statistics trail the weights (an exponential
-    average over past steps); early in training that lag costs accuracy at
-    inference.  Recomputing them on the fixed validation inputs (held-out,
-    noisy data) matches them to the weights.  The training model itself is
-    untouched, so resumed runs stay identical to uninterrupted ones.
-    """
-    import copy
-
-    if os.environ.get("N2V_NO_BN_RECAL"):
-        return model
-    twin = copy.deepcopy(model)
-    norms = [m for m in twin.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return twin
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the passes below
-    twin.train()
-    with torch.no_grad():
-        for start in range(0, val.inputs.shape[0], batch):
-            with autocast_context(val.inputs.device, precision):
-                twin(val.inputs[start : start + batch])
-    twin.eval()
-    return twin
-
-
 @torch.no_grad()
 def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> float:
     was_training = model.training
@@ -294,7 +264,7 @@ def train(
     def save() -> None:
         if not info.is_main:
             return
-        ckpt.save_weights(model_dir, _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size),
+        ckpt.save_weights(model_dir, model,
                           ckpt.WEIGHTS_LAST)
         ckpt.save_training_state(
             model_dir,
@@ -352,7 +322,7 @@ def train(
             postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
                        "patch/s": f"{patches / elapsed:.0f}"}
             if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
-                evaluated = _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size)
+                evaluated = model
                 val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
                 scheduler.step(val_loss)
                 history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
@@ -368,7 +338,7 @@ def train(
     finally:
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
-        evaluated = _inference_copy(model, val, train_cfg.precision, train_cfg.batch_size)
+        evaluated = model
         val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
         history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
                         "lr": optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - start_time})

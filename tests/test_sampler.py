@@ -429,26 +429,6 @@ def test_benchmark_smoke_run_memory(tmp_path):  # two child interpreters: slow o
     assert "memory_ratio" in run_benchmark(tmp_path, "memory")
 
 
-@pytest.mark.parametrize("fmt, kw", [
-    (3, {}),
-    (3, {"compressors": [zarr.codecs.ZstdCodec()]}),
-    (3, {"compressors": [zarr.codecs.BloscCodec(cname="zstd")], "fill_value": 7}),
-    (3, {"compressors": None, "serializer": zarr.codecs.BytesCodec(endian="big")}),
-    (2, {"fill_value": 3}),
-    (2, {"compressors": None}),
-])
-def test_direct_chunk_reads_match_zarr(tmp_path, fmt, kw):
-    from n2v_chunked.sampler import _DirectChunks, _ZarrSource
-
-    z = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=(70, 90), chunks=(16, 32), dtype="uint16",
-                          zarr_format=fmt, overwrite=True, **kw)
-    z[:40, :] = np.arange(40 * 90, dtype=np.uint16).reshape(40, 90)  # chunks below row 48 never written
-    src = _ZarrSource(array=z)
-    region = (slice(5, 66), slice(3, 89))
-    np.testing.assert_array_equal(src.read(region), z[region])
-    assert isinstance(src._direct, _DirectChunks)
-
-
 def test_batches_prefetch_same_stream_and_errors_surface(tmp_path):
     z = coord_zarr(tmp_path / "a.zarr", (96, 96), (32, 32))
     kw = dict(dims=("y", "x"), min_block_bytes=0, epochs=1)
@@ -478,3 +458,19 @@ def test_rank_from_torch_distributed(tmp_path, monkeypatch):
     assert ds._streams() == (2, 3)
     ds.rank, ds.world_size = 0, 4  # explicit values win
     assert ds._streams() == (0, 4)
+
+
+def test_zarr_found_behind_a_reader_object(tmp_path):
+    z = coord_zarr(tmp_path / "a.zarr", (96, 96), (32, 32))
+
+    class Reader:  # the data layer's style: from_array over an object holding the zarr array
+        def __init__(self, array):
+            self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+
+        def __getitem__(self, key):
+            return self.array[key]
+
+    x = xr.DataArray(da.from_array(Reader(z), chunks=(64, 64), asarray=False), dims=("y", "x"))
+    ds = ZarrPatchDataset(x, (16, 16), min_block_bytes=0, epochs=1)
+    assert type(ds._source).__name__ == "_ZarrSource" and ds._source.chunks[0][0] == 32  # store chunks
+    check_patches_match(ds, take(ds, 100)[0], z[...])
