@@ -461,6 +461,7 @@ def _predict_task(
     """``map_overlap`` task: :func:`predict_block`, with failures naming the block."""
     loc = block_info[0]["chunk-location"] if block_info else (0,) * block.ndim
     index = tuple(int(l + c - hb) for l, c, hb in zip(lo, loc, halo_blocks))
+    kwargs["token"] = kwargs.pop("model_token", "")  # dask reserves ``token`` for task names
     try:
         return predict_block(block, threads=_resolve_threads(threads), **kwargs)
     except Exception as exc:
@@ -634,7 +635,7 @@ def batch_prediction(
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
         model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, device=device,
-        token=model_token(model_dir),
+        model_token=model_token(model_dir), token="n2v-predict",
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
     crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
