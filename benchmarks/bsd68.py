@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     trained = load_model(work, which=args.weights)
     start = time.perf_counter()
-    restored = [denoise(trained, im[None, None], precision=args.predict_precision)[0, 0] for im in test_noisy]
+    restored = [denoise(trained, im[None, None], precision=args.predict_precision, tta=args.tta)[0, 0]
+                for im in test_noisy]
     predict_s = time.perf_counter() - start
     pixels = sum(im.size for im in test_noisy)
     out = {
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         "patches_per_second": round(result.patches_per_second, 1),
         "predict_mpix_per_second": round(pixels / predict_s / 1e6, 3),
         "weights": args.weights,
+        "tta": args.tta,
         "torch_threads": torch.get_num_threads(),
     }
     if not args.model_dir:
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n2v2", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--tta", action="store_true", help="predict with the 8 rotations/flips averaged")
     p.add_argument("--val-interval", type=int, default=50)
     p.add_argument("--weights", default="last", choices=["best", "last"])
     p.add_argument("--sigma", type=float, default=25.0)

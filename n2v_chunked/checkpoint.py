@@ -191,13 +191,33 @@ def load_training_state(model_dir: str | Path) -> dict[str, Any]:
     return safe_torch_load(Path(model_dir) / STATE)
 
 
-def configs_from_meta(meta: dict[str, Any]) -> tuple[ModelConfig, MaskConfig, TrainConfig]:
-    """The three config objects recorded in a model directory."""
-    return (
-        from_dict(ModelConfig, meta.get("model"), "model"),
-        from_dict(MaskConfig, meta.get("mask"), "mask"),
-        from_dict(TrainConfig, meta.get("train"), "train"),
-    )
+def configs_from_meta(
+    meta: dict[str, Any], where: str | Path | None = None
+) -> tuple[ModelConfig, MaskConfig, TrainConfig]:
+    """The three config objects recorded in a model directory.
+
+    Parameters
+    ----------
+    meta : dict
+        Content of ``config.yaml`` (:func:`read_config`).
+    where : str or Path, optional
+        The file it came from; errors (unknown keys, bad values) name it.
+
+    Returns
+    -------
+    tuple
+        ``(ModelConfig, MaskConfig, TrainConfig)``.
+    """
+    try:
+        return (
+            from_dict(ModelConfig, meta.get("model"), "model"),
+            from_dict(MaskConfig, meta.get("mask"), "mask"),
+            from_dict(TrainConfig, meta.get("train"), "train"),
+        )
+    except N2VError as exc:
+        if where is None:
+            raise
+        raise N2VError(f"{where}: {exc}") from None
 
 
 def load_model(
@@ -221,7 +241,7 @@ def load_model(
     """
     model_dir = Path(model_dir)
     meta = read_config(model_dir)
-    model_cfg, _, _ = configs_from_meta(meta)
+    model_cfg, _, _ = configs_from_meta(meta, model_dir / CONFIG)
     norm = meta["normalization"]
     mean = np.asarray(norm.get("mean"), dtype=np.float32)
     std = np.asarray(norm.get("std"), dtype=np.float32)

@@ -297,8 +297,10 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
         )
-        stats = out.attrs.get("predict_stats", {})
-        log.info("wrote %s: %s", args.output, stats)
+        s = out.attrs.get("predict_stats", {})
+        print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
+              f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "
+              f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s", flush=True)
         return 0
 
     p.set_defaults(handler=handler)

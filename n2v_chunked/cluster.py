@@ -413,6 +413,46 @@ def _start_local(
     return client
 
 
+#: Seconds a TCP connection to a scheduler may take before it counts as unreachable.
+PROBE_TIMEOUT = 5.0
+
+
+def _probe(address: str, timeout: float, via: str = "") -> None:
+    """Fail at once, in one line, when nothing answers at a ``tcp://``/``tls://`` address.
+
+    ``distributed.Client`` retries a refused connection until its timeout, so a
+    typo in the port or a stopped scheduler would look like a hang; a plain TCP
+    connect tells "refused" or "unknown host" immediately.  Other schemes pass.
+    """
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address)
+        host, port = parse_host_port(loc)
+    except (ValueError, TypeError):
+        return  # let distributed report what it makes of the address
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.timeout:
+        raise N2VError(f"cannot reach the dask scheduler at {address}{via}: no answer within {timeout:g} s") from None
+    except OSError as exc:  # refused, unknown host, no route
+        raise N2VError(f"cannot reach the dask scheduler at {address}{via}: {exc.strerror or exc}") from None
+
+
+def _scheduler_file_address(path: str) -> str | None:
+    """The ``address`` recorded in a ``scheduler.json``, if it can be read."""
+    import json
+
+    try:
+        address = json.loads(Path(path).read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return address if isinstance(address, str) else None
+
+
 def _connect(stack: contextlib.ExitStack, kind: str, target: str, timeout: float) -> Any:
     from distributed import Client
 
@@ -420,8 +460,12 @@ def _connect(stack: contextlib.ExitStack, kind: str, target: str, timeout: float
         if kind == "file":
             if not Path(target).is_file():
                 raise N2VError(f"scheduler file {target}: no such file")
+            address = _scheduler_file_address(target)
+            if address:  # a stale file from a scheduler that has stopped is the usual case
+                _probe(address, min(timeout, PROBE_TIMEOUT), f" (from scheduler file {target})")
             client = Client(scheduler_file=target, timeout=timeout)
         else:
+            _probe(target, min(timeout, PROBE_TIMEOUT))
             client = Client(target, timeout=timeout)
     except N2VError:
         raise

@@ -26,7 +26,7 @@ NUMPY_PAD_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap",
 
 # Bytes of activations per input pixel and feature of the top level, measured
 # for the depth-2 U-Net in float32 inference (peak, with cuDNN/oneDNN workspaces).
-_BYTES_PER_PIXEL_FEATURE = 48
+BYTES_PER_PIXEL_FEATURE = 48
 
 
 def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
@@ -45,7 +45,7 @@ def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
         Maximum number of input pixels (summed over the batch) per forward pass.
     """
     device = device or trained.device
-    per_pixel = _BYTES_PER_PIXEL_FEATURE * trained.config.features
+    per_pixel = BYTES_PER_PIXEL_FEATURE * trained.config.features
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(0.5 * free) // per_pixel)

@@ -94,7 +94,8 @@ def _local(path: str | os.PathLike[str]) -> Path | None:
     return None if is_url(s) else Path(s).expanduser().absolute()
 
 
-def _location(path: str | os.PathLike[str]) -> str:
+def location(path: str | os.PathLike[str]) -> str:
+    """``path`` as the store location zarr and fsspec use: absolute for local paths, URLs unchanged."""
     loc = _local(path)
     return str(loc) if loc is not None else str(path)
 
@@ -171,7 +172,7 @@ def _open_group(path: str, mode: str, storage_options: dict[str, Any] | None = N
 
     kw = {"storage_options": storage_options} if storage_options and _local(path) is None else {}
     try:
-        return zarr.open_group(store=_location(path), mode=mode, **kw)
+        return zarr.open_group(store=location(path), mode=mode, **kw)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
         raise N2VError(f"no Zarr group at {path}: {type(exc).__name__}") from None
     except PermissionError as exc:
@@ -324,7 +325,7 @@ def create_ome_zarr(
             raise N2VError("shards need NGFF 0.5 (Zarr v3); drop --shards or use --ngff 0.5")
         if any(s % c for s, c in zip(shards, chunks)):
             raise N2VError(f"shards {list(shards)} must be multiples of chunks {list(chunks)}")
-    path_s = _location(path)
+    path_s = location(path)
     _prepare_location(str(path), overwrite, storage_options or {})
 
     scale = scale or {}
@@ -658,4 +659,4 @@ def write_ome_zarr(
     if pyramid:
         build_pyramid(path, pyramid_levels, progress=progress, storage_options=storage_options)
     mark_complete(path, True, storage_options)
-    return _location(path)
+    return location(path)

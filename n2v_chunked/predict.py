@@ -57,7 +57,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
 # Default working chunk: the extended block's activations, estimated at
-# inference._BYTES_PER_PIXEL_FEATURE, stay below this.  For the paper's 2D U-Net
+# inference.BYTES_PER_PIXEL_FEATURE, stay below this.  For the paper's 2D U-Net
 # (32 features) that is 1024^2 blocks (1072^2 with the halo, 91% useful pixels),
 # about 1.2 GB measured peak per block on CPU.
 BLOCK_ACTIVATION_BYTES = 2.5 * 2**30
@@ -207,9 +207,9 @@ def _default_spatial_chunks(
     chunk is read twice); otherwise the axis is split into equal blocks, so no
     thin last block wastes a halo.
     """
-    from .inference import _BYTES_PER_PIXEL_FEATURE
+    from .inference import BYTES_PER_PIXEL_FEATURE
 
-    budget = BLOCK_ACTIVATION_BYTES / (_BYTES_PER_PIXEL_FEATURE * features)
+    budget = BLOCK_ACTIVATION_BYTES / (BYTES_PER_PIXEL_FEATURE * features)
     n = len(sizes)
     whole: set[int] = set()
     side = 0
@@ -245,13 +245,13 @@ def _samples_per_block(
     sp_chunks: Sequence[int], halo: Sequence[int],
 ) -> int:
     """Samples (t, or z for a 2D model) per block so one block's activations fit the budget."""
-    from .inference import _BYTES_PER_PIXEL_FEATURE
+    from .inference import BYTES_PER_PIXEL_FEATURE
 
     per = math.prod(
         min(c, shape[dims.index(d)]) + 2 * halo[dims.index(d)] for d, c in zip(spatial, sp_chunks)
     )
     per *= shape[dims.index("c")] if "c" in dims else 1
-    budget = BLOCK_ACTIVATION_BYTES / (_BYTES_PER_PIXEL_FEATURE * trained.config.features)
+    budget = BLOCK_ACTIVATION_BYTES / (BYTES_PER_PIXEL_FEATURE * trained.config.features)
     return max(1, int(budget // per))
 
 
@@ -433,6 +433,9 @@ def predict_block(
     dims = tuple(dims)
     spatial = model_spatial_dims(trained)
     x = np.asarray(block, dtype=np.float32)
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:  # they would spread over the receptive field and poison the block
+        raise N2VError(f"input has {bad} NaN/Inf value(s) in this block or its halo; replace them before denoising")
     no_c = "c" not in dims
     if no_c:  # a single-channel input without a c axis
         x, dims, halo = x[..., None], dims + ("c",), tuple(halo) + (0,)
@@ -470,6 +473,18 @@ def _predict_task(
         raise N2VError(f"block {index}: {what}") from exc
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by SLURM's allocation.
+
+    SLURM without a task/affinity or cgroup plugin leaves the mask at the whole
+    node; ``SLURM_CPUS_PER_TASK`` then says what the job was given.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(ValueError):
+        cpus = min(cpus, int(os.environ.get("SLURM_CPUS_PER_TASK", "")))
+    return max(1, cpus)
+
+
 def _resolve_threads(threads: Any) -> int | None:
     """Torch threads for this process: an int, or ``{host: dask threads on host}`` from the client."""
     if not isinstance(threads, dict):
@@ -481,7 +496,7 @@ def _resolve_threads(threads: Any) -> int | None:
         worker = get_worker()
     except (ImportError, ValueError):
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     total = threads.get(get_address_host(worker.address), worker.state.nthreads)
     return max(1, cpus // max(1, total))
 
@@ -1007,57 +1022,59 @@ def predict(
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
 
-    from .ome import _location
+    from .lock import output_lock
+    from .ome import location
 
-    out = _location(output)
+    out = location(output)
     check_not_input(out, data.attrs.get("source"))
-    out_dtype = np.dtype(data.dtype if dtype is None else dtype)
-    stored = _existing_output(out, overwrite, resume)
-    if stored is not None:
-        p = plan(trained, data, stored["parameters"].get("chunks") if chunks is None else chunks)
-    prov = {
-        "command": "predict",
-        "model_id": trained.model_id,
-        "model_dir": model_dir,
-        "input": str(data.attrs.get("source")),
-        "parameters": {
-            "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
-            "boundary": boundary, "tta": bool(tta), "precision": precision, "dtype": str(out_dtype),
-            "level": int(level),
-        },
-    }
-    if stored is not None:
-        _check_resumable(out, stored, prov)
-        if stored.get("complete"):
-            log.info("%s is already complete; nothing to do", out)
-            return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
-    if p.rechunked:
-        log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
-                 tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
-    t0 = time.perf_counter()
-    with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs) as sched:
-        if stored is None:
-            create_ome_zarr(
-                out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
-                scale=data.attrs.get("scale"), units=data.attrs.get("units"),
-                translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite,
-            )
-            done: set[tuple[int, ...]] = set()
-        else:
-            done = done_blocks(out)
+    with output_lock(out):  # a second run on the same output refuses instead of interleaving
+        out_dtype = np.dtype(data.dtype if dtype is None else dtype)
+        stored = _existing_output(out, overwrite, resume)
+        if stored is not None:
+            p = plan(trained, data, stored["parameters"].get("chunks") if chunks is None else chunks)
+        prov = {
+            "command": "predict",
+            "model_id": trained.model_id,
+            "model_dir": model_dir,
+            "input": str(data.attrs.get("source")),
+            "parameters": {
+                "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
+                "boundary": boundary, "tta": bool(tta), "precision": precision, "dtype": str(out_dtype),
+                "level": int(level),
+            },
+        }
+        if stored is not None:
+            _check_resumable(out, stored, prov)
+            if stored.get("complete"):
+                log.info("%s is already complete; nothing to do", out)
+                return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
+        if p.rechunked:
+            log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
+                     tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
+        t0 = time.perf_counter()
+        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs) as sched:
+            if stored is None:
+                create_ome_zarr(
+                    out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
+                    scale=data.attrs.get("scale"), units=data.attrs.get("units"),
+                    translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite,
+                )
+                done: set[tuple[int, ...]] = set()
+            else:
+                done = done_blocks(out)
+            fs, mdir = _markers(out)
+            fs.makedirs(mdir, exist_ok=True)
+            stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw)
+            if pyramid:
+                build_pyramid(out, progress=progress)
+            mark_complete(out, True)
         fs, mdir = _markers(out)
-        fs.makedirs(mdir, exist_ok=True)
-        stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw)
-        if pyramid:
-            build_pyramid(out, progress=progress)
-        mark_complete(out, True)
-    fs, mdir = _markers(out)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(mdir, recursive=True)
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
-             stats["blocks_skipped"], stats["mpix_per_s"])
-    return _result(out, stats)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(mdir, recursive=True)
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
+                 stats["blocks_skipped"], stats["mpix_per_s"])
+        return _result(out, stats)
 
 
 def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
@@ -1078,7 +1095,7 @@ def _run(
     todo = p.nblocks - skipped
     run_id = uuid.uuid4().hex
     local = isinstance(sched, str)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     local_threads = 1 if sched == "sync" else (LOCAL_DASK_THREADS or cpus)
     threads: Any = max(1, cpus // local_threads) if local else _host_threads(sched)
 

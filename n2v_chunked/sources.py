@@ -51,6 +51,7 @@ _UNITS = {
     "min": "minute", "h": "hour", "ns": "nanosecond",
 }
 _NGFF_UNITS = set(_UNITS.values()) | {"kilometer", "inch", "foot", "day"}
+_NGFF_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 
 
 @dataclasses.dataclass
@@ -546,10 +547,11 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
         unit_list = [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
     if names and len(names) != ndim:
         raise N2VError(f"OME-Zarr {source}: {len(names)} axes in metadata but level {level} has {ndim} dimensions")
+    problem = _axes_problem(raw_axes, names) if raw_axes is not None else None
     scale, trans = _transforms(datasets[level].get("coordinateTransformations"), ndim)
     gscale, gtrans = _transforms(ms.get("coordinateTransformations"), ndim)
     scale, trans = scale * gscale, trans * gscale + gtrans
-    dims = tuple(names) if names and all(n in CANONICAL for n in names) and len(set(names)) == ndim else None
+    dims = tuple(names) if names and problem is None else None
     reader = _ZarrReader(arr, f"array {source.rstrip('/')}/{arr.basename}")
     info = SourceInfo(
         store_chunks=tuple(arr.chunks),
@@ -568,9 +570,29 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
         translation=dict(enumerate(map(float, trans))),
         ngff_version=version,
         info=info,
-        attrs={"metadata_axes": names},
+        attrs={"metadata_axes": names, "axes_problem": problem},
         rebuild=lambda ch: _from_reader(reader, ch),
     )
+
+
+def _axes_problem(raw_axes: list[Any], names: list[str]) -> str | None:
+    """What makes NGFF ``axes`` metadata unusable here, or None.
+
+    Names must be distinct letters from ``tczyx``; a ``type`` that is one of
+    NGFF's own (space, time, channel) must agree with the name.  Custom or
+    missing types pass.
+    """
+    unknown = [n for n in names if n not in CANONICAL]
+    if unknown:
+        return f"unknown axis name(s) {', '.join(map(repr, unknown))} (known: t, c, z, y, x)"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return f"repeated axis name(s) {', '.join(map(repr, repeated))}"
+    for axis, name in zip(raw_axes, names):
+        kind = axis.get("type") if isinstance(axis, dict) else None
+        if isinstance(kind, str) and kind.lower() in _NGFF_TYPES.values() and kind.lower() != _NGFF_TYPES[name]:
+            return f"axis {name!r} has type {kind!r}, expected {_NGFF_TYPES[name]!r}"
+    return None
 
 
 def _stored_bytes(arrays: Sequence[Any]) -> int | None:
@@ -783,6 +805,10 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
         dims = parse_axes(axes, ndim)
     elif raw.dims is not None:
         dims = raw.dims
+    elif raw.attrs.get("axes_problem"):  # before the 2D default: wrong metadata must not pass as yx
+        said = ", ".join(raw.attrs.get("metadata_axes") or [])
+        raise N2VError(f"OME-Zarr {raw.source}: invalid axes metadata ({said}): {raw.attrs['axes_problem']}; "
+                       f"{ASK_AXES} to read it anyway")
     elif ndim == 2:
         dims = ("y", "x")  # the only unambiguous default
     else:

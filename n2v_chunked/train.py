@@ -14,6 +14,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,6 +33,7 @@ from .augment import augment_batch
 from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
 from .errors import N2VError
 from .inference import autocast_context
+from .lock import output_lock
 from .masking import MaskedBatch, mask_batch, masked_mse
 from .model import UNet, size_multiple
 
@@ -199,13 +201,27 @@ def train(
     """
     info = init_distributed()
     model_dir = Path(model_dir)
+    with contextlib.ExitStack() as held:
+        if info.is_main:  # one run per model directory: two would overwrite each other's checkpoints
+            held.enter_context(output_lock(str(model_dir), "a training run"))
+        return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
+                      device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info)
+
+
+def _train(
+    batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
+    model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
+    resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
+    progress: bool, info: DistInfo,
+) -> TrainResult:
+    """The body of :func:`train`, run while the model directory's lock is held."""
     mask_cfg = mask_cfg or MaskConfig()
     train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
     model_id = None
     if resume:
         meta = ckpt.read_config(model_dir)
-        model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta)
+        model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
         # the step budget and time budget may be extended on resume; the rest is fixed
         train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
@@ -444,7 +460,7 @@ def fit(
     train_cfg = train_cfg or TrainConfig()
     if resume:
         meta = ckpt.read_config(model_dir)
-        model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta)
+        model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
         train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
     has_z = "z" in data.dims
     if dims is None:

@@ -26,6 +26,8 @@ from n2v_chunked.masking import mask_batch, masked_mse
 from n2v_chunked.model import UNet
 from n2v_chunked.ome import is_complete, write_ome_zarr
 
+from helpers import make_model_dir, noisy
+
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # of the data range, float32
 
@@ -33,32 +35,6 @@ TOL = 1e-4  # of the data range, float32
 # ----------------------------------------------------------------------------
 # Models and data.
 # ----------------------------------------------------------------------------
-
-
-def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0):
-    """Random weights, batch norm in eval mode with non-trivial running statistics."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2)
-    net = UNet(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-    mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
-    ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std)
-    ckpt.save_weights(path, net, ckpt.WEIGHTS_BEST)
-    return Path(path)
-
-
-def noisy(shape, seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-    clean = 100 + 40 * np.sin(grids[-1] / 7.0) * np.cos(grids[-2] / 5.0)
-    return (clean + rng.normal(0, 15, shape)).astype(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -404,3 +380,13 @@ def test_benchmark_quick_scale():
     records = _benchmark("--skip-efficiency")
     ratio = next(r for r in records if r["measure"] == "scale_ratio")
     assert ratio["time_per_pixel_ratio"] > 0 and ratio["peak_rss_ratio"] > 0
+
+
+def test_usable_cpus_honours_the_slurm_allocation(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    n = P.usable_cpus()
+    assert n == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert P.usable_cpus() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(n + 8))  # never more than the mask allows
+    assert P.usable_cpus() == n

@@ -68,3 +68,32 @@ def kill_and_resume(tmp_path: Path, seed: int, steps: int = 40) -> dict:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_survives_sigkill(tmp_path, seed):
     kill_and_resume(tmp_path, seed)
+
+
+def test_second_training_on_the_same_model_dir_refuses(tmp_path):
+    from n2v_chunked.lock import lock_path
+
+    src = _stack(tmp_path / "in.zarr")
+    model = tmp_path / "model"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(_train_cmd(src, model, 10_000), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (model / ckpt.STATE).exists():
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        res = subprocess.run(_train_cmd(src, model, 20, resume=True), env=env, capture_output=True, text=True,
+                             timeout=120)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(err) == 1, res.stderr
+        assert f"{model} is being written by a training run (pid {first.pid} " in err[0]
+        assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        first.kill()
+        first.wait()
+    assert Path(lock_path(str(model))).exists()  # the killed run's lock ...
+    res = subprocess.run(_train_cmd(src, model, 2, resume=True), env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]  # ... is stale and taken over
+    assert not Path(lock_path(str(model))).exists()

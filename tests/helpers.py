@@ -1,0 +1,39 @@
+"""Small models and images shared by the prediction and reliability tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.model import UNet
+
+
+def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0):
+    """Random weights, batch norm in eval mode with non-trivial running statistics."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2)
+    net = UNet(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.3)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+    mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
+    ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std)
+    ckpt.save_weights(path, net, ckpt.WEIGHTS_BEST)
+    return Path(path)
+
+
+def noisy(shape, seed=0, dtype=np.float32):
+    """A smooth pattern around 100 with Gaussian noise (sigma 15)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    clean = 100 + 40 * np.sin(grids[-1] / 7.0) * np.cos(grids[-2] / 5.0)
+    return (clean + rng.normal(0, 15, shape)).astype(dtype)
