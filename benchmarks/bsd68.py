@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     if work.exists() and not args.model_dir:
         shutil.rmtree(work)
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, patch_size=[args.patch, args.patch],
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, patch_size=[args.patch, args.patch],
         time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
         checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
     )
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         "psnr_noisy_input": round(mean_psnr(test_clean, test_noisy), 3),
         "steps": result.step,
         "batch_size": args.batch_size,
+        "lr": args.lr,
         "features": args.features,
         "precision": args.precision,
         "train_seconds": round(result.seconds, 1),
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: none)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default: the paper's 4e-4)")
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
