@@ -235,8 +235,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "block by block with dask map_overlap: each block is extended by the network's receptive field "
         "(the halo) so the result equals whole-image prediction. Blocks are written to OME-Zarr as they "
         "finish; the output is marked complete only when every block and the pyramid are written, and "
-        "--resume finishes an interrupted run. By default a local dask cluster runs the blocks and its "
-        "dashboard link is printed.",
+        "--resume finishes an interrupted run. While it runs, OUTPUT.lock keeps a second run off the same "
+        "output (a lock left by a killed run is taken over). By default a local dask cluster runs the blocks "
+        "and its dashboard link is printed.",
         epilog="examples:\n"
         "  n2v-chunked predict noisy.ome.zarr denoised.ome.zarr --model-dir models/n2v\n"
         "  n2v-chunked predict movie.tif out.ome.zarr --model-dir m --axes tyx --chunks 1,512,512\n"

@@ -4,6 +4,10 @@
     One :class:`distributed.LocalCluster` for the whole session: 2 worker
     processes x 1 thread.  Connect with ``Client(local_cluster)`` or pass
     ``local_cluster.scheduler_address`` to ``cluster_client``; do not close it.
+``jobqueue_yaml``
+    The packaged ``cluster/jobqueue.yaml`` shrunk to this node (1 core per
+    worker job, workers on this venv's python) with a unique job name; its
+    jobs are cancelled at teardown.
 ``slurm``
     The single-node SLURM cluster of ``cluster/slurm_local.sh`` (installed with
     apt-get when missing and possible), with ``SLURM_CONF`` exported for the
@@ -109,3 +113,34 @@ def slurm() -> Iterator[SlurmCluster]:
         else:
             os.environ["SLURM_CONF"] = old_conf
         release()
+
+
+@pytest.fixture
+def jobqueue_yaml(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Path]:
+    import sys
+    import uuid
+
+    import yaml
+
+    from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG
+
+    name = f"n2v-test-{uuid.uuid4().hex[:10]}"  # unique: other sessions may share the cluster
+    data = yaml.safe_load(DEFAULT_JOBQUEUE_CONFIG.read_text())
+    data["jobqueue"]["slurm"].update(
+        {
+            "name": name,
+            "python": sys.executable,
+            "cores": 1,
+            "memory": "2GB",
+            "processes": 1,
+            "walltime": "00:10:00",
+            "queue": slurm.partition,
+            "log-directory": str(tmp_path / "worker-logs"),
+            "local-directory": str(tmp_path / "worker-scratch"),
+            "death-timeout": 30,
+        }
+    )
+    path = tmp_path / "jobqueue.yaml"
+    path.write_text(yaml.safe_dump(data))
+    yield path
+    subprocess.run(["scancel", "-n", name], capture_output=True, timeout=10)  # after a failure

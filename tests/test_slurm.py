@@ -7,9 +7,7 @@ whose dask workers are SLURM jobs.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import dask.array as da
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG, cluster_client
+from n2v_chunked.cluster import cluster_client
 from n2v_chunked.errors import N2VError
 
 pytestmark = pytest.mark.slurm
@@ -43,29 +41,6 @@ def _wait_for_job(job_id: str, timeout: float = 60) -> tuple[str, str]:
             return state, exit_code
         time.sleep(0.25)
     raise AssertionError(f"job {job_id} still {state} after {timeout} s")
-
-
-@pytest.fixture
-def jobqueue_yaml(tmp_path: Path, slurm) -> Path:  # noqa: ANN001
-    """The packaged jobqueue.yaml shrunk to this 2-core machine, workers on this venv's python."""
-    data = yaml.safe_load(DEFAULT_JOBQUEUE_CONFIG.read_text())
-    data["jobqueue"]["slurm"].update(
-        {
-            "name": f"n2v-test-{uuid.uuid4().hex[:10]}",  # unique: sessions may share the cluster
-            "python": sys.executable,
-            "cores": 1,
-            "memory": "2GB",
-            "processes": 1,
-            "walltime": "00:10:00",
-            "queue": slurm.partition,
-            "log-directory": str(tmp_path / "logs"),
-            "local-directory": str(tmp_path / "scratch"),
-            "death-timeout": 30,
-        }
-    )
-    p = tmp_path / "jobqueue.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 @pytest.mark.timeout(300)  # includes the session fixture (apt-get install on first use)

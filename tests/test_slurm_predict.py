@@ -23,9 +23,7 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -194,33 +192,6 @@ def reference(noisy: Path, model_dir: Path, workdir: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def jobqueue(slurm, tmp_path: Path) -> Iterator[tuple[Path, str]]:  # noqa: ANN001
-    """A jobqueue YAML for this 2-core node (1 core per worker job), unique job name; returns (path, name)."""
-    from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG
-
-    name = f"n2v-ptest-{uuid.uuid4().hex[:8]}"  # unique: other sessions may share the cluster
-    data = yaml.safe_load(DEFAULT_JOBQUEUE_CONFIG.read_text())
-    data["jobqueue"]["slurm"].update(
-        {
-            "name": name,
-            "python": str(VENV / "bin" / "python"),
-            "cores": 1,
-            "memory": "2GB",
-            "processes": 1,
-            "walltime": "00:05:00",
-            "queue": slurm.partition,
-            "log-directory": str(tmp_path / "worker-logs"),
-            "local-directory": str(tmp_path / "worker-scratch"),
-            "death-timeout": 30,
-        }
-    )
-    path = tmp_path / "jobqueue.yaml"
-    path.write_text(yaml.safe_dump(data))
-    yield path, name
-    subprocess.run(["scancel", "-n", name], capture_output=True, timeout=10)  # after a failure
-
-
 # ----------------------------------------------------------------------------
 # tests
 # ----------------------------------------------------------------------------
@@ -228,9 +199,9 @@ def jobqueue(slurm, tmp_path: Path) -> Iterator[tuple[Path, str]]:  # noqa: ANN0
 
 @pytest.mark.timeout(400)  # includes the module fixtures (training, local reference)
 def test_predict_sbatch_equals_local_run(
-    slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue: tuple[Path, str], tmp_path: Path  # noqa: ANN001
+    slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue_yaml: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:
-    jq, name = jobqueue
+    jq, name = jobqueue_yaml, yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     out = tmp_path / "slurm-job.ome.zarr"
     job_id, log = _submit(
         PREDICT_SBATCH, tmp_path,
@@ -256,11 +227,11 @@ def test_predict_sbatch_equals_local_run(
 
 @pytest.mark.timeout(400)
 def test_predict_api_slurm_equals_local_run(
-    slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue: tuple[Path, str], tmp_path: Path  # noqa: ANN001
+    slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue_yaml: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:
     from n2v_chunked.predict import predict
 
-    jq, name = jobqueue
+    jq, name = jobqueue_yaml, yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     out = tmp_path / "slurm-api.ome.zarr"
     try:
         res = predict(str(noisy), str(out), str(model_dir), axes="tyx", chunks=(1, 48, 48), scheduler="slurm",
