@@ -9,7 +9,6 @@ validate the metadata against the spec.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import dask.array as da
@@ -192,16 +191,7 @@ def test_output_under_a_regular_file_is_a_clear_error(tmp_path):
         create_ome_zarr(tmp_path / "blocker" / "sub" / "o.zarr", (8, 8), "yx")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_folder_is_a_clear_error(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        with pytest.raises(N2VError, match="not writable"):
-            create_ome_zarr(ro / "o.zarr", (8, 8), "yx")
-    finally:
-        ro.chmod(0o755)
+# A read-only output folder: tests/test_bad_input.py (row read-only-output-dir), which also runs as root.
 
 
 def test_refuses_to_write_onto_the_input(tmp_path):
