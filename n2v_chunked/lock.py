@@ -51,7 +51,8 @@ def _holder(what: str, token: str) -> dict[str, Any]:
     }
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ def stale_reason(holder: dict[str, Any], now: float | None = None) -> str | None
     now = time.time() if now is None else now
     age = now - float(holder.get("heartbeat", 0.0))
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _pid_running(holder["pid"]):
+        if not pid_running(holder["pid"]):
             return f"process {holder['pid']} on this host has ended"
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job") == job and holder.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT", "0"):

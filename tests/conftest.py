@@ -26,6 +26,8 @@ from typing import Iterator
 
 import pytest
 
+from n2v_chunked.lock import pid_running
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "cluster" / "slurm_local.sh"
 
@@ -52,16 +54,6 @@ class SlurmCluster:
     script: Path  # cluster/slurm_local.sh
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @pytest.fixture(scope="session")
 def slurm() -> Iterator[SlurmCluster]:
     state = Path(os.environ.get("SLURM_STATE_DIR", "/tmp/n2v-slurm"))
@@ -78,7 +70,7 @@ def slurm() -> Iterator[SlurmCluster]:
 
     def release() -> None:
         me.unlink(missing_ok=True)
-        others = [p for p in holders.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+        others = [p for p in holders.iterdir() if p.name.isdigit() and pid_running(int(p.name))]
         if not others and started_marker.exists():
             started_marker.unlink(missing_ok=True)
             subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, text=True, env=env, timeout=120)

@@ -34,16 +34,15 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 import yaml
 import zarr
 
 from n2v_chunked import checkpoint as ckpt
 from n2v_chunked.cli import main
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
-from n2v_chunked.model import UNet
 from n2v_chunked.ome import is_complete, write_ome_zarr
+
+from helpers import make_model_dir
 
 PREFIX = "n2v-chunked: error:"
 # The smallest training run that still goes through every stage (sampler,
@@ -66,15 +65,6 @@ class Models:
     m2c: Path  # 2D, 2 channels, random weights
 
 
-def _untrained_model(path: Path, dims: int, channels: int) -> Path:
-    """A valid model directory with random weights: enough for the rows that must reject it."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(dims=dims, in_channels=channels, features=4)
-    ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), np.full(channels, 100.0), np.full(channels, 10.0))
-    ckpt.save_weights(path, UNet(cfg), ckpt.WEIGHTS_BEST)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     root = tmp_path_factory.mktemp("models")
@@ -83,7 +73,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     m2d = root / "m2d"
     rc = main(["train", str(src), "--axes", "tyx", "--model-dir", str(m2d), "--patch", "32,32", *FAST_TRAIN])
     assert rc == 0 and (m2d / ckpt.WEIGHTS_BEST).is_file()
-    return Models(m2d, _untrained_model(root / "m3d", 3, 1), _untrained_model(root / "m2c", 2, 2))
+    return Models(m2d, make_model_dir(root / "m3d", dims=3), make_model_dir(root / "m2c", channels=2))
 
 
 def _noisy(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
