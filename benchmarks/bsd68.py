@@ -5,7 +5,9 @@ sigma 25 (0..255 scale) with a fixed seed; train on the noisy Train400 images
 only; denoise the noisy BSD68 test images; report the mean PSNR against the
 clean images (data range 255, no clipping).
 
-Prints one JSON line: PSNR, steps, train seconds, patches/s, predict MPix/s.
+Prints one JSON line: PSNR (the network's prediction, and blended with the
+noisy input by the model's noise-aware weight), steps, train seconds,
+patches/s, predict MPix/s.
 
 Examples
 --------
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, patch_size=[args.patch, args.patch],
         time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
         checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
+        schedule=args.schedule, warmup=args.warmup,
     )
     # one image per chunk: blocks of whole images, some held out for validation
     source = open_image(train_noisy, axes="tyx", chunks={"t": 1})
@@ -92,15 +95,21 @@ def run(args: argparse.Namespace) -> dict:
     restored = [denoise(trained, im[None, None], precision=args.predict_precision, tta=args.tta)[0, 0]
                 for im in test_noisy]
     predict_s = time.perf_counter() - start
+    blended = [denoise(trained, im[None, None], precision=args.predict_precision, tta=args.tta, blend=True)[0, 0]
+               for im in test_noisy]
     pixels = sum(im.size for im in test_noisy)
     out = {
         "benchmark": "bsd68",
         "sigma": args.sigma,
         "psnr": round(mean_psnr(test_clean, restored), 3),
+        "psnr_blend": round(mean_psnr(test_clean, blended), 3),
+        "blend_weight": round(float(trained.blend_weight[0]), 4),
+        "noise_std_estimate": round(float(trained.meta["normalization"]["noise_std"][0]), 3),
         "psnr_noisy_input": round(mean_psnr(test_clean, test_noisy), 3),
         "steps": result.step,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "schedule": args.schedule,
         "features": args.features,
         "precision": args.precision,
         "train_seconds": round(result.seconds, 1),
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: none)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default: the paper's 4e-4)")
+    p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
+                   help="learning-rate schedule (default: the paper's plateau halving)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the budget for --schedule cosine")
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)

@@ -3,7 +3,9 @@
 Layout of a model directory::
 
     config.yaml          human-readable: model, mask and train configs,
-                         normalisation statistics, data axes, model id, version
+                         normalisation statistics and noise level, the
+                         validation loss of each weights file, data axes,
+                         model id, version
     weights_best.pt      state_dict with the best validation loss
     weights_last.pt      state_dict of the latest step
     training_state.pt    optimiser, scheduler, step, RNG and sampler state
@@ -54,6 +56,9 @@ class Trained:
         Per-channel normalisation statistics, shape ``(C,)``, in input units.
     meta : dict
         The whole ``config.yaml`` (axes, model id, training settings).
+    blend_weight : numpy.ndarray or None
+        Per-channel weight of the network's prediction when blending with the
+        noisy input (:func:`blend_weight`); None when the model has no record.
     """
 
     model: UNet
@@ -61,6 +66,7 @@ class Trained:
     mean: np.ndarray
     std: np.ndarray
     meta: dict[str, Any]
+    blend_weight: np.ndarray | None = None
 
     @property
     def model_id(self) -> str:
@@ -121,10 +127,9 @@ def write_config(
     axes: str = "",
     model_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    noise_std: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write ``config.yaml`` (atomically) and return its content."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "n2v_chunked_version": __version__,
         "model_id": model_id or new_model_id(),
@@ -135,10 +140,58 @@ def write_config(
         "train": to_dict(train_cfg),
         "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
     }
+    if noise_std is not None:
+        meta["normalization"]["noise_std"] = [float(v) for v in noise_std]
     if extra:
         meta.update(extra)
-    atomic_write_bytes(model_dir / CONFIG, yaml.safe_dump(meta, sort_keys=False).encode())
+    write_meta(model_dir, meta)
     return meta
+
+
+def write_meta(model_dir: str | Path, meta: dict[str, Any]) -> None:
+    """(Re)write ``config.yaml`` atomically from its content."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(model_dir / CONFIG, yaml.safe_dump(meta, sort_keys=False).encode())
+
+
+def blend_weight(meta: dict[str, Any], which: str) -> np.ndarray | None:
+    """Per-channel weight of the prediction in a blend with the noisy input.
+
+    The network predicts each pixel from its neighbours only (the blind spot),
+    so its error is independent of that pixel's noise, and the two estimates
+    of the clean value combine as in Laine et al. (2019, Section 3): with
+    noise variance ``s2`` and prediction error variance ``p2``, the
+    minimum-MSE mix is ``w * prediction + (1 - w) * noisy`` with
+    ``w = s2 / (s2 + p2)``.  The masked validation MSE estimates ``p2 + s2``
+    (its targets are noisy), and the noise level stored at training
+    (:func:`n2v_chunked.normalize.noise_std`) estimates ``s2``, so no clean
+    data is needed.  A global weight per channel suits pixel-independent,
+    signal-independent noise best.
+
+    Parameters
+    ----------
+    meta : dict
+        Content of ``config.yaml``.
+    which : {"best", "last"}
+        The weights file the blend is for.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Weights in [0, 1], shape ``(C,)``; None when the model directory has no
+        noise level or no validation record (trained by an older version, or
+        not yet validated).
+    """
+    norm = meta.get("normalization", {})
+    record = (meta.get("validation") or {}).get(which) or {}
+    if "noise_std" not in norm or "mse" not in record:
+        return None
+    noise = np.asarray(norm["noise_std"], np.float64) / np.asarray(norm["std"], np.float64)
+    mse = np.asarray(record["mse"], np.float64)
+    if noise.shape != mse.shape or not np.all(np.isfinite(mse)) or not np.all(mse > 0):
+        return None
+    return np.clip(noise**2 / mse, 0.0, 1.0).astype(np.float32)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -258,4 +311,5 @@ def load_model(
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise N2VError(f"weights in {model_dir / name} do not match config.yaml: {str(exc).splitlines()[0][:160]}") from None
     model.to(device).eval()
-    return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta)
+    weight = blend_weight(meta, "best" if name == WEIGHTS_BEST else "last")
+    return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta, blend_weight=weight)

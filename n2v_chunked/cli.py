@@ -88,6 +88,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=128, help="patches per step (default 128)")
     g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
     g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default 4e-4)")
+    g.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="plateau: halve the rate when validation stalls (paper, default); cosine: warm up, "
+                   "then decay to 0 at the end of --steps or --minutes")
     g.add_argument("--val-interval", type=int, default=100, help="steps between validations (default 100)")
     g.add_argument("--checkpoint-interval", type=int, default=200, help="steps between checkpoints (default 200)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -121,7 +124,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
                               struct_axes=list(args.struct_axes), replacement="median" if args.n2v2 else "uniform")
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
-                                lr=args.lr, val_interval=args.val_interval, precision=args.precision,
+                                lr=args.lr, schedule=args.schedule, val_interval=args.val_interval,
+                                precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
@@ -260,6 +264,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, skipping written blocks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr output")
     p.add_argument("--tta", action="store_true", help="average the 8 rotations/flips of the YX plane (8x slower)")
+    p.add_argument("--blend", action="store_true",
+                   help="mix in the noisy input with the model's noise-aware weight (higher PSNR, some grain)")
     p.add_argument("--axes", help="axis letters from tczyx in stored order, for inputs without metadata (e.g. zyx)")
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
     p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version: 0.5 = Zarr v3 (default), 0.4 = Zarr v2")
@@ -283,6 +289,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             chunks=_int_list(args.chunks, "--chunks"),
             boundary=args.boundary,
             tta=args.tta,
+            blend=args.blend,
             precision=args.precision,
             resume=args.resume,
             overwrite=args.overwrite,

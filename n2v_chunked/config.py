@@ -126,6 +126,13 @@ class TrainConfig:
         Size of the fixed validation set, drawn once from held-out data.
     plateau_patience : int
         Validation passes without improvement before the learning rate halves.
+    schedule : str
+        ``"plateau"`` (the paper's: halve ``lr`` when the validation loss stops
+        improving) or ``"cosine"`` (linear warm-up to ``lr``, then a cosine
+        decay to zero at the end of the step or time budget, whichever comes
+        first; for a known, short budget).
+    warmup : float
+        Fraction of the budget spent warming up under ``"cosine"``.
     augment : bool
         Random 90-degree rotations and flips in YX (and Z flips in 3D).
     precision : str
@@ -148,6 +155,8 @@ class TrainConfig:
     val_interval: int = 100
     val_patches: int = 256
     plateau_patience: int = 5
+    schedule: str = "plateau"
+    warmup: float = 0.1
     augment: bool = True
     precision: str = "auto"
     checkpoint_interval: int = 200
@@ -160,6 +169,10 @@ class TrainConfig:
             raise N2VError("batch_size must be >= 1 and steps >= 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise N2VError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.schedule not in ("plateau", "cosine"):
+            raise N2VError(f"schedule must be 'plateau' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise N2VError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if any(int(p) < 1 for p in self.patch_size):
             raise N2VError(f"patch_size must be positive, got {self.patch_size}")
 

@@ -101,6 +101,7 @@ def run_network(
     max_pixels: int | None = None,
     precision: str = "fp32",
     tta: bool = False,
+    blend: bool = False,
 ) -> np.ndarray:
     """Predict normalised ``(N, C, *spatial)`` data, any spatial size.
 
@@ -116,6 +117,10 @@ def run_network(
         Arithmetic of the forward pass.
     tta : bool
         Average the 8 rotations/flips of the YX plane.
+    blend : bool
+        Mix the prediction with the noisy input, pixel by pixel, with the
+        model's per-channel weight (:func:`n2v_chunked.checkpoint.blend_weight`):
+        the minimum-MSE estimate when the noise is pixel-independent.
 
     Returns
     -------
@@ -123,6 +128,7 @@ def run_network(
         Float32 prediction, same shape as ``x``.
     """
     model, device = trained.model, trained.device
+    weight = blend_tensor(trained) if blend else None
     xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
     n = xt.shape[0]
     per_item = math.prod(xt.shape[1:]) // xt.shape[1]
@@ -140,8 +146,23 @@ def run_network(
                 y = model(padded)
             y = y[(slice(None), slice(None), *crop)].float()
             acc += _dihedral(y, k, inverse=True) if tta else y
-        out[start : start + step] = (acc / len(ks)).cpu()
+        y = acc / len(ks)
+        if weight is not None:
+            w = weight.to(device)
+            y = w * y + (1.0 - w) * part
+        out[start : start + step] = y.cpu()
     return out.numpy()
+
+
+def blend_tensor(trained: Trained) -> torch.Tensor:
+    """The model's blend weight as a ``(1, C, 1, ...)`` tensor; one clear line when it has none."""
+    if trained.blend_weight is None:
+        raise N2VError(
+            "cannot blend: the model has no noise level or validation record (trained by an older version, "
+            "or not validated yet); predict without --blend, or retrain it"
+        )
+    w = torch.as_tensor(np.asarray(trained.blend_weight, np.float32))
+    return w.reshape(1, -1, *([1] * trained.config.dims))
 
 
 def halo_width(trained: Trained) -> tuple[int, ...]:
@@ -157,6 +178,7 @@ def denoise(
     boundary: str = "reflect",
     precision: str = "fp32",
     tta: bool = False,
+    blend: bool = False,
     max_pixels: int | None = None,
 ) -> np.ndarray:
     """Denoise in-memory data of shape ``(N, C, *spatial)`` in input units.
@@ -173,7 +195,7 @@ def denoise(
         Noisy data ``(N, C, *spatial)``.
     boundary : {"reflect", "nearest", "periodic", "constant"}
         How to extend the image beyond its borders.
-    precision, tta, max_pixels
+    precision, tta, blend, max_pixels
         See :func:`run_network`.
 
     Returns
@@ -193,6 +215,6 @@ def denoise(
     halo = halo_width(trained)
     xn = (np.asarray(x, dtype=np.float32) - mean) / std
     padded = np.pad(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], mode=NUMPY_PAD_MODE[boundary])
-    y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta)
+    y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta, blend=blend)
     y = y[(slice(None), slice(None), *[slice(h, h + s) for h, s in zip(halo, x.shape[2:])])]
     return (y * std + mean).astype(np.float32)

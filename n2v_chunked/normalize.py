@@ -12,6 +12,7 @@ large offsets where a naive sum of squares would cancel.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -221,6 +222,36 @@ def channel_stats(
         where = f"{getattr(data, 'store', '')}/{getattr(data, 'path', '')}".strip("/") or where
         data = da.from_zarr(data) if hasattr(data, "store") else da.from_array(data, chunks=chunks)
     return stats_dask(data, c_axis, max_bytes=max_bytes, max_blocks=max_blocks, seed=seed, where=where)
+
+
+def noise_std(patches: np.ndarray) -> np.ndarray:
+    """Per-channel standard deviation of the noise, estimated from noisy patches.
+
+    Wavelet estimate (Donoho & Johnstone: median absolute finest-scale
+    diagonal coefficient, :func:`skimage.restoration.estimate_sigma`) per
+    patch and channel, combined as the root mean of the variances.  It
+    assumes pixel-independent noise; it needs no clean data and no full pass:
+    the training run's validation patches are enough.  On 3D patches of 32^3
+    it reads about 5% low (the wavelet transform's symmetric extension damps
+    the finest band near the borders), which errs towards keeping noise.
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        ``(N, C, *spatial)`` noisy patches in input units.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 noise standard deviation per channel, in input units, ``(C,)``.
+    """
+    from skimage.restoration import estimate_sigma
+
+    x = np.asarray(patches, dtype=np.float32)
+    with warnings.catch_warnings():  # a constant patch has no detail coefficients: NaN, i.e. no noise
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var = [[estimate_sigma(x[n, c]) ** 2 for n in range(x.shape[0])] for c in range(x.shape[1])]
+    return np.sqrt(np.mean(np.nan_to_num(var, nan=0.0), axis=1)).astype(np.float32)
 
 
 def normalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:

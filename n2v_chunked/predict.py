@@ -394,6 +394,7 @@ def predict_block(
     halo: Sequence[int],
     precision: str = "fp32",
     tta: bool = False,
+    blend: bool = False,
     device: str | None = None,
     token: str = "",
     threads: int | None = None,
@@ -412,7 +413,7 @@ def predict_block(
         Axis names of ``block``.
     halo : sequence of int
         Halo per axis (0 on non-spatial axes).
-    precision, tta, max_pixels
+    precision, tta, blend, max_pixels
         See :func:`n2v_chunked.inference.run_network`.
     device : str, optional
         Torch device; CUDA when available, else CPU.
@@ -448,7 +449,7 @@ def predict_block(
     xt = xt.reshape((math.prod(lead), c) + xt.shape[len(samples) + 1 :])
     shape = (1, -1) + (1,) * len(spatial)
     mean, std = trained.mean.reshape(shape), trained.std.reshape(shape)
-    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, max_pixels=max_pixels)
+    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels)
     crop = tuple(slice(halo[i], y.shape[2 + k] - halo[i]) for k, i in enumerate(sp))
     y = y[(slice(None), slice(None), *crop)] * std + mean
     y = y.reshape(lead + (c,) + y.shape[2:]).transpose(np.argsort(order))
@@ -631,6 +632,7 @@ def batch_prediction(
     boundary: str = "reflect",
     precision: str = "fp32",
     tta: bool = False,
+    blend: bool = False,
     device: str | None = None,
     threads: Any = None,
 ) -> da.Array:
@@ -649,8 +651,8 @@ def batch_prediction(
         _predict_task, xin, depth=depth, boundary="none", trim=False, allow_rechunk=False,
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
-        model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, device=device,
-        model_token=model_token(model_dir), token="n2v-predict",
+        model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
+        device=device, model_token=model_token(model_dir), token="n2v-predict",
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
     crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
@@ -940,6 +942,7 @@ def predict(
     chunks: Any = None,
     boundary: str = "reflect",
     tta: bool = False,
+    blend: bool = False,
     precision: str = "fp32",
     resume: bool = False,
     overwrite: bool = False,
@@ -971,6 +974,10 @@ def predict(
         Image border extension (dask's names; ``reflect`` is numpy's ``symmetric``).
     tta : bool
         Average the 8 rotations/flips of the YX plane.
+    blend : bool
+        Mix the prediction with the noisy input with the model's weight
+        (:func:`n2v_chunked.checkpoint.blend_weight`): higher PSNR under
+        pixel-independent noise, at the price of some visible grain.
     precision : {"fp32", "bf16", "auto"}
         Arithmetic of the network.
     resume : bool
@@ -1017,7 +1024,12 @@ def predict(
     data = open_image(source, axes=axes, level=level)
     p = plan(trained, data, chunks)
     model_dir = str(Path(model_dir).absolute())
-    kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, device=device)
+    if blend:
+        from .inference import blend_tensor
+
+        blend_tensor(trained)  # a model without a blend weight fails here, before any output exists
+    kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
+              device=device)
     if output is None:
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
@@ -1039,8 +1051,8 @@ def predict(
             "input": str(data.attrs.get("source")),
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
-                "boundary": boundary, "tta": bool(tta), "precision": precision, "dtype": str(out_dtype),
-                "level": int(level),
+                "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,
+                "dtype": str(out_dtype), "level": int(level),
             },
         }
         if stored is not None:

@@ -36,6 +36,7 @@ from .inference import autocast_context
 from .lock import output_lock
 from .masking import MaskedBatch, mask_batch, masked_mse
 from .model import UNet, size_multiple
+from .normalize import noise_std
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +127,62 @@ def _validation_set(
 
 
 @torch.no_grad()
-def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> float:
+def _validate(model: torch.nn.Module, val: MaskedBatch, precision: str, batch: int) -> tuple[float, list[float]]:
+    """Masked MSE on the validation set.
+
+    Returns the MSE over every masked pixel (the validation loss), and per
+    channel over the masked pixels at least a quarter patch from the patch
+    border: those see image, not the network's zero padding, as every pixel
+    does in prediction, so their error is the one the blend weight needs.
+    """
     was_training = model.training
     model.eval()
+    channels, spatial = val.inputs.shape[1], val.inputs.shape[2:]
     total, count = 0.0, 0
+    inner = torch.zeros(channels, dtype=torch.float64)
+    inner_count = torch.zeros(channels, dtype=torch.float64)
     device = val.inputs.device
     n = val.inputs.shape[0]
     bi = val.index[0]
+    interior = torch.ones_like(bi, dtype=torch.bool)
+    for pos, size in zip(val.index[2:], spatial):
+        interior &= (pos >= size // 4) & (pos < size - size // 4)
     for start in range(0, n, batch):
         with autocast_context(device, precision):
             pred = model(val.inputs[start : start + batch])
         sel = (bi >= start) & (bi < start + batch)
         idx = (bi[sel] - start, *[i[sel] for i in val.index[1:]])
-        diff = pred[idx].float() - val.targets[sel].float()
-        total += float((diff**2).sum())
+        sq = (pred[idx].float() - val.targets[sel].float()) ** 2
+        total += float(sq.sum())
         count += int(sel.sum())
+        keep = interior[sel]
+        c = idx[1][keep].cpu()
+        inner += torch.bincount(c, weights=sq[keep].double().cpu(), minlength=channels)
+        inner_count += torch.bincount(c, minlength=channels).double()
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), (inner / inner_count.clamp(min=1)).tolist()
+
+
+def cosine_factor(progress: float, warmup: float) -> float:
+    """Learning-rate multiplier of the ``"cosine"`` schedule.
+
+    Parameters
+    ----------
+    progress : float
+        Fraction of the budget (steps or time) already used, 0 to 1.
+    warmup : float
+        Fraction of the budget over which the rate rises linearly from 0.
+
+    Returns
+    -------
+    float
+        Multiplier of the peak learning rate: a linear warm-up, then half a
+        cosine down to 0 at the end of the budget.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -218,6 +258,7 @@ def _train(
     mask_cfg = mask_cfg or MaskConfig()
     train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
     model_id = None
     if resume:
         meta = ckpt.read_config(model_dir)
@@ -248,6 +289,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=0.5, patience=train_cfg.plateau_patience
     )
+    # built (and checked finite) before the model directory is written
+    norm = _normaliser(mean, std, model_cfg.dims, device)
+    val = _validation_set(val_patches, norm, mask_cfg, train_cfg.seed, device)
+    if channels_last:
+        val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
     step, best, history = 0, math.inf, []
     if state is not None:
@@ -261,8 +307,10 @@ def _train(
             sampler.load_state_dict(state["sampler"])
         log.info("resumed %s at step %d", model_dir, step)
     elif info.is_main:
+        raw_val = val_patches.cpu().numpy() if isinstance(val_patches, torch.Tensor) else np.asarray(val_patches)
         meta = ckpt.write_config(
-            model_dir, model_cfg, mask_cfg, train_cfg, mean, std, axes=axes, model_id=model_id, extra=extra_meta
+            model_dir, model_cfg, mask_cfg, train_cfg, mean, std, axes=axes, model_id=model_id, extra=extra_meta,
+            noise_std=noise_std(raw_val),
         )
         model_id = meta["model_id"]
 
@@ -271,11 +319,6 @@ def _train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
-    norm = _normaliser(mean, std, model_cfg.dims, device)
-    val = _validation_set(val_patches, norm, mask_cfg, train_cfg.seed, device)
-    if channels_last:
-        val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
 
     def save() -> None:
         if not info.is_main:
@@ -297,6 +340,26 @@ def _train(
             },
         )
 
+    def evaluate(loss: float, elapsed: float, scheduled: bool = True) -> float:
+        """Validate; step the plateau schedule; keep the best weights; record both in config.yaml."""
+        nonlocal best
+        val_loss, per_channel = _validate(model, val, train_cfg.precision, train_cfg.batch_size)
+        if train_cfg.schedule == "plateau" and scheduled:
+            scheduler.step(val_loss)
+        history.append({"step": step, "loss": loss, "val_loss": val_loss,
+                        "lr": optimiser.param_groups[0]["lr"], "seconds": elapsed})
+        if not info.is_main or meta is None:
+            return val_loss
+        # the interior masked MSE per channel sets the blend weight at prediction (checkpoint.blend_weight)
+        record = meta.setdefault("validation", {})
+        record["last"] = {"step": step, "mse": per_channel}
+        if val_loss < best:
+            best = val_loss
+            ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
+            record["best"] = {"step": step, "mse": per_channel}
+        ckpt.write_meta(model_dir, meta)
+        return val_loss
+
     it: Iterator[Any] = iter(batches)
     bar = tqdm(
         total=train_cfg.steps, initial=step, desc="train", unit="step",
@@ -311,6 +374,13 @@ def _train(
             if train_cfg.time_budget and time.perf_counter() - start_time > train_cfg.time_budget:
                 log.info("time budget of %.0f s reached at step %d", train_cfg.time_budget, step)
                 break
+            if train_cfg.schedule == "cosine":
+                # the budget is the step count or the time, whichever runs out first
+                progress = (step + 0.5) / train_cfg.steps  # mid-step: neither the first nor the last rate is 0
+                if train_cfg.time_budget:
+                    progress = max(progress, (time.perf_counter() - start_time) / train_cfg.time_budget)
+                for group in optimiser.param_groups:
+                    group["lr"] = train_cfg.lr * cosine_factor(progress, train_cfg.warmup)
             t0 = time.perf_counter()
             try:
                 raw = next(it)
@@ -338,15 +408,7 @@ def _train(
             postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
                        "patch/s": f"{patches / elapsed:.0f}"}
             if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
-                evaluated = model
-                val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
-                scheduler.step(val_loss)
-                history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
-                                "lr": optimiser.param_groups[0]["lr"], "seconds": elapsed})
-                if val_loss < best and info.is_main:
-                    best = val_loss
-                    ckpt.save_weights(model_dir, evaluated, ckpt.WEIGHTS_BEST)
-                postfix["val"] = f"{val_loss:.4f}"
+                postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if step % train_cfg.checkpoint_interval == 0:
@@ -354,13 +416,8 @@ def _train(
     finally:
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
-        evaluated = model
-        val_loss = _validate(evaluated, val, train_cfg.precision, train_cfg.batch_size)
-        history.append({"step": step, "loss": last_loss, "val_loss": val_loss,
-                        "lr": optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - start_time})
-        if val_loss < best and info.is_main:
-            best = val_loss
-            ckpt.save_weights(model_dir, evaluated, ckpt.WEIGHTS_BEST)
+        # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
+        evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
     save()
     seconds = time.perf_counter() - start_time
     if seconds > 0 and info.is_main:

@@ -12,8 +12,12 @@ from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.model import UNet
 
 
-def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0):
-    """Random weights, batch norm in eval mode with non-trivial running statistics."""
+def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0, blend=False):
+    """Random weights, batch norm in eval mode with non-trivial running statistics.
+
+    ``blend=True`` also records a noise level and a validation MSE, as training
+    does, so the model has a blend weight (0.3 to 0.5 across channels).
+    """
     torch.manual_seed(seed)
     cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2)
     net = UNet(cfg)
@@ -26,7 +30,11 @@ def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, se
                 mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
                 mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
     mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
-    ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std)
+    noise = std * np.sqrt(np.linspace(0.3, 0.5, channels)) if blend else None
+    meta = ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std, noise_std=noise)
+    if blend:  # noise variance / validation MSE, in normalised units: the weight
+        meta["validation"] = {"best": {"step": 1, "mse": [1.0] * channels}}
+        ckpt.write_meta(path, meta)
     ckpt.save_weights(path, net, ckpt.WEIGHTS_BEST)
     return Path(path)
 

@@ -276,6 +276,11 @@ def _model_other_channels(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, src, m.m2c, names=["2 channel(s)", "has 1"])
 
 
+def _blend_without_record(tmp: Path, m: Models) -> Setup:
+    src = _ome(tmp / "in.ome.zarr", _noisy((2, 64, 64)), "cyx")
+    return _predict(tmp, src, m.m2c, "--blend")
+
+
 def _copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -358,6 +363,7 @@ CASES: list[Case] = [
     Case("smaller-than-patch-train", _smaller_than_patch_train, ("larger than the image",)),
     Case("model-3d-on-2d-data", _model_3d_on_2d, ("no z axis",)),
     Case("model-other-channel-count", _model_other_channels, ("trained for",)),
+    Case("blend-without-noise-record", _blend_without_record, ("cannot blend", "--blend")),
     Case("truncated-checkpoint", _truncated_checkpoint, ("corrupt or truncated checkpoint",)),
     Case("config-unknown-key", _config_unknown_key, ("unknown option(s) for 'predict'",)),
     Case("model-config-unknown-key", _model_config_unknown_key, ("unknown config key(s) in section 'model'",)),

@@ -181,6 +181,18 @@ def test_tta_and_bf16(tmp_path):
     assert np.abs(got - whole_image(md, arr, "yx")).max() / np.ptp(arr) < 0.05
 
 
+def test_blend_mixes_the_input_and_chunked_equals_whole_image(tmp_path):
+    md = make_model_dir(tmp_path / "m", channels=2, blend=True)
+    w = ckpt.load_model(md, "cpu").blend_weight
+    assert np.allclose(w, [0.3, 0.5])
+    arr = noisy((2, 2, 50, 70))
+    got = chunked(md, arr, "tcyx", (1, 1, 24, 32), blend=True)
+    assert_close(got, whole_image(md, arr, "tcyx", blend=True), arr)
+    plain = whole_image(md, arr, "tcyx")
+    mix = w[None, :, None, None] * plain + (1 - w[None, :, None, None]) * arr  # per channel, in input units
+    assert_close(got, mix.astype(np.float32), arr)
+
+
 # ----------------------------------------------------------------------------
 # Writing, batching, resume.
 # ----------------------------------------------------------------------------
@@ -229,7 +241,7 @@ def _failing(arr, chunks, bad_block):
 
 
 def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
-    md = make_model_dir(tmp_path / "m")
+    md = make_model_dir(tmp_path / "m", blend=True)
     arr = noisy((150, 131))
     kw = dict(chunks=(32, 48), scheduler="sync", progress=False)
     full = P.predict(arr, str(tmp_path / "full.zarr"), md, **kw).values
@@ -253,6 +265,8 @@ def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
     (out / P.MARKER_DIR / "_".join(map(str, lost))).unlink()
     with pytest.raises(N2VError, match="other settings"):
         P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, boundary="nearest", **kw)
+    with pytest.raises(N2VError, match="other settings.*blend"):
+        P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, blend=True, **kw)
     res = P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, **kw)
     stats = res.attrs["predict_stats"]
     assert stats["blocks_computed"] == 12 - len(done) + 1 and stats["blocks_skipped"] == len(done) - 1
@@ -321,10 +335,11 @@ def test_cli_predicts(cli_setup, capsys):
     assert is_complete(tmp / "out.zarr")
 
 
-@pytest.mark.parametrize("case", ["channels", "dims", "small", "exists", "no-model"])
+@pytest.mark.parametrize("case", ["channels", "dims", "small", "exists", "no-model", "no-blend"])
 def test_cli_bad_input_is_one_line_before_any_output(cli_setup, capsys, case):
     tmp, src, md = cli_setup
     out = tmp / "out.zarr"
+    extra = ["--blend"] if case == "no-blend" else []  # the model has no noise level recorded
     if case == "channels":
         md = make_model_dir(tmp / "m2", channels=2)
     elif case == "dims":
@@ -336,11 +351,11 @@ def test_cli_bad_input_is_one_line_before_any_output(cli_setup, capsys, case):
         (out / "keep.txt").write_text("mine")
     elif case == "no-model":
         md = tmp / "nowhere"
-    rc, err = _cli(capsys, src, out, "--model-dir", md)
+    rc, err = _cli(capsys, src, out, "--model-dir", md, *extra)
     assert rc != 0
     assert len(err.splitlines()) == 1 and err.startswith("n2v-chunked: error: "), err
     expected = {"channels": "channel", "dims": "3D", "small": "smaller than 2**depth", "exists": "exists",
-                "no-model": "model directory not found"}[case]
+                "no-model": "model directory not found", "no-blend": "cannot blend: the model has no noise level"}[case]
     assert expected in err
     if case == "exists":
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -13,18 +13,20 @@ from n2v_chunked import checkpoint as ckpt
 from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
 from n2v_chunked.inference import denoise
-from n2v_chunked.train import train
+from n2v_chunked.train import cosine_factor, train
 
 
 class RandomCrops:
     """A tiny seeded patch source with resumable state (stands in for the sampler)."""
 
-    def __init__(self, image: np.ndarray, patch: int, batch: int, seed: int = 0):
-        self.image, self.patch, self.batch = image, patch, batch
+    def __init__(self, image: np.ndarray, patch: int, batch: int, seed: int = 0, stop_after: int = 0):
+        self.image, self.patch, self.batch, self.stop_after = image, patch, batch, stop_after
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self):
-        while True:
+        for served in range(1 << 62):
+            if served == self.stop_after > 0:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of a run
             h, w = self.image.shape[-2:]
             ys = self.rng.integers(0, h - self.patch + 1, self.batch)
             xs = self.rng.integers(0, w - self.patch + 1, self.batch)
@@ -72,11 +74,13 @@ def test_training_learns_and_writes_a_model_dir(tmp_path):
     assert np.mean((out - clean) ** 2) < 0.7 * np.mean((noisy - clean) ** 2)
 
 
-def test_resume_continues_exactly(tmp_path):
-    _fit(tmp_path, steps=10, name="straight")
-    _fit(tmp_path, steps=5, name="split")
-    # a fresh source object: its state comes back from the checkpoint
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_resume_continues_exactly(tmp_path, schedule):
+    _fit(tmp_path, steps=10, name="straight", schedule=schedule)
     clean, noisy = _noisy_image()
+    with pytest.raises(KeyboardInterrupt):  # interrupted after step 7; the checkpoint of step 5 is kept
+        _fit(tmp_path, steps=10, name="split", schedule=schedule, source=RandomCrops(noisy[None], 32, 16, 1, 7))
+    # a fresh source object: its state comes back from the checkpoint
     res = _fit(tmp_path, steps=10, name="split", resume=True, source=RandomCrops(noisy[None], 32, 16, seed=99))
     assert res.step == 10
     a = torch.load(tmp_path / "straight" / ckpt.WEIGHTS_LAST, weights_only=True)
@@ -87,6 +91,42 @@ def test_resume_continues_exactly(tmp_path):
     sb = ckpt.load_training_state(tmp_path / "split")
     assert sa["step"] == sb["step"] == 10
     assert sa["scheduler"] == sb["scheduler"]
+    assert [h["lr"] for h in sa["history"]][-1] == [h["lr"] for h in sb["history"]][-1]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_budget():
+    assert cosine_factor(0.0, 0.1) == 0.0 and cosine_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert cosine_factor(0.1, 0.1) == 1.0 and cosine_factor(0.55, 0.1) == pytest.approx(0.5)
+    assert cosine_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-12) and cosine_factor(0.0, 0.0) == 1.0
+    after = [cosine_factor(p, 0.1) for p in np.linspace(0.1, 1.0, 50)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+def test_cosine_training_ends_near_zero_rate(tmp_path):
+    res = _fit(tmp_path, steps=20, lr=1e-3, schedule="cosine")
+    lrs = [h["lr"] for h in res.history]  # validations at steps 5, 10, 15, 20
+    assert lrs[0] < 1e-3 and lrs[-1] < 1e-5 and lrs[1] > lrs[2] > lrs[3]
+
+
+@pytest.mark.parametrize("steps", [5, 15])
+def test_blend_weight_from_noise_level_and_validation(tmp_path, steps):
+    """The blend weight stored at training is close to the weight an oracle with clean data picks."""
+    clean, noisy = _noisy_image(size=192)  # Gaussian noise, sigma 20
+    img = noisy[None]
+    rng = np.random.default_rng(5)
+    val = np.stack([img[:, y : y + 32, x : x + 32] for y, x in rng.integers(0, 160, (128, 2))])
+    cfg = TrainConfig(patch_size=[32, 32], batch_size=16, steps=steps, val_interval=5, precision="fp32", lr=2e-3)
+    train(RandomCrops(img, 32, 16, seed=1), val, img.mean((1, 2)), img.std((1, 2)), tmp_path / "m",
+          ModelConfig(features=8), MaskConfig(), cfg, progress=False, device="cpu")
+    meta = ckpt.read_config(tmp_path / "m")
+    assert meta["normalization"]["noise_std"][0] == pytest.approx(20.0, rel=0.05)
+    assert meta["validation"]["last"]["step"] == steps
+    trained = ckpt.load_model(tmp_path / "m", device="cpu", which="last")
+    plain = denoise(trained, noisy[None, None])[0, 0]
+    blend = denoise(trained, noisy[None, None], blend=True)[0, 0]
+    oracle = np.sum((plain - noisy) * (clean - noisy)) / np.sum((plain - noisy) ** 2)  # least squares
+    assert abs(float(trained.blend_weight[0]) - oracle) < 0.16
+    assert np.mean((blend - clean) ** 2) < np.mean((plain - clean) ** 2)
 
 
 def test_refuses_to_overwrite_a_model_dir(tmp_path):
