@@ -130,7 +130,10 @@ class TrainConfig:
         ``"plateau"`` (the paper's: halve ``lr`` when the validation loss stops
         improving) or ``"cosine"`` (linear warm-up to ``lr``, then a cosine
         decay to zero at the end of the step or time budget, whichever comes
-        first; for a known, short budget).
+        first; for a known, short budget).  Progress through the step budget
+        counts from step 0, so a resumed run continues the same curve; a time
+        budget counts this run's time only, so resuming with ``--minutes``
+        starts a new warm-up and decay (a warm restart).
     warmup : float
         Fraction of the budget spent warming up under ``"cosine"``.
     augment : bool

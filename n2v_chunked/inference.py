@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -61,6 +63,48 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
         if not ok:
             return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+_NO_OP = contextlib.nullcontext()
+_IEEE_LOCK = threading.Lock()
+_IEEE_USERS = [0, None]  # [active contexts, the setting to restore]
+
+
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in true float32 on CUDA while inside (TF32 is PyTorch's default).
+
+    ``precision="fp32"`` promises float32 results; TF32 rounds the operands to
+    10 mantissa bits.  The setting is process-wide, so it is reference-counted:
+    dask threads predicting blocks at once neither race on it nor restore it
+    under each other's feet.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = conv is not None and hasattr(conv, "fp32_precision")  # torch >= 2.9
+
+    def setting(value=None):
+        if value is None:
+            return conv.fp32_precision if new_api else torch.backends.cudnn.allow_tf32
+        if new_api:
+            conv.fp32_precision = value
+        else:
+            torch.backends.cudnn.allow_tf32 = value
+
+    with _IEEE_LOCK:
+        if _IEEE_USERS[0] == 0:
+            _IEEE_USERS[1] = setting()
+            setting("ieee" if new_api else False)
+        _IEEE_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _IEEE_LOCK:
+            _IEEE_USERS[0] -= 1
+            if _IEEE_USERS[0] == 0:
+                setting(_IEEE_USERS[1])
 
 
 def _cpu_has_bf16() -> bool:
@@ -142,7 +186,7 @@ def run_network(
         for k in ks:
             inp = _dihedral(part, k) if tta else part
             padded, crop = pad_to_multiple(inp, m)
-            with autocast_context(device, precision):
+            with autocast_context(device, precision), ieee_fp32(device) if precision == "fp32" else _NO_OP:
                 y = model(padded)
             y = y[(slice(None), slice(None), *crop)].float()
             acc += _dihedral(y, k, inverse=True) if tta else y

@@ -179,6 +179,7 @@ def test_bsd68_reproduction(tmp_path: Path, nb_env: None, monkeypatch: pytest.Mo
     }, tmp_path)
     assert s["steps"] == 3 and s["n_test"] == 2 and s["n_train"] == 12
     assert math.isfinite(s["psnr"]) and 0 < s["psnr"] < 60
+    assert math.isfinite(s["psnr_blend"]) and 0 < s["psnr_blend"] < 60
     assert 19 < s["psnr_noisy_input"] < 22  # sigma 25 noise: about 20.2 dB
     text = _text(nb)
     for figure in ("20.18", "28.59", "27.71", "29.06", "27.37"):

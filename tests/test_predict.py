@@ -181,6 +181,35 @@ def test_tta_and_bf16(tmp_path):
     assert np.abs(got - whole_image(md, arr, "yx")).max() / np.ptp(arr) < 0.05
 
 
+def test_fp32_turns_off_tf32_convolutions_on_cuda_while_any_block_runs():
+    """``precision="fp32"`` on CUDA: cuDNN in IEEE float32 (PyTorch's default is TF32), restored after the last user."""
+    import threading
+
+    from n2v_chunked.inference import ieee_fp32
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    cuda = torch.device("cuda")  # only the flag is touched: no GPU needed
+    inside, release = threading.Event(), threading.Event()
+
+    def block():
+        with ieee_fp32(cuda):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=block)
+    t.start()
+    inside.wait(10)
+    with ieee_fp32(cuda):
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == "ieee"  # the other block is still running
+    release.set()
+    t.join()
+    assert conv.fp32_precision == before
+    with ieee_fp32(torch.device("cpu")):
+        assert conv.fp32_precision == before
+
+
 def test_blend_mixes_the_input_and_chunked_equals_whole_image(tmp_path):
     md = make_model_dir(tmp_path / "m", channels=2, blend=True)
     w = ckpt.load_model(md, "cpu").blend_weight
