@@ -66,7 +66,8 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 _NO_OP = contextlib.nullcontext()
-_IEEE_LOCK = threading.Lock()
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_STATE_LOCK = threading.Lock()
 _IEEE_USERS = [0, None]  # [active contexts, the setting to restore]
 
 
@@ -93,7 +94,7 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
         else:
             torch.backends.cudnn.allow_tf32 = value
 
-    with _IEEE_LOCK:
+    with _STATE_LOCK:
         if _IEEE_USERS[0] == 0:
             _IEEE_USERS[1] = setting()
             setting("ieee" if new_api else False)
@@ -101,7 +102,7 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        with _IEEE_LOCK:
+        with _STATE_LOCK:
             _IEEE_USERS[0] -= 1
             if _IEEE_USERS[0] == 0:
                 setting(_IEEE_USERS[1])
@@ -173,6 +174,21 @@ def run_network(
     """
     model, device = trained.model, trained.device
     weight = blend_tensor(trained) if blend else None
+    with device_lock(device):  # threads sharing a GPU take turns: each sizes its batch from the free memory
+        return _run(trained, model, device, x, max_pixels, precision, tta, weight)
+
+
+def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
+    """A lock per CUDA device (a no-op context on CPU, where threads split the cores instead)."""
+    if device.type != "cuda":
+        return _NO_OP
+    with _STATE_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def _run(trained: Trained, model: torch.nn.Module, device: torch.device, x: np.ndarray | torch.Tensor,
+         max_pixels: int | None, precision: str, tta: bool, weight: torch.Tensor | None) -> np.ndarray:
+    """The body of :func:`run_network`: batches within the pixel budget, TTA, blending."""
     xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
     n = xt.shape[0]
     per_item = math.prod(xt.shape[1:]) // xt.shape[1]

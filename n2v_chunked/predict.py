@@ -429,7 +429,7 @@ def predict_block(
     """
     from .inference import run_network
 
-    trained = get_model(model_dir, token, device)
+    trained = get_model(model_dir, token, worker_device(device))
     _set_torch_threads(threads)
     dims = tuple(dims)
     spatial = model_spatial_dims(trained)
@@ -835,9 +835,48 @@ def _host_threads(client: Any) -> dict[str, int]:
     return out
 
 
+def local_layout(device: str | None = None) -> tuple[int | None, int]:
+    """LocalCluster ``(worker processes, threads per worker)`` for predicting on ``device``.
+
+    On CPU: one single-threaded process per core (:data:`LOCAL_WORKERS`).  On
+    CUDA: one process per GPU, with the cores shared out as threads that read,
+    pad and write blocks while the GPU computes.  One process per core would
+    give every core its own CUDA context on the same GPU (about 0.5 GB each)
+    and have them all size their batches from the same free memory.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0 or (device is not None and not str(device).startswith("cuda")):
+        return LOCAL_WORKERS, 1
+    if device is not None and str(device).startswith("cuda:"):
+        gpus = 1  # one named GPU
+    return gpus, max(1, usable_cpus() // gpus)
+
+
+def worker_device(device: str | None) -> str | None:
+    """The torch device of this dask worker: a named one, else GPU ``worker name mod GPU count``.
+
+    LocalCluster names its workers 0, 1, ...; with one process per GPU
+    (:func:`local_layout`) each then drives its own GPU.
+    """
+    import torch
+
+    if device is not None or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device
+
+
 @contextlib.contextmanager
 def scheduler_context(
-    scheduler: Any = None, *, jobqueue_config: str | None = None, jobs: int | None = None
+    scheduler: Any = None, *, jobqueue_config: str | None = None, jobs: int | None = None,
+    device: str | None = None,
 ) -> Iterator[Any]:
     """Yield a ``distributed.Client`` or a local dask scheduler name.
 
@@ -865,7 +904,8 @@ def scheduler_context(
     if jobs is not None:
         kw["jobs"] = jobs
     if scheduler in ("local", ""):
-        kw.update(n_workers=LOCAL_WORKERS, threads_per_worker=1)
+        workers, threads = local_layout(device)
+        kw.update(n_workers=workers, threads_per_worker=threads)
     cm = cluster_client(scheduler, **kw)
     with cm as client:
         yield client
@@ -1064,7 +1104,7 @@ def predict(
             log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
                      tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
         t0 = time.perf_counter()
-        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs) as sched:
+        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs, device=device) as sched:
             if stored is None:
                 create_ome_zarr(
                     out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,

@@ -434,3 +434,30 @@ def test_usable_cpus_honours_the_slurm_allocation(monkeypatch):
     assert P.usable_cpus() == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(n + 8))  # never more than the mask allows
     assert P.usable_cpus() == n
+
+
+def test_gpu_layout_one_process_per_gpu_with_threads(monkeypatch):
+    """A LocalCluster on a GPU machine: one worker process per GPU, the cores as its threads, one GPU each."""
+    import types
+
+    import distributed
+
+    from n2v_chunked.inference import device_lock
+
+    monkeypatch.setattr(P, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert P.local_layout(None) == (P.LOCAL_WORKERS, 1)  # CPU: one single-threaded process per core
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert P.local_layout(None) == (1, 16) and P.local_layout("cuda") == (1, 16)
+    assert P.local_layout("cpu") == (P.LOCAL_WORKERS, 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert P.local_layout(None) == (2, 8) and P.local_layout("cuda:1") == (1, 16)
+    assert P.worker_device(None) is None  # not in a dask worker
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=3))
+    assert P.worker_device(None) == "cuda:1" and P.worker_device("cuda:0") == "cuda:0"
+    # threads sharing a GPU take turns on it; CPU threads do not wait for each other
+    assert device_lock(torch.device("cuda:0")) is device_lock(torch.device("cuda:0"))
+    assert device_lock(torch.device("cuda:0")) is not device_lock(torch.device("cuda:1"))
+    with device_lock(torch.device("cpu")), device_lock(torch.device("cpu")):
+        pass
