@@ -174,7 +174,8 @@ def run_network(
     """
     model, device = trained.model, trained.device
     weight = blend_tensor(trained) if blend else None
-    with device_lock(device):  # threads sharing a GPU take turns: each sizes its batch from the free memory
+    strict = ieee_fp32(device) if precision == "fp32" else _NO_OP
+    with device_lock(device), strict:  # threads sharing a GPU take turns: each sizes its batch from the free memory
         return _run(trained, model, device, x, max_pixels, precision, tta, weight)
 
 
@@ -202,7 +203,7 @@ def _run(trained: Trained, model: torch.nn.Module, device: torch.device, x: np.n
         for k in ks:
             inp = _dihedral(part, k) if tta else part
             padded, crop = pad_to_multiple(inp, m)
-            with autocast_context(device, precision), ieee_fp32(device) if precision == "fp32" else _NO_OP:
+            with autocast_context(device, precision):
                 y = model(padded)
             y = y[(slice(None), slice(None), *crop)].float()
             acc += _dihedral(y, k, inverse=True) if tta else y

@@ -835,18 +835,15 @@ class PatchStream:
     def _fill(self, out: np.ndarray, n: int) -> int:
         """Write up to ``n`` patches into ``out`` (shape ``(B, C, *patch_all)``); return the count."""
         ds = self._ds
-        filtered = ds.min_std is not None or ds.mask is not None
-        if not filtered:
+        if ds.min_std is None and ds.mask is None:  # no foreground filter: every drawn patch is kept
             return self._fill_unfiltered(out, n)
         i = 0
         while i < n and self._active:
-            if not self._uniform:
-                self._uniform = self._rng.random(4096).tolist()
-            slot = self._active[int(self._uniform.pop() * len(self._active))]
+            slot = self._active[int(self._uniforms(1)[0] * len(self._active))]
             entry = self._slots[slot]
             origin = entry.next_origin()
             patch = entry.view[origin]
-            if filtered and not _accept(ds, entry, origin, patch):
+            if not _accept(ds, entry, origin, patch):
                 entry.misses += 1
                 self._reject()
                 if entry.misses >= ds.block_tries:

@@ -1,5 +1,6 @@
 """Training loop, checkpoints, resume, and bad model directories."""
 
+import itertools
 import os
 import pickle
 from pathlib import Path
@@ -24,7 +25,7 @@ class RandomCrops:
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self):
-        for served in range(1 << 62):
+        for served in itertools.count():
             if served == self.stop_after > 0:
                 raise KeyboardInterrupt  # Ctrl-C in the middle of a run
             h, w = self.image.shape[-2:]
