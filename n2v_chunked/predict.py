@@ -808,8 +808,8 @@ def _run_distributed(client: Any, batches: Iterator[list[Any]], bar: _Bar, windo
         for fut in ac:
             pending -= 1
             live.discard(fut)
-            if fut.status != "finished":
-                raise fut.exception() or RuntimeError(f"task {fut.key} {fut.status}")
+            # result() raises the task's error, and waits for a future that was lost with a dead
+            # worker and is being recomputed (as_completed may yield it before it finishes again)
             bar.done(int(np.sum(fut.result())))
             feed()
     finally:
