@@ -17,10 +17,10 @@ from n2v_chunked.sources import open_image
 @pytest.mark.parametrize("sample", ["nuclei", "paxillin"])
 def test_demo_trains_denoises_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], sample: str) -> None:
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--sample", sample, "--steps", "30", "--minutes", "2"])
+    rc = main(["demo", "--out", str(out), "--sample", sample, "--steps", "30", "--minutes", "30"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 30 and is_complete(s["output"])
+    assert s["steps"] == 30 and is_complete(s["output"])  # the step cap ends training, not the time budget
     denoised = open_image(s["output"])
     assert denoised.dtype == np.float32 and np.isfinite(denoised.values).all()
     png = Image.open(s["png"])
