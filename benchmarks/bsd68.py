@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from n2v_chunked.checkpoint import load_model
-    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.inference import denoise
     from n2v_chunked.sources import open_image
     from n2v_chunked.train import fit
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     result = fit(
         source, work, dims=2,
         model_cfg=ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2),
+        mask_cfg=MaskConfig(density=args.mask_density, replacement=args.replacement),
         train_cfg=cfg, progress=not args.quiet,
     )
     trained = load_model(work, which=args.weights)
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "schedule": args.schedule,
         "features": args.features,
+        "mask_density": args.mask_density,
+        "replacement": args.replacement,
         "precision": args.precision,
         "train_seconds": round(result.seconds, 1),
         "patches_per_second": round(result.patches_per_second, 1),
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--n2v2", action="store_true")
+    p.add_argument("--mask-density", type=float, default=1 / 64, help="masked fraction (default: the paper's 1/64)")
+    p.add_argument("--replacement", default="uniform", choices=["uniform", "median"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
     p.add_argument("--tta", action="store_true", help="predict with the 8 rotations/flips averaged")
