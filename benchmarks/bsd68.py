@@ -156,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", help="keep the model here (default: a temporary directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    print(json.dumps(run(args)), flush=True)
+    from n2v_chunked.errors import N2VError
+
+    try:
+        out = run(args)
+    except N2VError as exc:  # a bad option (e.g. --mask-density 0.7) is one line, not a traceback
+        raise SystemExit(f"bsd68: {exc}") from None
+    print(json.dumps(out), flush=True)
     return 0
 
 
