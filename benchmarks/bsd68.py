@@ -6,12 +6,14 @@ only; denoise the noisy BSD68 test images; report the mean PSNR against the
 clean images (data range 255, no clipping).
 
 Prints one JSON line: PSNR (the network's prediction, and blended with the
-noisy input by the model's noise-aware weight), steps, train seconds,
-patches/s, predict MPix/s.
+noisy input by the model's noise-aware weight), the weight of each pixel's own
+value in its prediction (``centre_weight``), steps, train seconds, patches/s,
+predict MPix/s.
 
 Examples
 --------
 python benchmarks/bsd68.py --steps 100                  # the 100-step figure
+python benchmarks/bsd68.py --steps 100 --replacement median  # with N2V2's replacement
 python benchmarks/bsd68.py --minutes 15 --steps 100000  # the 15-minute figure
 python benchmarks/bsd68.py --steps 200000 --features 96 # the paper's full run (GPU)
 """
@@ -54,12 +56,32 @@ def mean_psnr(clean: list[np.ndarray], restored: list[np.ndarray]) -> float:
     return float(np.mean([peak_signal_noise_ratio(c, r, data_range=255) for c, r in zip(clean, restored)]))
 
 
+def centre_weight(trained, images: list[np.ndarray], delta: float = 10.0) -> float:
+    """How much of a pixel's own value reaches its own output: mean d out_i / d in_i.
+
+    ``delta`` is added to single pixels spaced more than the receptive field
+    apart, so each output change comes from one pixel only.  About 0 for a
+    blind-spot network; 1 for the identity.
+    """
+    from n2v_chunked.inference import denoise, halo_width
+
+    r = max(halo_width(trained))
+    gains = []
+    for im in images:
+        bump = np.zeros_like(im)
+        bump[r : im.shape[0] - r : 2 * r + 1, r : im.shape[1] - r : 2 * r + 1] = delta
+        a = denoise(trained, im[None, None], precision="fp32")[0, 0]
+        b = denoise(trained, (im + bump)[None, None], precision="fp32")[0, 0]
+        gains.append((b - a)[bump > 0] / delta)
+    return float(np.mean(np.concatenate(gains)))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train on noisy Train400, evaluate on noisy BSD68; return the figures."""
     import torch
 
     from n2v_chunked.checkpoint import load_model
-    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig, default_replacement
     from n2v_chunked.inference import denoise
     from n2v_chunked.sources import open_image
     from n2v_chunked.train import fit
@@ -74,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     train_noisy = np.stack(noisy[: len(train_clean)])  # (400, 180, 180): axes t, y, x
     test_noisy = noisy[len(train_clean):]
 
+    replacement = args.replacement or default_replacement(args.n2v2)
     work = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="bsd68_"))
     if work.exists() and not args.model_dir:
         shutil.rmtree(work)
@@ -88,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     result = fit(
         source, work, dims=2,
         model_cfg=ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2),
-        mask_cfg=MaskConfig(density=args.mask_density, replacement=args.replacement),
+        mask_cfg=MaskConfig(density=args.mask_density, replacement=replacement),
         train_cfg=cfg, progress=not args.quiet,
     )
     trained = load_model(work, which=args.weights)
@@ -105,6 +128,7 @@ def run(args: argparse.Namespace) -> dict:
         "psnr": round(mean_psnr(test_clean, restored), 3),
         "psnr_blend": round(mean_psnr(test_clean, blended), 3),
         "blend_weight": round(float(trained.blend_weight[0]), 4),
+        "centre_weight": round(centre_weight(trained, test_noisy[:10]), 4),
         "noise_std_estimate": round(float(trained.meta["normalization"]["noise_std"][0]), 3),
         "psnr_noisy_input": round(mean_psnr(test_clean, test_noisy), 3),
         "steps": result.step,
@@ -113,7 +137,8 @@ def run(args: argparse.Namespace) -> dict:
         "schedule": args.schedule,
         "features": args.features,
         "mask_density": args.mask_density,
-        "replacement": args.replacement,
+        "n2v2": args.n2v2,
+        "replacement": replacement,
         "precision": args.precision,
         "train_seconds": round(result.seconds, 1),
         "patches_per_second": round(result.patches_per_second, 1),
@@ -140,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--n2v2", action="store_true")
+    p.add_argument("--n2v2", action="store_true", help="N2V2: no top skip, blur-pool, median replacement")
     p.add_argument("--mask-density", type=float, default=1 / 64, help="masked fraction (default: the paper's 1/64)")
-    p.add_argument("--replacement", default="uniform", choices=["uniform", "median"])
+    p.add_argument("--replacement", choices=["uniform", "median"],
+                   help="masked pixel's value (default: the paper's uniform draw; median with --n2v2)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
     p.add_argument("--tta", action="store_true", help="predict with the 8 rotations/flips averaged")

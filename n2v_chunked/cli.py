@@ -105,6 +105,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--independent-channels", action="store_true", help="denoise channels independently")
     g = p.add_argument_group("masking")
     g.add_argument("--mask-density", type=float, default=1 / 64, help="fraction of masked pixels (paper: 1/64)")
+    g.add_argument("--replacement", choices=["uniform", "median"],
+                   help="value put into a masked pixel: uniform, a random other pixel of its 5x5 neighbourhood "
+                   "(N2V paper, default), or median, the neighbourhood's median without the centre (default with --n2v2)")
     g.add_argument("--struct-span", type=int, default=0, help="structN2V: length of the masked line (odd; 0 off)")
     g.add_argument("--struct-axes", default="x", help="structN2V line axes, e.g. x or yx (default x)")
     g = p.add_argument_group("sampler")
@@ -115,14 +118,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def handler(args: argparse.Namespace) -> int:
-        from .config import MaskConfig, ModelConfig, TrainConfig
+        from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement
         from .convert import parse_int_list
         from .train import fit
 
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels)
         mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
-                              struct_axes=list(args.struct_axes), replacement="median" if args.n2v2 else "uniform")
+                              struct_axes=list(args.struct_axes), replacement=args.replacement or default_replacement(args.n2v2))
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
                                 lr=args.lr, schedule=args.schedule, val_interval=args.val_interval,
                                 precision=args.precision,

@@ -63,6 +63,11 @@ class ModelConfig:
             raise N2VError("features and in_channels must be positive")
 
 
+def default_replacement(n2v2: bool) -> str:
+    """The replacement that goes with a network: N2V2's median, else N2V's uniform draw."""
+    return "median" if n2v2 else "uniform"
+
+
 @dataclasses.dataclass
 class MaskConfig:
     """Blind-spot masking (N2V paper, Section 3.5).

@@ -1068,6 +1068,10 @@ def predict(
         from .inference import blend_tensor
 
         blend_tensor(trained)  # a model without a blend weight fails here, before any output exists
+        if trained.meta.get("mask", {}).get("replacement") == "median":
+            # the weight assumes a blind prediction; a median-trained network already passes some of each pixel
+            log.warning("--blend: this model was trained with median replacement, which already lets part of each "
+                        "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
     kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
               device=device)
     if output is None:

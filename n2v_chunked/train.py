@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
-from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
+from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement, to_dict
 from .errors import N2VError
 from .inference import autocast_context
 from .lock import output_lock
@@ -255,7 +255,7 @@ def _train(
     progress: bool, info: DistInfo,
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock is held."""
-    mask_cfg = mask_cfg or MaskConfig()
+    mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
     train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
@@ -487,6 +487,8 @@ def fit(
         ``z`` becomes a sample axis.
     model_cfg, mask_cfg, train_cfg : config dataclasses, optional
         ``dims`` and ``in_channels`` of ``model_cfg`` are set from the data.
+        Without ``mask_cfg`` the replacement follows the model: N2V2's median
+        for ``n2v2``, else the paper's uniform draw.
     resume : bool
         Continue the model in ``model_dir``.
     device : optional
@@ -513,7 +515,7 @@ def fit(
     info = init_distributed()  # before the sampler, so it shards by rank
     data = open_image(source, axes=axes, level=level)
     model_cfg = model_cfg or ModelConfig()
-    mask_cfg = mask_cfg or MaskConfig()
+    mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
     train_cfg = train_cfg or TrainConfig()
     if resume:
         meta = ckpt.read_config(model_dir)

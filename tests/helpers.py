@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig, default_replacement
 from n2v_chunked.model import UNet
 
 
@@ -31,7 +32,8 @@ def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, se
                 mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
     mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
     noise = std * np.sqrt(np.linspace(0.3, 0.5, channels)) if blend else None
-    meta = ckpt.write_config(path, cfg, MaskConfig(), TrainConfig(), mean, std, noise_std=noise)
+    mask = MaskConfig(replacement=default_replacement(n2v2))
+    meta = ckpt.write_config(path, cfg, mask, TrainConfig(), mean, std, noise_std=noise)
     if blend:  # noise variance / validation MSE, in normalised units: the weight
         meta["validation"] = {"best": {"step": 1, "mse": [1.0] * channels}}
         ckpt.write_meta(path, meta)
@@ -45,3 +47,14 @@ def noisy(shape, seed=0, dtype=np.float32):
     grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
     clean = 100 + 40 * np.sin(grids[-1] / 7.0) * np.cos(grids[-2] / 5.0)
     return (clean + rng.normal(0, 15, shape)).astype(dtype)
+
+
+def bsd68_data() -> Path | None:
+    """The folder holding Train400/ and BSD68/ (env N2V_DATA, else a ``shared/data`` above the repo)."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ["N2V_DATA"])] if os.environ.get("N2V_DATA") else []
+    candidates += [p / "shared" / "data" for p in (repo, *repo.parents)]
+    for c in candidates:
+        if (c / "Train400").is_dir() and (c / "BSD68").is_dir() and any((c / "BSD68").glob("*.png")):
+            return c
+    return None

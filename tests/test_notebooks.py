@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import bsd68_data
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -30,16 +31,6 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 CELL_TIMEOUT = 300  # seconds per cell; generous for a loaded 2-core machine
-
-
-def _bsd68_data() -> Path | None:
-    """The folder holding Train400/ and BSD68/ (env N2V_DATA, else a ``shared/data`` above the repo)."""
-    candidates = [Path(os.environ["N2V_DATA"])] if os.environ.get("N2V_DATA") else []
-    candidates += [p / "shared" / "data" for p in (REPO, *REPO.parents)]
-    for c in candidates:
-        if (c / "Train400").is_dir() and (c / "BSD68").is_dir() and any((c / "BSD68").glob("*.png")):
-            return c
-    return None
 
 
 def _kernel_manager(tmp: Path) -> Any:
@@ -170,7 +161,7 @@ def test_large_volume(tmp_path: Path, nb_env: None) -> None:
 
 
 def test_bsd68_reproduction(tmp_path: Path, nb_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _bsd68_data()
+    data = bsd68_data()
     if data is None:
         pytest.skip("BSD68 data absent: no Train400/ and BSD68/ under $N2V_DATA or a shared/data above the repo")
     monkeypatch.setenv("N2V_DATA", str(data))

@@ -69,7 +69,6 @@ def whole_image(model_dir, arr, dims, **kw):
     samples = [d for d in dims if d not in spatial and d != "c"]
     order = samples + (["c"] if "c" in dims else []) + list(spatial)
     x = xr.DataArray(arr, dims=tuple(dims)).transpose(*order).values
-    lead = x.shape[: len(samples)]
     x = x.reshape((-1,) + ((x.shape[len(samples)],) if "c" in dims else (1,)) + x.shape[-len(spatial) :])
     y = denoise(trained, x, **kw).reshape(xr.DataArray(arr, dims=tuple(dims)).transpose(*order).shape)
     return xr.DataArray(y, dims=tuple(order)).transpose(*dims).values
@@ -220,6 +219,14 @@ def test_blend_mixes_the_input_and_chunked_equals_whole_image(tmp_path):
     plain = whole_image(md, arr, "tcyx")
     mix = w[None, :, None, None] * plain + (1 - w[None, :, None, None]) * arr  # per channel, in input units
     assert_close(got, mix.astype(np.float32), arr)
+
+
+@pytest.mark.parametrize("n2v2", [False, True])
+def test_blend_warns_for_a_median_trained_model(tmp_path, caplog, n2v2):
+    md = make_model_dir(tmp_path / "m", n2v2=n2v2, blend=True)  # n2v2 trains with median replacement
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        chunked(md, noisy((40, 48)), "yx", (24, 32), blend=True)
+    assert ("median replacement" in caplog.text) is n2v2
 
 
 # ----------------------------------------------------------------------------

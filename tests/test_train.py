@@ -130,6 +130,17 @@ def test_blend_weight_from_noise_level_and_validation(tmp_path, steps):
     assert np.mean((blend - clean) ** 2) < np.mean((plain - clean) ** 2)
 
 
+@pytest.mark.parametrize("n2v2, replacement", [(False, "uniform"), (True, "median")])
+def test_default_replacement_follows_the_model(tmp_path, n2v2, replacement):
+    _, noisy = _noisy_image()
+    img = noisy[None]
+    cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=1, val_interval=1, precision="fp32")
+    train(RandomCrops(img, 32, 4), np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)),
+          tmp_path / "m", ModelConfig(features=4, n2v2=n2v2), None, cfg, progress=False, device="cpu")
+    meta = yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())
+    assert meta["mask"]["replacement"] == replacement
+
+
 def test_refuses_to_overwrite_a_model_dir(tmp_path):
     _fit(tmp_path, steps=2)
     with pytest.raises(N2VError, match="already holds a model"):

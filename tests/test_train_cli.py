@@ -34,6 +34,7 @@ def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
     assert meta["model"]["dims"] == 2 and meta["axes"] == "tyx"
     assert meta["train"]["patch_size"] == [32, 32]
+    assert meta["mask"]["replacement"] == "uniform" and meta["mask"]["density"] == 1 / 64  # the paper's
     assert ckpt.load_training_state(model)["step"] == 3
     # a second train into the same directory is refused; --resume continues it
     assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), *FAST]) == 2
@@ -42,6 +43,20 @@ def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
     args[args.index("3")] = "5"
     assert main(args) == 0
     assert ckpt.load_training_state(model)["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "flags, n2v2, replacement",
+    [(["--n2v2"], True, "median"), (["--n2v2", "--replacement", "uniform"], True, "uniform"),
+     (["--replacement", "median"], False, "median")],
+)
+def test_replacement_follows_n2v2_unless_given(tmp_path, flags, n2v2, replacement):
+    src = _zarr_stack(tmp_path / "in.zarr")
+    model = tmp_path / "model"
+    assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32",
+                 *FAST, "--steps", "1", *flags]) == 0
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    assert meta["model"]["n2v2"] is n2v2 and meta["mask"]["replacement"] == replacement
 
 
 def test_3d_stack_with_few_slices_and_odd_sizes(tmp_path):

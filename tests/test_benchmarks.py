@@ -1,0 +1,54 @@
+"""Smoke runs of the quality benchmarks: they run, print their JSON, and refuse bad options in one line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import bsd68_data
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = bsd68_data()
+
+
+def _run(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.skipif(DATA is None, reason="BSD68 data absent: no Train400/ and BSD68/ under $N2V_DATA or shared/data")
+@pytest.mark.parametrize("flags, replacement", [([], "uniform"), (["--n2v2"], "median")])
+def test_bsd68_smoke(flags, replacement):
+    proc, rows = _run("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
+                      "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet", *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = rows
+    assert row["steps"] == 2 and row["replacement"] == replacement and row["n2v2"] is bool(flags)
+    assert 19 < row["psnr_noisy_input"] < 22  # sigma 25 on 0..255: about 20.2 dB
+    for key in ("psnr", "psnr_blend", "centre_weight", "patches_per_second"):
+        assert math.isfinite(row[key]), key
+    assert -1 < row["centre_weight"] < 1
+
+
+def test_bsd68_bad_option_is_one_line(tmp_path):
+    data = DATA or tmp_path  # without the data, the missing images are the one line
+    proc, rows = _run("bsd68.py", "--data", str(data), "--mask-density", "0.7", "--n-train", "12", "--n-test", "1",
+                      "--steps", "1", "--quiet")
+    assert proc.returncode != 0 and not rows
+    if DATA is None:
+        assert proc.stderr.strip() == f"bsd68: no PNG images in {tmp_path / 'Train400'}"
+        return
+    assert proc.stderr.strip() == "bsd68: mask density must be in (0, 0.5], got 0.7"
+
+
+def test_replacement_smoke():
+    proc, rows = _run("replacement.py", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    uniform, median, diff = rows
+    assert (uniform["replacement"], median["replacement"]) == ("uniform", "median")
+    assert uniform["psnr_noisy"] == median["psnr_noisy"]  # the same noisy input for both
+    assert diff["median_minus_uniform_db"] == pytest.approx(median["psnr"] - uniform["psnr"], abs=2e-3)
