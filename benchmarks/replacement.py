@@ -34,7 +34,8 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
     from n2v_chunked.train import fit
 
     model = work / replacement
-    cfg = TrainConfig(steps=args.steps, val_interval=25, checkpoint_interval=100, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_interval=25, checkpoint_interval=100,
+                      seed=args.seed)
     result = fit(noisy, model, axes="zyx", dims=2, train_cfg=cfg, mask_cfg=MaskConfig(replacement=replacement),
                  progress=False)
     start = time.perf_counter()
@@ -47,6 +48,7 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
         "sample": "nuclei",
         "replacement": replacement,
         "steps": result.step,
+        "batch_size": args.batch_size,
         "seed": args.seed,
         "psnr_noisy": round(float(peak_signal_noise_ratio(clean, noisy, data_range=data_range)), 3),
         "psnr": round(float(peak_signal_noise_ratio(clean, denoised, data_range=data_range)), 3),
@@ -60,6 +62,7 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="training steps per replacement (default 200)")
+    p.add_argument("--batch-size", type=int, default=128, help="patches per step (default: the paper's 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, weights, patches and masks")
     args = p.parse_args(argv)
     import tifffile

@@ -46,9 +46,10 @@ def test_bsd68_bad_option_is_one_line(tmp_path):
 
 
 def test_replacement_smoke():
-    proc, rows = _run("replacement.py", "--steps", "2")
+    proc, rows = _run("replacement.py", "--steps", "2", "--batch-size", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     uniform, median, diff = rows
     assert (uniform["replacement"], median["replacement"]) == ("uniform", "median")
+    assert uniform["steps"] == median["steps"] == 2 and uniform["batch_size"] == 16
     assert uniform["psnr_noisy"] == median["psnr_noisy"]  # the same noisy input for both
     assert diff["median_minus_uniform_db"] == pytest.approx(median["psnr"] - uniform["psnr"], abs=2e-3)
