@@ -515,8 +515,7 @@ def fit(
     info = init_distributed()  # before the sampler, so it shards by rank
     data = open_image(source, axes=axes, level=level)
     model_cfg = model_cfg or ModelConfig()
-    mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
-    train_cfg = train_cfg or TrainConfig()
+    train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
     if resume:
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,11 @@ def bsd68_data() -> Path | None:
         if (c / "Train400").is_dir() and (c / "BSD68").is_dir() and any((c / "BSD68").glob("*.png")):
             return c
     return None
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run ``benchmarks/<script>`` from the repository root; return the process and its JSON lines."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=repo, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

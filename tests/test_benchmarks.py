@@ -1,29 +1,17 @@
 """Smoke runs of the quality benchmarks: they run, print their JSON, and refuse bad options in one line."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import bsd68_data
+from helpers import bsd68_data, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = bsd68_data()
-
-
-def _run(script, *args, timeout=300):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.skipif(DATA is None, reason="BSD68 data absent: no Train400/ and BSD68/ under $N2V_DATA or shared/data")
 @pytest.mark.parametrize("flags, replacement", [([], "uniform"), (["--n2v2"], "median")])
 def test_bsd68_smoke(flags, replacement):
-    proc, rows = _run("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
+    proc, rows = run_benchmark("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
                       "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = rows
@@ -36,7 +24,7 @@ def test_bsd68_smoke(flags, replacement):
 
 def test_bsd68_bad_option_is_one_line(tmp_path):
     data = DATA or tmp_path  # without the data, the missing images are the one line
-    proc, rows = _run("bsd68.py", "--data", str(data), "--mask-density", "0.7", "--n-train", "12", "--n-test", "1",
+    proc, rows = run_benchmark("bsd68.py", "--data", str(data), "--mask-density", "0.7", "--n-train", "12", "--n-test", "1",
                       "--steps", "1", "--quiet")
     assert proc.returncode != 0 and not rows
     if DATA is None:
@@ -46,7 +34,7 @@ def test_bsd68_bad_option_is_one_line(tmp_path):
 
 
 def test_replacement_smoke():
-    proc, rows = _run("replacement.py", "--steps", "2", "--batch-size", "16")
+    proc, rows = run_benchmark("replacement.py", "--steps", "2", "--batch-size", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     uniform, median, diff = rows
     assert (uniform["replacement"], median["replacement"]) == ("uniform", "median")

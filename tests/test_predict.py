@@ -3,7 +3,6 @@ the distributed path, the CLI's errors, and the benchmark's smoke run."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from n2v_chunked.masking import mask_batch, masked_mse
 from n2v_chunked.model import UNet
 from n2v_chunked.ome import is_complete, write_ome_zarr
 
-from helpers import make_model_dir, noisy
+from helpers import make_model_dir, noisy, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # of the data range, float32
@@ -411,12 +410,9 @@ def test_cli_help_has_examples():
 
 
 def _benchmark(*args):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "predict.py"), "--quick", "--precisions", "fp32", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    proc, records = run_benchmark("predict.py", "--quick", "--precisions", "fp32", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return records
 
 
 def test_benchmark_quick_efficiency():

@@ -7,11 +7,8 @@ source exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from helpers import run_benchmark
 
 from n2v_chunked.errors import N2VError
 from n2v_chunked.sampler import (
@@ -32,8 +30,6 @@ from n2v_chunked.sampler import (
     origin_boxes,
     split_validation,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def coord_zarr(path: Path, shape, chunks, compress: bool = False) -> zarr.Array:
@@ -412,21 +408,20 @@ def test_all_background_is_an_error_not_a_hang(tmp_path):
                          min_std=0.1).validation_patches(4)
 
 
-def run_benchmark(tmp_path, *only: str) -> set[str]:
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampler.py"), "--smoke",
-                          "--workdir", str(tmp_path), "--only", *only],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
+def sampler_measures(tmp_path, *only: str) -> set[str]:
+    out, records = run_benchmark("sampler.py", "--smoke", "--workdir", str(tmp_path), "--only", *only)
     assert out.returncode == 0, out.stderr
-    return {json.loads(line)["measure"] for line in out.stdout.splitlines()}
+    assert len(records) == len(out.stdout.splitlines())  # every line is a JSON record
+    return {r["measure"] for r in records}
 
 
 def test_benchmark_smoke_run(tmp_path):
-    assert {"throughput_ratio", "starvation"} <= run_benchmark(tmp_path, "throughput", "starvation")
+    assert {"throughput_ratio", "starvation"} <= sampler_measures(tmp_path, "throughput", "starvation")
 
 
 @pytest.mark.slow
 def test_benchmark_smoke_run_memory(tmp_path):  # two child interpreters: slow on a loaded machine
-    assert "memory_ratio" in run_benchmark(tmp_path, "memory")
+    assert "memory_ratio" in sampler_measures(tmp_path, "memory")
 
 
 def test_batches_prefetch_same_stream_and_errors_surface(tmp_path):
