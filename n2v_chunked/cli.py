@@ -82,6 +82,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale OME-Zarr (default 0)")
     p.add_argument("--dims", type=int, choices=[2, 3], help="model dimensionality (default: 3 if the data has z)")
     p.add_argument("--resume", action="store_true", help="continue training the model in --model-dir")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from another model's weights: a Zoo package written by 'n2v-chunked export' or a model "
+                   "directory (its network, masking and normalisation are used; --depth etc. are ignored)")
     g = p.add_argument_group("schedule (defaults: the paper's settings)")
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
     g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
@@ -134,7 +137,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
-                  min_std=args.min_std, progress=not args.no_progress)
+                  min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
             print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")

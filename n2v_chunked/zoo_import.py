@@ -111,8 +111,11 @@ def read_description(path: str | Path) -> Any:
         raise N2VError(f"Zoo package {path} describes a {rdf.get('type')!r}, not a model")
     try:
         descr = load_model_description(path, format_version="latest", perform_io_checks=False)
-    except ValueError as exc:  # not a model, or unusable beyond validation
-        raise N2VError(f"Zoo package {path} fails validation: {str(exc).splitlines()[0][:200]}") from None
+    except ValueError as exc:  # "Invalid model description:" then one line per error
+        lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip(" -")]
+        first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or ["invalid"])[0]
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 and lines[0].endswith(":") else ""
+        raise N2VError(f"Zoo package {path} fails validation: {first[:200]}{more}") from None
     if isinstance(descr, InvalidDescr) or not isinstance(descr, v0_5.ModelDescr):
         errors = getattr(getattr(descr, "validation_summary", None), "errors", None) or []
         first = f"{'.'.join(str(p) for p in errors[0].loc)}: {errors[0].msg}" if errors else "invalid description"
@@ -508,3 +511,52 @@ def measure_reach(trained: ZooTrained, spec: ZooSpec, mean: np.ndarray, std: np.
     if changed.size == 0:
         return (0,) * dims
     return tuple(int(np.abs(changed[:, k] - side // 2).max()) for k in range(dims))
+
+
+# ----------------------------------------------------------------------------
+# train --init-from: the weights and settings of one of our exported models.
+# ----------------------------------------------------------------------------
+
+
+def _package_file(path: Path, name: str) -> bytes:
+    if path.is_file():
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(name)
+    return (path / name).read_bytes()
+
+
+def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``config.yaml`` content and weights to start training from.
+
+    Parameters
+    ----------
+    path : str or Path
+        A Zoo package written by ``n2v-chunked export`` (its architecture is
+        our U-Net and it carries ``config.n2v_chunked``), or a model directory.
+
+    Returns
+    -------
+    meta, state_dict
+    """
+    import io
+
+    from . import checkpoint as ckpt
+
+    path = Path(path)
+    if not is_zoo_package(path):
+        meta = ckpt.read_config(path)
+        best = path / ckpt.WEIGHTS_BEST
+        return meta, ckpt.safe_torch_load(best if best.is_file() else path / ckpt.WEIGHTS_LAST)
+    descr = read_description(path)
+    weights = descr.weights.pytorch_state_dict
+    arch = getattr(weights, "architecture", None)
+    meta = (descr.config.model_dump().get("n2v_chunked") if descr.config is not None else None)
+    if weights is None or str(getattr(arch, "callable", "")) != "N2VUNet" or not isinstance(meta, dict):
+        raise N2VError(f"Zoo package {path.name} is not an N2V model of n2v_chunked (no pytorch_state_dict of "
+                       "N2VUNet with config.n2v_chunked); --init-from continues only our own exported models")
+    name = Path(str(weights.source.path if hasattr(weights.source, "path") else weights.source)).name
+    try:
+        state = torch.load(io.BytesIO(_package_file(path, name)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a missing member, a truncated file, a pickle that is more than tensors
+        raise N2VError(f"cannot read the weights {name} of Zoo package {path.name}: {str(exc).splitlines()[0][:160]}") from None
+    return meta, state

@@ -194,3 +194,22 @@ def test_probe_measures_the_reach_of_a_foreign_network(tmp_path):
     spec = inspect_description(read_description(pkg), "m")
     assert measure_reach(load(ref, "cpu"), spec, np.array([100.0]), np.array([20.0])) == (3, 3)  # 5x5 then 3x3
     assert TwoConv  # the architecture the reach comes from
+
+
+def test_train_init_from_our_package_starts_from_its_weights(exported, tmp_path):
+    from n2v_chunked.ome import write_ome_zarr
+
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(_image((4, 64, 64)), dims=("t", "y", "x")), dtype=None, pyramid=False,
+                   progress=False)
+    md = tmp_path / "m"
+    rc = main(["train", str(src), "--model-dir", str(md), "--init-from", str(exported["2dzip"]), "--steps", "1",
+               "--batch-size", "2", "--lr", "1e-12", "--val-interval", "1", "--precision", "fp32", "--no-progress"])
+    assert rc == 0
+    old, new = ckpt.read_config(exported["2d"]), ckpt.read_config(md)
+    assert new["model"] == old["model"] and new["normalization"]["mean"] == old["normalization"]["mean"]
+    assert new["init_from"] == str(exported["2dzip"])
+    start = torch.load(exported["2d"] / ckpt.WEIGHTS_BEST, weights_only=True)
+    got = torch.load(md / ckpt.WEIGHTS_LAST, weights_only=True)
+    convs = [k for k in start if k.endswith("weight") and start[k].ndim == 4]
+    assert convs and all(torch.allclose(got[k], start[k], atol=1e-6) for k in convs)
