@@ -1112,6 +1112,7 @@ def predict(
             "command": "predict",
             "model_id": trained.model_id,
             "model_dir": str(model_dir),
+            **({} if isinstance(model_dir, str) else {"zoo": model_dir.provenance()}),
             "input": str(data.attrs.get("source")),
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),

@@ -315,6 +315,11 @@ class ZooRef:
         digest = hashlib.sha256(f"{self.weight_format}|{self.pre}|{self.post}".encode()).hexdigest()[:16]
         return f"{self.path}#{digest}"
 
+    def provenance(self) -> dict[str, Any]:
+        """What the output records: weights and the processing as applied (statistics frozen)."""
+        return {"weight_format": self.weight_format, "halo": list(self.halo),
+                "preprocessing": json.loads(self.pre), "postprocessing": json.loads(self.post)}
+
     def token(self) -> str:
         """Changes when the package changes."""
         p = Path(self.path)

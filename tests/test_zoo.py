@@ -153,12 +153,32 @@ def test_sample_statistics_are_frozen_over_the_whole_input(tmp_path):
     assert np.abs(a - ref).max() <= 2e-2 * rng
 
 
-def test_our_export_reimported_predicts_like_the_model_dir(exported, tmp_path):
-    arr = _image((72, 88))
-    kw = dict(chunks=(32, 40), scheduler="sync", progress=False)
-    a = P.predict(xr.DataArray(arr, dims=("y", "x")), None, exported["2d"], **kw).values
-    b = P.predict(xr.DataArray(arr, dims=("y", "x")), None, exported["2dzip"], **kw).values
+@pytest.mark.parametrize("dims, shape, chunks", [("yx", (72, 88), (32, 40)), ("zyx", (20, 36, 28), (12, 20, 16))])
+def test_our_export_reimported_predicts_like_the_model_dir(exported, dims, shape, chunks):
+    key = f"{len(dims)}d"
+    arr = xr.DataArray(_image(shape), dims=tuple(dims))
+    kw = dict(chunks=chunks, scheduler="sync", progress=False)
+    a = P.predict(arr, None, exported[key], **kw).values
+    b = P.predict(arr, None, exported[key + "zip"], **kw).values
     assert np.abs(a - b).max() <= 1e-4 * float(a.max() - a.min())
+
+
+def test_export_of_n2v2_with_independent_channels_passes_the_model_test(tmp_path):
+    from bioimageio.core import test_model
+
+    md = make_model_dir(tmp_path / "m", channels=2, depth=2, features=4, n2v2=True)
+    meta = ckpt.read_config(md)
+    meta["model"]["independent_channels"] = True
+    ckpt.write_meta(md, meta)  # a shared 1-channel network: new weights of that shape
+    from n2v_chunked.config import ModelConfig
+    from n2v_chunked.model import UNet
+
+    net = UNet(ModelConfig(**meta["model"]))
+    ckpt.save_weights(md, net, ckpt.WEIGHTS_BEST)
+    pkg = export(md, tmp_path / "m.zip")
+    for wf in ("pytorch_state_dict", "torchscript"):
+        summary = test_model(str(pkg), weight_format=wf, devices=["cpu"])
+        assert summary.status == "passed", summary.format()
 
 
 def test_predict_cli_with_zoo_package_writes_complete_ome_zarr(tmp_path, capsys):
@@ -173,6 +193,10 @@ def test_predict_cli_with_zoo_package_writes_complete_ome_zarr(tmp_path, capsys)
                  "--no-progress"]) == 0
     res = open_image(str(out))
     assert res.shape == (64, 64) and np.isfinite(res.values).all()
+    import zarr
+
+    prov = zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]
+    assert prov["complete"] and prov["zoo"]["halo"] == [4, 4] and prov["model_dir"] == str(pkg)
     assert "wrote" in capsys.readouterr().out
 
 
