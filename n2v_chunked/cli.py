@@ -82,6 +82,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale OME-Zarr (default 0)")
     p.add_argument("--dims", type=int, choices=[2, 3], help="model dimensionality (default: 3 if the data has z)")
     p.add_argument("--resume", action="store_true", help="continue training the model in --model-dir")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from another model's weights: a Zoo package written by 'n2v-chunked export' or a model "
+                   "directory (its network, masking and normalisation are used; --depth etc. are ignored)")
     g = p.add_argument_group("schedule (defaults: the paper's settings)")
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
     g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
@@ -134,7 +137,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
-                  min_std=args.min_std, progress=not args.no_progress)
+                  min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
             print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
@@ -256,7 +259,11 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="input image path, folder, glob or URL")
     p.add_argument("output", help="output OME-Zarr path")
-    p.add_argument("--model-dir", required=True, help="model directory written by training")
+    p.add_argument("--model", "--model-dir", dest="model_dir", required=True, metavar="PATH",
+                   help="model directory written by training, or a BioImage Model Zoo package (.zip, or a folder "
+                   "holding rdf.yaml / bioimageio.yaml)")
+    p.add_argument("--halo", metavar="N",
+                   help="Zoo models: halo in pixels (one, or one per spatial axis zyx) when the package declares none")
     p.add_argument("--chunks", help="working and output chunks, one per axis in tczyx order (e.g. 1,512,512) "
                    "or one per spatial axis (default: sized to memory, multiples of 2**depth)")
     p.add_argument("--scheduler", default="local",
@@ -307,6 +314,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             pyramid=not args.no_pyramid,
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
+            halo=_int_list(args.halo, "--halo"),
         )
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
@@ -317,7 +325,38 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict]
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model directory as a BioImage Model Zoo package (.zip)",
+        description="Export a trained model as a BioImage Model Zoo package (model description format 0.5): "
+        "pytorch_state_dict weights with a self-contained architecture file and torchscript weights, "
+        "fixed normalisation, the output halo, test tensors, a cover and a README. Fiji/deepImageJ, ilastik, "
+        "napari and `bioimageio predict` open it; `n2v-chunked predict --model` and `train --init-from` read it "
+        "back. Needs the zoo extra (pip install 'n2v-chunked[zoo]').",
+        epilog="example:\n  n2v-chunked export --model-dir models/n2v n2v_model.zip --author 'Ada Lovelace' --license CC-BY-4.0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("output", help="package to write (.zip)")
+    p.add_argument("--model-dir", required=True, help="model directory written by training")
+    p.add_argument("--name", help="model name (default: N2V <dims>D <model id>)")
+    p.add_argument("--author", action="append", default=[], help="author name (repeat for several)")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX licence id (default: CC-BY-4.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+
+    def handler(args: argparse.Namespace) -> int:
+        from .zoo_export import export
+
+        out = export(args.model_dir, args.output, name=args.name, authors=args.author, license=args.license,
+                     overwrite=args.overwrite)
+        print(f"n2v-chunked: wrote {out}", flush=True)
+        return 0
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict,
+                                                                   add_export]
 
 
 # ----------------------------------------------------------------------------

@@ -13,13 +13,13 @@ autograd).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .unet_arch import N2VUNet
 
 
 def size_multiple(cfg: ModelConfig) -> int:
@@ -86,39 +86,8 @@ def receptive_field(cfg: ModelConfig) -> tuple[int, ...]:
     return (half,) * cfg.dims
 
 
-class _ConvBlock(nn.Sequential):
-    """Two convolutions, each followed by batch norm and ReLU."""
-
-    def __init__(self, dims: int, cin: int, cout: int, k: int) -> None:
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-        layers: list[nn.Module] = []
-        for c_in in (cin, cout):
-            # no conv bias: the following batch norm has its own shift
-            layers += [conv(c_in, cout, k, padding=k // 2, bias=False), norm(cout), nn.ReLU(inplace=True)]
-        super().__init__(*layers)
-
-
-class _MaxBlurPool(nn.Module):
-    """Anti-aliased max-pooling (Zhang 2019), as used by N2V2."""
-
-    def __init__(self, dims: int, channels: int) -> None:
-        super().__init__()
-        self.dims = dims
-        self.channels = channels
-        k1 = torch.tensor([1.0, 2.0, 1.0]) / 4.0
-        kernel = k1[:, None] * k1[None, :] if dims == 2 else k1[:, None, None] * k1[None, :, None] * k1[None, None, :]
-        self.register_buffer("kernel", kernel.expand(channels, 1, *kernel.shape).contiguous(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
-        x = pool(F.pad(x, (0, 1) * self.dims, mode="replicate"), 2, stride=1)
-        conv = F.conv2d if self.dims == 2 else F.conv3d
-        return conv(x, self.kernel.to(x.dtype), stride=2, padding=1, groups=self.channels)
-
-
-class UNet(nn.Module):
-    """U-Net for 2D or 3D N2V.
+class UNet(N2VUNet):
+    """U-Net for 2D or 3D N2V (:class:`n2v_chunked.unet_arch.N2VUNet` built from a config).
 
     Parameters
     ----------
@@ -133,47 +102,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(**dataclasses.asdict(cfg))
         self.cfg = cfg
-        d, k, f = cfg.dims, cfg.kernel_size, cfg.features
-        cin = 1 if cfg.independent_channels else cfg.in_channels
-        self.encoders = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        c = cin
-        for level in range(cfg.depth):
-            self.encoders.append(_ConvBlock(d, c, f * 2**level, k))
-            c = f * 2**level
-            self.pools.append(_MaxBlurPool(d, c) if cfg.n2v2 else (nn.MaxPool2d(2) if d == 2 else nn.MaxPool3d(2)))
-        self.bottom = _ConvBlock(d, c, f * 2**cfg.depth, k)
-        c = f * 2**cfg.depth
-        self.decoders = nn.ModuleList()
-        for level in reversed(range(cfg.depth)):
-            skip = 0 if (cfg.n2v2 and level == 0) else f * 2**level
-            self.decoders.append(_ConvBlock(d, c + skip, f * 2**level, k))
-            c = f * 2**level
-        conv = nn.Conv2d if d == 2 else nn.Conv3d
-        self.head = conv(c, cin, 1)  # linear output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.independent_channels:
-            n, c = x.shape[:2]
-            return self._forward(x.reshape(n * c, 1, *x.shape[2:])).reshape(x.shape)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for enc, pool in zip(self.encoders, self.pools):
-            x = enc(x)
-            skips.append(x)
-            x = pool(x)
-        x = self.bottom(x)
-        for i, dec in enumerate(self.decoders):
-            level = self.cfg.depth - 1 - i
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-            if not (self.cfg.n2v2 and level == 0):
-                x = torch.cat([x, skips[level]], dim=1)
-            x = dec(x)
-        return self.head(x)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -293,7 +293,7 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
     from .inference import halo_width
 
     m = 2**trained.config.depth
-    hw = dict(zip(spatial, halo_width(trained)))
+    hw = dict(zip(spatial, getattr(trained, "halo", None) or halo_width(trained)))  # a Zoo model declares its own
     halo = tuple(hw.get(d, 0) for d in dims)
     user = _chunk_list(chunks, dims, spatial)
     data = data_array.data
@@ -345,6 +345,8 @@ def model_token(model_dir: str | os.PathLike[str]) -> str:
     """A token that changes when the model directory's config or weights change."""
     from . import checkpoint as ckpt
 
+    if not isinstance(model_dir, (str, os.PathLike)):  # a prepared Zoo model (zoo_import.ZooRef)
+        return model_dir.token()
     p = Path(model_dir)
     parts = []
     for name in (ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST):
@@ -365,13 +367,19 @@ def get_model(model_dir: str | os.PathLike[str], token: str = "", device: str | 
     from . import checkpoint as ckpt
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (str(Path(model_dir).absolute()), token, str(dev))
+    zoo = not isinstance(model_dir, (str, os.PathLike))  # a prepared Zoo model (zoo_import.ZooRef)
+    key = (model_dir.key if zoo else str(Path(model_dir).absolute()), token, str(dev))
     trained = _MODELS.get(key)
     if trained is None:
         with _MODELS_LOCK:
             trained = _MODELS.get(key)
             if trained is None:
-                trained = ckpt.load_model(model_dir, device=dev)
+                if zoo:
+                    from .zoo_import import load
+
+                    trained = load(model_dir, dev)
+                else:
+                    trained = ckpt.load_model(model_dir, device=dev)
                 for k in [k for k in _MODELS if k[0] == key[0] and k[2] == key[2]]:
                     del _MODELS[k]  # an older version of the same directory
                 _MODELS[key] = trained
@@ -651,7 +659,7 @@ def batch_prediction(
         _predict_task, xin, depth=depth, boundary="none", trim=False, allow_rechunk=False,
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
-        model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
+        model_dir=os.fspath(model_dir) if isinstance(model_dir, os.PathLike) else model_dir, dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
         device=device, model_token=model_token(model_dir), token="n2v-predict",
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
@@ -997,6 +1005,7 @@ def predict(
     pyramid: bool = True,
     jobqueue_config: str | None = None,
     jobs: int | None = None,
+    halo: Any = None,
 ) -> xr.DataArray:
     """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
 
@@ -1007,7 +1016,8 @@ def predict(
     output : str or Path, optional
         OME-Zarr to write.  None returns the lazy (dask-backed) prediction.
     model_dir : str or Path
-        Model directory written by training.
+        Model directory written by training, or a BioImage Model Zoo package
+        (``.zip`` or a folder with ``rdf.yaml``; see :mod:`n2v_chunked.zoo_import`).
     chunks : sequence of int or dict, optional
         Working and output chunks (see :func:`plan`).
     boundary : {"reflect", "nearest", "periodic", "constant"}
@@ -1046,6 +1056,8 @@ def predict(
         Add downsampled levels once level 0 is complete.
     jobqueue_config, jobs
         For ``scheduler="slurm"``.
+    halo : int or sequence of int, optional
+        Zoo models only: halo per spatial axis instead of the declared one.
 
     Returns
     -------
@@ -1059,11 +1071,19 @@ def predict(
     ngff_version = str(ngff_version)
     _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
     if model_dir is None:
-        raise N2VError("predict needs a model directory (--model-dir)")
+        raise N2VError("predict needs a model (--model)")
+    from .zoo_import import is_zoo_package, prepare
+
+    if is_zoo_package(model_dir):  # the second block-function provider: any Zoo model (zoo_import.py)
+        data = open_image(source, axes=axes, level=level)
+        model_dir = prepare(model_dir, data, halo=halo)
+    elif halo is not None:
+        raise N2VError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
     trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
-    data = open_image(source, axes=axes, level=level)
+    if isinstance(model_dir, (str, os.PathLike)):
+        data = open_image(source, axes=axes, level=level)
+        model_dir = str(Path(model_dir).absolute())
     p = plan(trained, data, chunks)
-    model_dir = str(Path(model_dir).absolute())
     if blend:
         from .inference import blend_tensor
 
@@ -1091,7 +1111,8 @@ def predict(
         prov = {
             "command": "predict",
             "model_id": trained.model_id,
-            "model_dir": model_dir,
+            "model_dir": str(model_dir),
+            **({} if isinstance(model_dir, str) else {"zoo": model_dir.provenance()}),
             "input": str(data.attrs.get("source")),
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),

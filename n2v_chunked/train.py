@@ -205,6 +205,7 @@ def train(
     axes: str = "",
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
+    init_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train an N2V U-Net.
 
@@ -233,6 +234,8 @@ def train(
         More provenance for ``config.yaml`` (e.g. the input path).
     progress : bool
         Show a progress bar (rank 0 only).
+    init_weights : dict, optional
+        State dict to start a new model from (``fit(init_from=...)``).
 
     Returns
     -------
@@ -245,14 +248,15 @@ def train(
         if info.is_main:  # one run per model directory: two would overwrite each other's checkpoints
             held.enter_context(output_lock(str(model_dir), "a training run"))
         return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
-                      device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info)
+                      device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info,
+                      init_weights=init_weights)
 
 
 def _train(
     batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
     model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
     resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
-    progress: bool, info: DistInfo,
+    progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock is held."""
     mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
@@ -281,7 +285,13 @@ def _train(
 
     device = torch.device(device) if device else default_device(info)
     torch.manual_seed(train_cfg.seed)
-    model = UNet(model_cfg).to(device)
+    model = UNet(model_cfg)
+    if init_weights is not None and state is None:
+        try:
+            model.load_state_dict(init_weights)
+        except (RuntimeError, TypeError) as exc:
+            raise N2VError(f"--init-from: weights do not match their configuration: {str(exc).splitlines()[0][:160]}") from None
+    model = model.to(device)
     channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -464,6 +474,7 @@ def fit(
     buffer_bytes: int | None = None,
     min_std: float | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train from any source the data layer opens, streaming patches.
 
@@ -501,6 +512,10 @@ def fit(
         Foreground filter: skip patches whose std is below this (input units).
     progress : bool
         Show a progress bar.
+    init_from : str or Path, optional
+        Start from the weights, architecture, masking and normalisation of
+        another model: a Zoo package written by ``n2v-chunked export`` or a
+        model directory (:func:`n2v_chunked.zoo_import.init_source`).
 
     Returns
     -------
@@ -520,15 +535,24 @@ def fit(
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
         train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
+    init = None
+    if init_from is not None:
+        if resume:
+            raise N2VError("--init-from starts a new model from another one; it cannot be combined with --resume")
+        from .zoo_import import init_source
+
+        meta, weights = init_source(init_from)
+        model_cfg, mask_cfg, _ = ckpt.configs_from_meta(meta, init_from)
+        init = (weights, np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"]))
     has_z = "z" in data.dims
     if dims is None:
-        dims = model_cfg.dims if resume else (3 if has_z else 2)
+        dims = model_cfg.dims if resume or init else (3 if has_z else 2)
     if dims == 3 and not has_z:
         raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
     spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
     channels = int(data.sizes.get("c", 1))
-    if resume and (model_cfg.dims != dims or model_cfg.in_channels != channels):
-        raise N2VError(f"model in {model_dir} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+    if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
+        raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
                        f"the data gives {dims}D with {channels}")
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
@@ -550,6 +574,8 @@ def fit(
         val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
     if resume:
         mean = std = np.zeros(channels)  # replaced by the stored statistics
+    elif init is not None:
+        mean, std = init[1], init[2]  # the units the initial network works in
     else:
         mean, std = channel_stats(data, seed=train_cfg.seed)
     if train_cfg.num_workers > 0:
@@ -563,5 +589,7 @@ def fit(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
         sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
         extra_meta={"input": str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")),
-                    "spatial_dims": list(spatial), "world_size": info.world_size},
+                    "spatial_dims": list(spatial), "world_size": info.world_size,
+                    **({"init_from": str(init_from)} if init else {})},
+        init_weights=init[0] if init else None,
     )

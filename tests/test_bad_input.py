@@ -341,6 +341,63 @@ def _unreachable_scheduler(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _zoo(tmp: Path, **kw) -> Path:
+    """A foreign Zoo package (tests/zoo_helpers.py), as a .zip."""
+    from zoo_helpers import foreign_package
+
+    return foreign_package(tmp / "pkg", **kw)
+
+
+def _zoo_folder(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    """The foreign package unpacked into a folder, its rdf.yaml edited."""
+    import zipfile
+
+    folder = tmp / "unpacked"
+    with zipfile.ZipFile(_zoo(tmp)) as zf:
+        zf.extractall(folder)
+    shutil.rmtree(tmp / "pkg")
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    edit(rdf)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    return folder
+
+
+def _zoo_predict(tmp: Path, model: Path) -> Setup:
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), model)
+
+
+def _zoo_invalid(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo_folder(tmp, lambda rdf: rdf.pop("inputs")))
+
+
+def _zoo_newer_format(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo_folder(tmp, lambda rdf: rdf.update(format_version="0.9.0")))
+
+
+def _zoo_two_inputs(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo(tmp, two_inputs=True))
+
+
+def _zoo_onnx_only(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo(tmp, onnx_only=True))
+
+
+def _zoo_no_halo(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo(tmp, halo=None))
+
+
+def _zoo_halo_too_small(tmp: Path, m: Models) -> Setup:
+    return _zoo_predict(tmp, _zoo(tmp, halo=1))
+
+
+def _init_from_foreign(tmp: Path, m: Models) -> Setup:
+    pkg = _zoo(tmp)
+    src = _ome(tmp / "in.ome.zarr", _noisy((4, 64, 64)), "tyx")
+    s = _train(tmp, src, "--init-from", str(pkg))
+    s.inputs.append(pkg)
+    return s
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -370,6 +427,14 @@ CASES: list[Case] = [
     Case("existing-output", _existing_output, ("exists", "--overwrite")),
     Case("read-only-output-dir", _read_only_output_dir, ("cannot create",), unprivileged=True),
     Case("unreachable-scheduler", _unreachable_scheduler, ("cannot reach the dask scheduler",), max_seconds=5.0),
+    Case("zoo-invalid-package", _zoo_invalid, ("fails validation", "inputs")),
+    Case("zoo-newer-format", _zoo_newer_format, ("format version 0.9.0", "newer than")),
+    Case("zoo-two-inputs", _zoo_two_inputs, ("2 input(s)", "one image input")),
+    Case("zoo-missing-weight-format", _zoo_onnx_only, ("weights as onnx only", "pytorch_state_dict or torchscript")),
+    Case("zoo-no-halo", _zoo_no_halo, ("declares no output halo", "--halo")),
+    Case("zoo-halo-too-small", _zoo_halo_too_small, ("halo [1, 1] is smaller than the network's reach [3, 3]",
+                                                     "--halo 3,3")),
+    Case("init-from-foreign-zoo-model", _init_from_foreign, ("not an N2V model of n2v_chunked",)),
 ]
 
 
