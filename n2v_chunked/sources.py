@@ -31,6 +31,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import N2VError
+from .tiffcheck import check_complete, quiet_tifffile
 
 log = logging.getLogger("n2v_chunked")
 
@@ -288,7 +289,7 @@ class _TiffReader(_ChunkReader):
         self.path, self.level, self.keep_open = path, level, keep_open
         self._handles: tuple[Any, Any, Any] | None = None
         self._lock = threading.Lock()
-        handles = self._open()
+        handles = self._open(check=True)
         z = handles[2]
         super().__init__(f"TIFF {path}", z.shape, z.dtype, z.chunks)
         if keep_open:
@@ -296,17 +297,21 @@ class _TiffReader(_ChunkReader):
         else:
             self._close(handles)
 
-    def _open(self) -> tuple[Any, Any, Any]:
+    def _open(self, check: bool = False) -> tuple[Any, Any, Any]:
+        """Open the file; with ``check``, refuse it unless all its pages and strips are there."""
         import tifffile
         import zarr
 
-        tf = tifffile.TiffFile(self.path)
-        try:
-            store = tf.series[0].aszarr(level=self.level)
-            return tf, store, zarr.open(store, mode="r")
-        except Exception:
-            tf.close()
-            raise
+        with quiet_tifffile() as records:
+            tf = tifffile.TiffFile(self.path)
+            try:
+                if check:
+                    check_complete(tf, self.path, self.level, records)
+                store = tf.series[0].aszarr(level=self.level)
+                return tf, store, zarr.open(store, mode="r")
+            except Exception:
+                tf.close()
+                raise
 
     @staticmethod
     def _close(handles: tuple[Any, Any, Any]) -> None:
@@ -679,7 +684,7 @@ def _open_tiff(path: str, level: int, keep_open: bool = True) -> _Raw:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tf:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tf:  # judged by _TiffReader below
             series = tf.series[0]
             nlevels = len(series.levels)
             if level >= nlevels:
@@ -717,6 +722,8 @@ def _open_tiff_stack(files: list[str], source: str, axes: Any) -> _Raw:
     for f in files[1:]:  # opens headers only: cheap even for thousands of files
         try:
             reader = _TiffReader(f, 0, keep_open=False)
+        except N2VError:
+            raise
         except Exception as exc:
             raise N2VError(f"cannot read TIFF {f}: {type(exc).__name__}: {_first_line(exc)}") from None
         if reader.shape != shape or reader.dtype != dtype:

@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import tifffile
 import xarray as xr
 import yaml
 import zarr
@@ -146,6 +147,15 @@ def _train(tmp: Path, src: Path, *extra: str, names: list[str] | None = None) ->
     out = tmp / "model"
     argv = ["train", str(src), "--model-dir", str(out), *FAST_TRAIN, *extra]
     return Setup(argv, [src], out, names or [])
+
+
+def _truncated_tiff(tmp: Path, m: Models) -> Setup:
+    # a 20-slice ImageJ stack cut short by an interrupted copy: once read as its first slice
+    src = tmp / "image.tif"
+    tifffile.imwrite(src, _noisy((20, 32, 32)), imagej=True, metadata={"axes": "ZYX"})
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    out = tmp / "out.ome.zarr"
+    return Setup(["convert", str(src), str(out), "--axes", "zyx", "--no-progress"], [src], out, [str(src)])
 
 
 def _missing_input(tmp: Path, m: Models) -> Setup:
@@ -346,6 +356,7 @@ CASES: list[Case] = [
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
     Case("random-bytes-tif", _random_bytes_tif, ("cannot read TIFF",)),
     Case("text-file", _text_file, ("unsupported input file",)),
+    Case("truncated-tiff", _truncated_tiff, ("is truncated", "ImageJ metadata says 20 images")),
     Case("empty-zarr-group", _empty_zarr_group, ("no OME-Zarr multiscales metadata", "holds no arrays")),
     Case("zarr-group-without-multiscales", _zarr_group_without_multiscales,
          ("no OME-Zarr multiscales metadata", "several arrays")),
