@@ -27,6 +27,11 @@ log = logging.getLogger("n2v_chunked")
 
 Handler = Callable[[argparse.Namespace], int | None]
 
+AXES_HELP = ("axis letters from tczyx in the order the axes are STORED (the order of the shape tifffile or zarr "
+             "reports), e.g. zyx, tyx, or yxc for a channels-last RGB TIFF; not the tczyx order that info prints. "
+             "Needed where the metadata states no axes (plain TIFF, plain Zarr, arrays); where it does "
+             "(OME-Zarr, OME-TIFF, ImageJ), --axes must agree with it")
+
 
 # ----------------------------------------------------------------------------
 # Subcommands.  Each has an ``add_<name>`` that declares its options and sets
@@ -78,7 +83,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="OME-Zarr, Zarr, TIFF file/folder/glob, or fsspec URL")
     p.add_argument("--model-dir", required=True, help="directory for the model and its checkpoints")
-    p.add_argument("--axes", help="axes of inputs whose metadata has none, e.g. tyx or czyx")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale OME-Zarr (default 0)")
     p.add_argument("--dims", type=int, choices=[2, 3], help="model dimensionality (default: 3 if the data has z)")
     p.add_argument("--resume", action="store_true", help="continue training the model in --model-dir")
@@ -155,7 +160,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="image path, folder, glob or URL")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for sources without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level to describe (default: 0)")
 
     def handler(args: argparse.Namespace) -> int:
@@ -182,7 +187,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="input image path, folder, glob or URL")
     p.add_argument("output", help="output OME-Zarr path")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for inputs without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
     p.add_argument("--chunks", help="output chunk shape in tczyx order, e.g. 1,256,256 (default: about 2 MiB)")
     p.add_argument("--shards", help="Zarr v3 shard shape, a multiple of the chunks (NGFF 0.5 only)")
@@ -269,7 +274,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="average the 8 rotations/flips of the YX plane (8x slower)")
     p.add_argument("--blend", action="store_true",
                    help="mix in the noisy input with the model's noise-aware weight (higher PSNR, some grain)")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for inputs without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
     p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version: 0.5 = Zarr v3 (default), 0.4 = Zarr v2")
     p.add_argument("--dtype", default="float32", help="output data type (default: float32); integers are rounded and clipped")

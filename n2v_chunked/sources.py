@@ -30,7 +30,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import N2VError
+from .errors import AxesError, N2VError
+from .metadata_axes import Stated, check_axes_agree, tiff_stated_axes
 from .tiffcheck import check_complete, quiet_tifffile
 
 log = logging.getLogger("n2v_chunked")
@@ -78,6 +79,7 @@ class SourceInfo:
     levels: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     nbytes_stored: int | None = None
     dtype: str = ""
+    stored_axes: str = ""  # the axes in stored order: the order --axes refers to
 
 
 @dataclasses.dataclass
@@ -94,6 +96,9 @@ class _Raw:
     ngff_version: str | None = None
     info: SourceInfo = dataclasses.field(default_factory=SourceInfo)
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Axes the metadata states, by stored position (None where it states none);
+    # None: ``dims`` if known, else nothing stated (see metadata_axes.py).
+    stated: Stated | None = None
     # Re-read with other dask chunks (native order).  Reading each block
     # straight from the store keeps memory at one block per task, where
     # ``rechunk`` across, say, whole TIFF pages would hold every page a block spans.
@@ -150,9 +155,12 @@ def open_image(
         (or one of its level arrays), a plain Zarr array or group, a TIFF /
         OME-TIFF file, a folder or glob of same-shaped TIFFs; or an array.
     axes : str, optional
-        Axis letters of the source in its stored order (e.g. ``"zyx"``);
-        overrides the metadata, required where the source has none.  For a
-        folder of TIFFs the first letter names the stacking axis.
+        Axis letters of the source in its stored order (e.g. ``"zyx"``, or
+        ``"yxc"`` for a channels-last RGB TIFF), not the canonical order of the
+        result.  Required where the metadata states no axes; where it does,
+        ``axes`` must agree with it (:class:`~n2v_chunked.errors.AxesError`
+        otherwise).  For a folder of TIFFs the first letter names the
+        stacking axis.
     level : int
         Resolution level of a multiscale source (0 = full resolution).
     storage_options : dict, optional
@@ -690,6 +698,7 @@ def _open_tiff(path: str, level: int, keep_open: bool = True) -> _Raw:
             if level >= nlevels:
                 raise N2VError(f"TIFF {path} has {nlevels} level(s); level {level} does not exist")
             dims = _tiff_axes(series.axes)
+            stated = tiff_stated_axes(tf, series)
             scale, units = _tiff_metadata(tf)
             levels = [tuple(lv.shape) for lv in series.levels]
             axes_letters = series.axes
@@ -699,9 +708,10 @@ def _open_tiff(path: str, level: int, keep_open: bool = True) -> _Raw:
     except Exception as exc:
         raise N2VError(f"cannot read TIFF {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if len(axes_letters) != reader.ndim:  # tifffile squeezes differently: trust the shape
-        dims = None
+        dims, stated = None, None
     chunks = grow_chunks(reader.shape, reader.store_chunks, reader.dtype.itemsize, TIFF_CHUNK_BYTES)
     raw = _Raw(_from_reader(reader, chunks), dims, "tiff", path, rebuild=lambda ch: _from_reader(reader, ch))
+    raw.stated = stated or ()  # () : the metadata states nothing (tifffile's guesses are not metadata)
     if dims is not None:
         # level > 0 of a pyramid: pixel sizes grow by the level's downsampling
         f = {d: levels[0][i] / reader.shape[i] for i, d in enumerate(dims)}
@@ -750,6 +760,7 @@ def _open_tiff_stack(files: list[str], source: str, axes: Any) -> _Raw:
             raise N2VError(f"the TIFFs in {source} already have a t axis, so the stacking axis is unclear; {ASK_AXES}")
         dims = ("t",) + inner
     raw = _Raw(data, dims, "tiff", source, rebuild=stack)
+    raw.stated = (None,) + tuple(first.stated) if first.stated else ()  # the stacking axis is ours to name
     sc, un = first.attrs["tiff_scale"], first.attrs["tiff_units"]
     raw.scale = {i + 1: sc[d] for i, d in enumerate(inner) if d in sc}
     raw.units = {i + 1: un[d] for i, d in enumerate(inner) if d in un}
@@ -810,6 +821,8 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
     ndim = raw.data.ndim
     if axes is not None:
         dims = parse_axes(axes, ndim)
+        stated = raw.stated if raw.stated is not None else raw.dims
+        check_axes_agree(dims, stated or None, raw.source, raw.data.shape)
     elif raw.dims is not None:
         dims = raw.dims
     elif raw.attrs.get("axes_problem"):  # before the 2D default: wrong metadata must not pass as yx
@@ -851,6 +864,7 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
         info.shards = tuple(info.shards[i] for i in order)
     info.levels = [tuple(s[i] for i in order) for s in info.levels if len(s) == ndim] or [tuple(data.shape)]
     info.dtype = info.dtype or str(data.dtype)
+    info.stored_axes = "".join(dims)
     out = xr.DataArray(data, dims=out_dims, attrs=attrs)
     out.name = None  # xarray would take the dask task name
     return out, info

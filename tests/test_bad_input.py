@@ -158,6 +158,15 @@ def _truncated_tiff(tmp: Path, m: Models) -> Setup:
     return Setup(["convert", str(src), str(out), "--axes", "zyx", "--no-progress"], [src], out, [str(src)])
 
 
+def _axes_contradict_metadata(tmp: Path, m: Models) -> Setup:
+    # info prints the canonical order (cyx); --axes is read in the stored order (yxc)
+    src = tmp / "rgb.tif"
+    tifffile.imwrite(src, np.zeros((48, 64, 3), np.uint8), photometric="rgb")
+    out = tmp / "out.ome.zarr"
+    return Setup(["convert", str(src), str(out), "--axes", "cyx", "--no-progress"], [src], out,
+                 [str(src), "'??c'", "--axes yxc"])
+
+
 def _missing_input(tmp: Path, m: Models) -> Setup:
     src = tmp / "no-such-image.ome.zarr"
     return _predict(tmp, src, m.m2d, names=[str(src)])
@@ -356,6 +365,7 @@ CASES: list[Case] = [
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
     Case("random-bytes-tif", _random_bytes_tif, ("cannot read TIFF",)),
     Case("text-file", _text_file, ("unsupported input file",)),
+    Case("axes-contradict-metadata", _axes_contradict_metadata, ("--axes cyx contradicts the metadata", "stored")),
     Case("truncated-tiff", _truncated_tiff, ("is truncated", "ImageJ metadata says 20 images")),
     Case("empty-zarr-group", _empty_zarr_group, ("no OME-Zarr multiscales metadata", "holds no arrays")),
     Case("zarr-group-without-multiscales", _zarr_group_without_multiscales,

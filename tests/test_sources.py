@@ -409,3 +409,61 @@ def test_complete_tiffs_still_open(tmp_path):
         path = make(tmp_path / f"{make.__name__}.tif")
         np.testing.assert_array_equal(open_image(path, axes="zyx" if make is _shaped else None).values,
                                       tifffile.imread(path))
+
+
+# ----------------------------------------------------------------------------
+# --axes against the metadata (issue 14, defect 8): stored order, confirm only.
+# ----------------------------------------------------------------------------
+
+
+def test_axes_contradicting_channels_last_rgb_tiff_is_refused(tmp_path):
+    """info prints cyx; --axes cyx once gave 16 channels of 24 x 3 pixels."""
+    from n2v_chunked.convert import format_info, info
+    from n2v_chunked.errors import AxesError
+
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, ramp((16, 24, 3), "uint8"), photometric="rgb")
+    assert "axes:         cyx  (stored as yxc" in format_info(info(path))
+    with pytest.raises(AxesError, match=r"--axes cyx contradicts .*'\?\?c'.*stored.*e\.g\. --axes yxc"):
+        open_image(path, axes="cyx")
+    a = open_image(path, axes="yxc")  # the stored order: accepted, same as no --axes
+    assert a.dims == ("c", "y", "x") and a.shape == (3, 16, 24)
+    np.testing.assert_array_equal(a.values, open_image(path).values)
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_axes_must_agree_with_imagej_and_ome_tiff_axes(tmp_path, kind):
+    path = tmp_path / f"{kind}.tif"
+    tifffile.imwrite(path, ramp((4, 8, 8)), **{kind: True}, metadata={"axes": "ZYX"})
+    with pytest.raises(N2VError, match=r"--axes tyx contradicts .*'zyx'.*leave --axes out or pass --axes zyx"):
+        open_image(path, axes="tyx")
+    assert open_image(path, axes="zyx").dims == ("z", "y", "x")
+
+
+def test_axes_must_agree_with_ome_zarr_axes(tmp_path):
+    from n2v_chunked.ome import write_ome_zarr
+
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(ramp((2, 8, 12)), dims=("c", "y", "x")), pyramid=False, progress=False)
+    with pytest.raises(N2VError, match=r"contradicts the metadata .*'cyx'"):
+        open_image(src, axes="cxy")
+    assert open_image(src, axes="cyx").shape == (2, 8, 12)
+
+
+def test_axes_name_sources_without_axis_metadata(tmp_path):
+    """Plain TIFF stacks, plain Zarr and arrays state no axes: --axes is what tells them."""
+    tifffile.imwrite(tmp_path / "plain.tif", ramp((5, 8, 8)), photometric="minisblack")  # tifffile: QYX
+    for axes in ("zyx", "tyx", "cyx"):
+        assert open_image(tmp_path / "plain.tif", axes=axes).sizes[axes[0]] == 5
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(5, 8, 8), chunks=(1, 8, 8), dtype="uint16")
+    assert open_image(tmp_path / "plain.zarr", axes="tyx").dims == ("t", "y", "x")
+    assert open_image(ramp((5, 8, 8)), axes="xzy").dims == ("z", "y", "x")
+
+
+def test_axes_help_says_stored_order(capsys):
+    from n2v_chunked.cli import main
+
+    for command in ("info", "convert", "train", "predict"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "STORED" in " ".join(capsys.readouterr().out.split())
