@@ -9,7 +9,9 @@ subcommand, e.g.::
       scheduler: slurm
 
 Errors a user can cause are :class:`~n2v_chunked.errors.N2VError`: one line on
-stderr and a non-zero exit.  ``--debug`` shows tracebacks.
+stderr and exit 2 (so are failures of the machine: disk, memory, a lost dask
+worker).  Anything else is a bug: its traceback, then one line asking for a
+report, and exit 70 (``EX_SOFTWARE``).  ``--debug`` shows tracebacks for all.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import N2VError
+from .errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, environment_problem, first_line
 
 log = logging.getLogger("n2v_chunked")
 
@@ -236,7 +239,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     try:
         return [int(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
-        raise N2VError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
+        raise ConfigError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -364,11 +367,11 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     sp = subparsers.choices[command]
     section: dict[str, Any] = data.get(command, {}) or {}
     if not isinstance(section, dict):
-        raise N2VError(f"config file {known.config}: section '{command}' must be a mapping")
+        raise ConfigError(f"config file {known.config}: section '{command}' must be a mapping")
     dests = {a.dest for a in sp._actions}
     unknown = sorted(k for k in section if k.replace("-", "_") not in dests)
     if unknown:
-        raise N2VError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
+        raise ConfigError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
     sp.set_defaults(**{k.replace("-", "_"): v for k, v in section.items()})
     # Positionals given in the file satisfy argparse only if they are optional there.
     for action in sp._actions:
@@ -395,15 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("n2v-chunked: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not bad input: still one line unless --debug
+    except Exception as exc:
         if debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(
-            f"n2v-chunked: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        if environment_problem(exc):  # the machine (disk, memory, a lost worker), not our code
+            print(f"n2v-chunked: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()  # a bug: the traceback is what a report needs
+        print(f"n2v-chunked: internal error (a bug): {type(exc).__name__}: {first_line(exc)}; "
+              "please report it with the traceback above", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,6 +67,22 @@ class ConfigError(N2VError, ValueError):
     """A configuration value (CLI option, ``--config`` file, model ``config.yaml``) is invalid."""
 
 
+def environment_problem(exc: BaseException) -> bool:
+    """True for failures of the machine rather than of our code: I/O, memory, a lost dask worker.
+
+    They become one-line errors like :class:`N2VError` (the user can act on
+    them: free disk space, use smaller chunks, rerun with ``--resume``);
+    anything else is a bug and keeps its traceback.
+    """
+    names = {t.__name__ for t in type(exc).__mro__}
+    return isinstance(exc, (OSError, MemoryError)) or bool(names & {"KilledWorker", "OutOfMemoryError"})
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error."""
+    return (str(exc).splitlines() or [""])[0]
+
+
 def rephrased(exc: N2VError, message: str) -> N2VError:
     """The same kind of error as ``exc`` with another message (e.g. a prefix naming the block)."""
     return type(exc)(message, exc.exit_code)
