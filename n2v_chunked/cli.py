@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, environment_problem, first_line
+from .typecheck import BAD, conform, mismatch
 
 log = logging.getLogger("n2v_chunked")
 
@@ -372,11 +373,42 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     unknown = sorted(k for k in section if k.replace("-", "_") not in dests)
     if unknown:
         raise ConfigError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
-    sp.set_defaults(**{k.replace("-", "_"): v for k, v in section.items()})
+    actions = {a.dest: a for a in sp._actions}
+    where = f"config file {known.config}, section '{command}'"
+    sp.set_defaults(**{k.replace("-", "_"): _option_value(actions[k.replace("-", "_")], k, v, where)
+                       for k, v in section.items()})
     # Positionals given in the file satisfy argparse only if they are optional there.
     for action in sp._actions:
         if action.dest in {k.replace("-", "_") for k in section} and not action.option_strings:
             action.nargs = "?"
+
+
+# String options that a config file may also give as a YAML list
+LIST_OPTIONS: dict[str, Any] = {"chunks": list[int], "shards": list[int], "patch": list[int], "struct_axes": list[str]}
+
+
+def _option_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A ``--config`` value checked like the command line would: type, then choices.
+
+    argparse converts only command-line strings; YAML values arrive typed and
+    must be of the option's type (``steps: 2.5`` or ``lr: "0.001"`` is refused).
+    """
+    if value is None and action.default is None:
+        return None  # ``device: null``: the option's own default
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        hint: Any = bool
+    elif action.type in (int, float):
+        hint = action.type
+    else:
+        hint = str | LIST_OPTIONS[action.dest] if action.dest in LIST_OPTIONS else str
+        if action.choices is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # ``ngff: 0.5`` is a number to YAML
+    out = conform(value, hint)
+    if out is BAD:
+        raise ConfigError(f"{where}: {mismatch(key, value, hint)}")
+    if action.choices is not None and out not in action.choices:
+        raise ConfigError(f"{where}: {key!r} = {value!r} must be one of {', '.join(map(str, action.choices))}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

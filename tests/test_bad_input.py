@@ -322,6 +322,24 @@ def _config_unknown_key(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _config_wrong_type(tmp: Path, m: Models) -> Setup:
+    cfg = tmp / "n2v.yaml"
+    cfg.write_text('predict:\n  batch_blocks: "8"\n')  # quoted: a string, not the number of blocks
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=[str(cfg), "'8'"],
+                 inputs=[cfg])
+    s.argv = ["--config", str(cfg), *s.argv]
+    return s
+
+
+def _model_config_wrong_type(tmp: Path, m: Models) -> Setup:
+    model = _copy_model(m.m2d, tmp / "model")
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    meta["model"]["n2v2"] = "no"  # a truthy string: once an N2V2 network built for N2V weights
+    (model / ckpt.CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
+    src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+    return _predict(tmp, src, model, names=[str(model / ckpt.CONFIG), "'n2v2'", "'no'"])
+
+
 def _model_config_unknown_key(tmp: Path, m: Models) -> Setup:
     model = _copy_model(m.m2d, tmp / "model")
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
@@ -387,6 +405,9 @@ CASES: list[Case] = [
     Case("blend-without-noise-record", _blend_without_record, ("cannot blend", "--blend")),
     Case("truncated-checkpoint", _truncated_checkpoint, ("corrupt or truncated checkpoint",)),
     Case("config-unknown-key", _config_unknown_key, ("unknown option(s) for 'predict'",)),
+    Case("config-wrong-type", _config_wrong_type, ("'batch_blocks' = '8' is a string, expected an integer",)),
+    Case("model-config-wrong-type", _model_config_wrong_type,
+         ("config section 'model': 'n2v2' = 'no' is a string, expected true or false",)),
     Case("model-config-unknown-key", _model_config_unknown_key, ("unknown config key(s) in section 'model'",)),
     Case("existing-output", _existing_output, ("exists", "--overwrite")),
     Case("read-only-output-dir", _read_only_output_dir, ("cannot create",), unprivileged=True),
