@@ -44,7 +44,7 @@ class InputNotFoundError(N2VError, FileNotFoundError):
 
 
 class UnreadableDataError(N2VError, ValueError):
-    """The input exists but cannot be read as what it claims to be: truncated, corrupt, bad metadata."""
+    """The input cannot be used as it is: truncated, corrupt, bad metadata, NaN/Inf values."""
 
 
 class AxesError(N2VError, ValueError):
