@@ -33,7 +33,7 @@ import yaml
 
 from . import __version__
 from .config import MaskConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .errors import N2VError
+from .errors import IncompatibleModelError, InputNotFoundError, N2VError, rephrased
 from .model import UNet
 
 CONFIG = "config.yaml"
@@ -198,18 +198,18 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     """Read and validate ``config.yaml`` of a model directory."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
-        raise N2VError(f"model directory not found: {model_dir}")
+        raise InputNotFoundError(f"model directory not found: {model_dir}")
     if not model_dir.is_dir():
-        raise N2VError(f"model directory is not a directory: {model_dir}")
+        raise IncompatibleModelError(f"model directory is not a directory: {model_dir}")
     path = model_dir / CONFIG
     if not path.is_file():
-        raise N2VError(f"not a model directory (no {CONFIG}): {model_dir}")
+        raise IncompatibleModelError(f"not a model directory (no {CONFIG}): {model_dir}")
     try:
         meta = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise N2VError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
+        raise IncompatibleModelError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(meta, dict) or "model" not in meta or "normalization" not in meta:
-        raise N2VError(f"corrupt {path}: missing 'model' or 'normalization' section")
+        raise IncompatibleModelError(f"corrupt {path}: missing 'model' or 'normalization' section")
     return meta
 
 
@@ -228,15 +228,15 @@ def save_training_state(model_dir: str | Path, state: dict[str, Any]) -> None:
 def safe_torch_load(path: Path, device: str | torch.device = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``; any failure becomes one clear line."""
     if not path.is_file():
-        raise N2VError(f"missing checkpoint file: {path}")
+        raise InputNotFoundError(f"missing checkpoint file: {path}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise N2VError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:120]})") from None
+        raise IncompatibleModelError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise N2VError(f"corrupt or truncated checkpoint {path}: {first[:160]}") from None
+        raise IncompatibleModelError(f"corrupt or truncated checkpoint {path}: {first[:160]}") from None
 
 
 def load_training_state(model_dir: str | Path) -> dict[str, Any]:
@@ -270,7 +270,7 @@ def configs_from_meta(
     except N2VError as exc:
         if where is None:
             raise
-        raise N2VError(f"{where}: {exc}") from None
+        raise rephrased(exc, f"{where}: {exc}") from None
 
 
 def load_model(
@@ -299,7 +299,7 @@ def load_model(
     mean = np.asarray(norm.get("mean"), dtype=np.float32)
     std = np.asarray(norm.get("std"), dtype=np.float32)
     if mean.shape != (model_cfg.in_channels,) or std.shape != mean.shape or not np.all(std > 0):
-        raise N2VError(f"corrupt {model_dir / CONFIG}: normalisation does not match {model_cfg.in_channels} channel(s)")
+        raise IncompatibleModelError(f"corrupt {model_dir / CONFIG}: normalisation does not match {model_cfg.in_channels} channel(s)")
     name = WEIGHTS_BEST if which == "best" else WEIGHTS_LAST
     if which == "best" and not (model_dir / name).is_file() and (model_dir / WEIGHTS_LAST).is_file():
         name = WEIGHTS_LAST  # trained without validation passes yet
@@ -309,7 +309,7 @@ def load_model(
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise N2VError(f"weights in {model_dir / name} do not match config.yaml: {str(exc).splitlines()[0][:160]}") from None
+        raise IncompatibleModelError(f"weights in {model_dir / name} do not match config.yaml: {str(exc).splitlines()[0][:160]}") from None
     model.to(device).eval()
     weight = blend_weight(meta, "best" if name == WEIGHTS_BEST else "last")
     return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta, blend_weight=weight)

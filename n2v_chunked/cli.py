@@ -9,7 +9,9 @@ subcommand, e.g.::
       scheduler: slurm
 
 Errors a user can cause are :class:`~n2v_chunked.errors.N2VError`: one line on
-stderr and a non-zero exit.  ``--debug`` shows tracebacks.
+stderr and exit 2 (so are failures of the machine: disk, memory, a lost dask
+worker).  Anything else is a bug: its traceback, then one line asking for a
+report, and exit 70 (``EX_SOFTWARE``).  ``--debug`` shows tracebacks for all.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import N2VError
+from .errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, environment_problem, first_line
+from .typecheck import BAD, conform, mismatch
 
 log = logging.getLogger("n2v_chunked")
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+AXES_HELP = ("axis letters from tczyx in the order the axes are STORED (the order of the shape tifffile or zarr "
+             "reports), e.g. zyx, tyx, or yxc for a channels-last RGB TIFF; not the tczyx order that info prints. "
+             "Needed where the metadata states no axes (plain TIFF, plain Zarr, arrays); where it does "
+             "(OME-Zarr, OME-TIFF, ImageJ), --axes must agree with it")
 
 
 # ----------------------------------------------------------------------------
@@ -78,7 +87,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="OME-Zarr, Zarr, TIFF file/folder/glob, or fsspec URL")
     p.add_argument("--model-dir", required=True, help="directory for the model and its checkpoints")
-    p.add_argument("--axes", help="axes of inputs whose metadata has none, e.g. tyx or czyx")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale OME-Zarr (default 0)")
     p.add_argument("--dims", type=int, choices=[2, 3], help="model dimensionality (default: 3 if the data has z)")
     p.add_argument("--resume", action="store_true", help="continue training the model in --model-dir")
@@ -158,7 +167,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="image path, folder, glob or URL")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for sources without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level to describe (default: 0)")
 
     def handler(args: argparse.Namespace) -> int:
@@ -185,7 +194,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="input image path, folder, glob or URL")
     p.add_argument("output", help="output OME-Zarr path")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for inputs without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
     p.add_argument("--chunks", help="output chunk shape in tczyx order, e.g. 1,256,256 (default: about 2 MiB)")
     p.add_argument("--shards", help="Zarr v3 shard shape, a multiple of the chunks (NGFF 0.5 only)")
@@ -234,7 +243,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     try:
         return [int(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
-        raise N2VError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
+        raise ConfigError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -276,7 +285,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="average the 8 rotations/flips of the YX plane (8x slower)")
     p.add_argument("--blend", action="store_true",
                    help="mix in the noisy input with the model's noise-aware weight (higher PSNR, some grain)")
-    p.add_argument("--axes", help="axis letters from tczyx in stored order, for inputs without metadata (e.g. zyx)")
+    p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
     p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version: 0.5 = Zarr v3 (default), 0.4 = Zarr v2")
     p.add_argument("--dtype", default="float32", help="output data type (default: float32); integers are rounded and clipped")
@@ -398,16 +407,47 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     sp = subparsers.choices[command]
     section: dict[str, Any] = data.get(command, {}) or {}
     if not isinstance(section, dict):
-        raise N2VError(f"config file {known.config}: section '{command}' must be a mapping")
+        raise ConfigError(f"config file {known.config}: section '{command}' must be a mapping")
     dests = {a.dest for a in sp._actions}
     unknown = sorted(k for k in section if k.replace("-", "_") not in dests)
     if unknown:
-        raise N2VError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
-    sp.set_defaults(**{k.replace("-", "_"): v for k, v in section.items()})
+        raise ConfigError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
+    actions = {a.dest: a for a in sp._actions}
+    where = f"config file {known.config}, section '{command}'"
+    sp.set_defaults(**{k.replace("-", "_"): _option_value(actions[k.replace("-", "_")], k, v, where)
+                       for k, v in section.items()})
     # Positionals given in the file satisfy argparse only if they are optional there.
     for action in sp._actions:
         if action.dest in {k.replace("-", "_") for k in section} and not action.option_strings:
             action.nargs = "?"
+
+
+# String options that a config file may also give as a YAML list
+LIST_OPTIONS: dict[str, Any] = {"chunks": list[int], "shards": list[int], "patch": list[int], "struct_axes": list[str]}
+
+
+def _option_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A ``--config`` value checked like the command line would: type, then choices.
+
+    argparse converts only command-line strings; YAML values arrive typed and
+    must be of the option's type (``steps: 2.5`` or ``lr: "0.001"`` is refused).
+    """
+    if value is None and action.default is None:
+        return None  # ``device: null``: the option's own default
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        hint: Any = bool
+    elif action.type in (int, float):
+        hint = action.type
+    else:
+        hint = str | LIST_OPTIONS[action.dest] if action.dest in LIST_OPTIONS else str
+        if action.choices is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # ``ngff: 0.5`` is a number to YAML
+    out = conform(value, hint)
+    if out is BAD:
+        raise ConfigError(f"{where}: {mismatch(key, value, hint)}")
+    if action.choices is not None and out not in action.choices:
+        raise ConfigError(f"{where}: {key!r} = {value!r} must be one of {', '.join(map(str, action.choices))}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,15 +469,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("n2v-chunked: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not bad input: still one line unless --debug
+    except Exception as exc:
         if debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(
-            f"n2v-chunked: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        if environment_problem(exc):  # the machine (disk, memory, a lost worker), not our code
+            print(f"n2v-chunked: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()  # a bug: the traceback is what a report needs
+        print(f"n2v-chunked: internal error (a bug): {type(exc).__name__}: {first_line(exc)}; "
+              "please report it with the traceback above", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

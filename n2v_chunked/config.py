@@ -10,14 +10,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from .errors import N2VError
+from .errors import ConfigError, InputNotFoundError
+from .typecheck import BAD, conform, kind_of, mismatch
 
 T = TypeVar("T")
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Raise :class:`ConfigError` unless every field of dataclass ``obj`` has its hinted type.
+
+    Integers given for float fields become floats; tuples for list fields, lists.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        fixed = conform(value, hints[f.name])
+        if fixed is BAD:
+            raise ConfigError(f"config section {section!r}: {mismatch(f.name, value, hints[f.name])}")
+        setattr(obj, f.name, fixed)
+
+
+def _require(ok: bool, section: str, key: str, value: Any, rule: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and ``value`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config section {section!r}: {key} must be {rule}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -53,14 +76,13 @@ class ModelConfig:
     independent_channels: bool = False
 
     def __post_init__(self) -> None:
-        if self.dims not in (2, 3):
-            raise N2VError(f"model dims must be 2 or 3, got {self.dims}")
-        if self.depth < 0 or self.depth > 6:
-            raise N2VError(f"model depth must be between 0 and 6, got {self.depth}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise N2VError(f"kernel_size must be odd and positive, got {self.kernel_size}")
-        if self.features < 1 or self.in_channels < 1:
-            raise N2VError("features and in_channels must be positive")
+        check_types(self, "model")
+        _require(self.dims in (2, 3), "model", "dims", self.dims, "2 or 3")
+        _require(0 <= self.depth <= 6, "model", "depth", self.depth, "between 0 and 6")
+        _require(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "model", "kernel_size", self.kernel_size,
+                 "odd and positive")
+        for key in ("features", "in_channels"):
+            _require(getattr(self, key) >= 1, "model", key, getattr(self, key), ">= 1")
 
 
 def default_replacement(n2v2: bool) -> str:
@@ -98,17 +120,17 @@ class MaskConfig:
     struct_axes: list[str] = dataclasses.field(default_factory=lambda: ["x"])
 
     def __post_init__(self) -> None:
+        check_types(self, "mask")
         if not 0.0 < self.density <= 0.5:
-            raise N2VError(f"mask density must be in (0, 0.5], got {self.density}")
-        if self.neighbourhood < 3 or self.neighbourhood % 2 == 0:
-            raise N2VError(f"mask neighbourhood must be odd and >= 3, got {self.neighbourhood}")
-        if self.replacement not in ("uniform", "median"):
-            raise N2VError(f"mask replacement must be 'uniform' or 'median', got {self.replacement!r}")
-        if self.struct_span < 0 or (self.struct_span and self.struct_span % 2 == 0):
-            raise N2VError(f"struct_span must be 0 (off) or odd, got {self.struct_span}")
-        bad = [a for a in self.struct_axes if a not in ("z", "y", "x")]
-        if bad:
-            raise N2VError(f"struct_axes must be among z, y, x; got {bad}")
+            raise ConfigError(f"mask density must be in (0, 0.5], got {self.density}")
+        _require(self.neighbourhood >= 3 and self.neighbourhood % 2 == 1, "mask", "neighbourhood",
+                 self.neighbourhood, "odd and >= 3")
+        _require(self.replacement in ("uniform", "median"), "mask", "replacement", self.replacement,
+                 "'uniform' or 'median'")
+        _require(self.struct_span == 0 or (self.struct_span > 0 and self.struct_span % 2 == 1), "mask",
+                 "struct_span", self.struct_span, "0 (off) or odd")
+        _require(all(a in ("z", "y", "x") for a in self.struct_axes), "mask", "struct_axes", self.struct_axes,
+                 "among z, y, x")
 
 
 @dataclasses.dataclass
@@ -173,16 +195,17 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.steps < 0:
-            raise N2VError("batch_size must be >= 1 and steps >= 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise N2VError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.schedule not in ("plateau", "cosine"):
-            raise N2VError(f"schedule must be 'plateau' or 'cosine', got {self.schedule!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise N2VError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if any(int(p) < 1 for p in self.patch_size):
-            raise N2VError(f"patch_size must be positive, got {self.patch_size}")
+        check_types(self, "train")
+        for key in ("batch_size", "val_interval", "val_patches", "checkpoint_interval"):
+            _require(getattr(self, key) >= 1, "train", key, getattr(self, key), ">= 1")
+        for key in ("steps", "plateau_patience", "time_budget", "seed", "num_workers"):
+            _require(getattr(self, key) >= 0, "train", key, getattr(self, key), ">= 0")
+        _require(self.lr > 0, "train", "lr", self.lr, "> 0")
+        _require(self.precision in ("auto", "bf16", "fp32"), "train", "precision", self.precision,
+                 "auto, bf16 or fp32")
+        _require(self.schedule in ("plateau", "cosine"), "train", "schedule", self.schedule, "'plateau' or 'cosine'")
+        _require(0.0 <= self.warmup < 1.0, "train", "warmup", self.warmup, "a fraction in [0, 1)")
+        _require(all(p >= 1 for p in self.patch_size), "train", "patch_size", self.patch_size, "positive")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -202,19 +225,18 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     object
         An instance of ``cls``.
     """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config section {where!r} must be a mapping of keys to values, got {kind_of(data)}")
     data = dict(data or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         section = f" in section '{where}'" if where else ""
-        raise N2VError(
+        raise ConfigError(
             f"unknown config key(s){section}: {', '.join(unknown)} "
             f"(known: {', '.join(sorted(names))})"
         )
-    try:
-        return cls(**data)
-    except TypeError as exc:  # wrong value types that dataclasses let through
-        raise N2VError(f"invalid config{' ' + where if where else ''}: {exc}") from None
+    return cls(**data)  # __post_init__ checks every value's type and range
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -237,15 +259,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise N2VError(f"config file not found: {path}")
+        raise InputNotFoundError(f"config file not found: {path}")
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise N2VError(f"cannot parse config file {path}: {first}") from None
+        raise ConfigError(f"cannot parse config file {path}: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise N2VError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) instead of text.
+
+    YAML 1.1 wants a dot (``1.0e-3``); ``lr: 1e-3`` becoming the string
+    ``"1e-3"`` would then be refused as a wrong type, which no user expects.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

@@ -47,7 +47,8 @@ def info(
     Returns
     -------
     dict
-        ``format``, ``ngff_version``, ``source``, ``axes``, ``shape``, ``dtype``,
+        ``format``, ``ngff_version``, ``source``, ``axes`` (canonical order, as
+        the shape), ``stored_axes`` (the order ``--axes`` refers to), ``shape``, ``dtype``,
         ``chunks`` and ``shards`` (as stored), ``levels`` (shapes), ``level``,
         ``scale``, ``units``, ``translation``, ``bytes_in_memory`` (the opened
         level), ``bytes_on_disk`` (all levels; None if unknown) and
@@ -62,6 +63,7 @@ def info(
         "format": arr.attrs["format"],
         "ngff_version": arr.attrs["ngff_version"],
         "axes": "".join(arr.dims),
+        "stored_axes": si.stored_axes,
         "shape": tuple(int(s) for s in arr.shape),
         "dtype": si.dtype or str(arr.dtype),
         "chunks": si.store_chunks,
@@ -88,6 +90,12 @@ def _n2v_complete(source: str, storage_options: dict[str, Any] | None) -> bool |
     return bool(meta.get("complete")) if isinstance(meta, dict) else None
 
 
+def _stored_note(d: dict[str, Any]) -> str:
+    """Where the stored order differs, say so: ``--axes`` is read in that order."""
+    stored = d.get("stored_axes") or d["axes"]
+    return "" if stored == d["axes"] else f"  (stored as {stored}: the order --axes refers to)"
+
+
 def format_info(d: dict[str, Any]) -> str:
     """The text ``n2v-chunked info`` prints for :func:`info`'s dict."""
 
@@ -101,7 +109,7 @@ def format_info(d: dict[str, Any]) -> str:
     lines = [
         f"source:       {d['source']}",
         f"format:       {d['format']}" + (f" (NGFF {d['ngff_version']})" if d["ngff_version"] else ""),
-        f"axes:         {d['axes']}",
+        f"axes:         {d['axes']}" + _stored_note(d),
         f"shape:        {tup(d['shape'])}" + (f"  (level {d['level']})" if d["level"] else ""),
         f"dtype:        {d['dtype']}",
         f"chunks:       {tup(d['chunks'])}",

@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from .errors import N2VError
+from .errors import LockHeldError, N2VError
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +217,14 @@ def output_lock(output: str, what: str = "a prediction") -> Iterator[str]:
             other = {}  # a lock cut short by a kill while it was written
         reason = stale_reason(other) if other else "it is unreadable"
         if reason is None:
-            raise N2VError(
+            raise LockHeldError(
                 f"{output} is being written by {_describe(other)}; wait for it to finish, or if it is dead "
                 f"delete {path}"
             )
         if files.take(raw):
             log.warning("taking over the lock %s: %s", path, reason)
     else:
-        raise N2VError(f"cannot take the lock {path} for {output}: other runs keep taking it")
+        raise LockHeldError(f"cannot take the lock {path} for {output}: other runs keep taking it")
 
     stop = threading.Event()
 

@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import N2VError
+from .errors import N2VError, OutputExistsError
 from .sources import CANONICAL, ZARR_MARKERS, grow_chunks, is_url, parse_axes
 
 DEFAULT_CHUNK_BYTES = 2 * 2**20  # 1-4 MiB chunks: good for object stores and viewers
@@ -140,14 +140,14 @@ def _prepare_location(path: str, overwrite: bool, storage_options: dict[str, Any
         fs, fpath = fsspec.core.url_to_fs(path, **storage_options)
         if fs.exists(fpath):
             if not overwrite:
-                raise N2VError(f"output {path} exists; pass --overwrite")
+                raise OutputExistsError(f"output {path} exists; pass --overwrite")
             if not any(fs.exists(f"{fpath.rstrip('/')}/{m}") for m in ZARR_MARKERS):
                 raise N2VError(f"refusing to overwrite {path}: it is not a Zarr store")
             fs.rm(fpath, recursive=True)
         return
     if loc.exists() or loc.is_symlink():
         if not overwrite:
-            raise N2VError(f"output {loc} exists; pass --overwrite")
+            raise OutputExistsError(f"output {loc} exists; pass --overwrite")
         if loc.is_dir() and not loc.is_symlink():
             if any(loc.iterdir()) and not any((loc / m).exists() for m in ZARR_MARKERS):
                 raise N2VError(f"refusing to overwrite {loc}: it is a non-empty folder but not a Zarr store")

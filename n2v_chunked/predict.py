@@ -48,7 +48,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import N2VError
+from .errors import (
+    ConfigError, IncompatibleModelError, N2VError, OutputExistsError, UnreadableDataError, environment_problem,
+    first_line, rephrased,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +153,17 @@ def check_compatible(trained: Any, dims: Sequence[str], shape: Sequence[int]) ->
     missing = [d for d in spatial if d not in sizes]
     if missing:
         have = "".join(dims)
-        raise N2VError(
+        raise IncompatibleModelError(
             f"model is {cfg.dims}D (axes {''.join(spatial)}) but the input has axes {have}: "
-            f"no {''.join(missing)} axis (pass --axes if the metadata is wrong)"
+            f"no {''.join(missing)} axis (n2v-chunked info shows the input's axes)"
         )
     channels = sizes.get("c", 1)
     if channels != cfg.in_channels:
-        raise N2VError(f"model was trained for {cfg.in_channels} channel(s) but the input has {channels}")
+        raise IncompatibleModelError(f"model was trained for {cfg.in_channels} channel(s) but the input has {channels}")
     m = 2**cfg.depth
     small = [f"{d}={sizes[d]}" for d in spatial if sizes[d] < m]
     if small:
-        raise N2VError(
+        raise IncompatibleModelError(
             f"input axis {', '.join(small)} is smaller than 2**depth = {m} of the model; "
             "such an image is too small for this network"
         )
@@ -175,7 +178,7 @@ def _chunk_list(chunks: Any, dims: Sequence[str], spatial: Sequence[str]) -> dic
         out = {str(k).lower(): v for k, v in chunks.items()}
         bad = sorted(set(out) - set(dims))
         if bad:
-            raise N2VError(f"chunks name axes {bad} that the input (axes {''.join(dims)}) lacks")
+            raise ConfigError(f"chunks name axes {bad} that the input (axes {''.join(dims)}) lacks")
     else:
         values = list(chunks)
         if len(values) == len(dims):
@@ -183,16 +186,16 @@ def _chunk_list(chunks: Any, dims: Sequence[str], spatial: Sequence[str]) -> dic
         elif len(values) == len(spatial):
             out = dict(zip(spatial, values))
         else:
-            raise N2VError(
+            raise ConfigError(
                 f"chunks {values} must give {len(dims)} sizes (axes {''.join(dims)}) "
                 f"or {len(spatial)} (axes {''.join(spatial)})"
             )
     try:
         out = {k: int(v) for k, v in out.items()}
     except (TypeError, ValueError):
-        raise N2VError(f"chunks must be integers, got {chunks}") from None
+        raise ConfigError(f"chunks must be integers, got {chunks}") from None
     if any(v < 1 for v in out.values()):
-        raise N2VError(f"chunks must be positive, got {chunks}")
+        raise ConfigError(f"chunks must be positive, got {chunks}")
     return out
 
 
@@ -444,7 +447,7 @@ def predict_block(
     x = np.asarray(block, dtype=np.float32)
     bad = x.size - int(np.count_nonzero(np.isfinite(x)))
     if bad:  # they would spread over the receptive field and poison the block
-        raise N2VError(f"input has {bad} NaN/Inf value(s) in this block or its halo; replace them before denoising")
+        raise UnreadableDataError(f"input has {bad} NaN/Inf value(s) in this block or its halo; replace them before denoising")
     no_c = "c" not in dims
     if no_c:  # a single-channel input without a c axis
         x, dims, halo = x[..., None], dims + ("c",), tuple(halo) + (0,)
@@ -476,10 +479,13 @@ def _predict_task(
     kwargs["token"] = kwargs.pop("model_token", "")  # dask reserves ``token`` for task names
     try:
         return predict_block(block, threads=_resolve_threads(threads), **kwargs)
+    except N2VError as exc:
+        raise rephrased(exc, f"block {index}: {exc}") from exc
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        what = first if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first}"
-        raise N2VError(f"block {index}: {what}") from exc
+        if environment_problem(exc):  # e.g. CUDA out of memory: smaller --chunks help
+            raise N2VError(f"block {index}: {type(exc).__name__}: {first_line(exc)}") from exc
+        exc.add_note(f"(n2v-chunked: while predicting block {index})")
+        raise  # a bug: its own type and traceback
 
 
 def usable_cpus() -> int:
@@ -741,9 +747,8 @@ def _write_task(
         arr[region] = cast_block(block, arr.dtype)
         fs, mdir = _markers(path)  # written only after the data is in the store
         fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first}") from exc
+    except OSError as exc:  # the store: disk full, permissions, network
+        raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)
 
 
@@ -927,22 +932,22 @@ def scheduler_context(
 def _check_options(boundary: str, precision: str, ngff_version: str, dtype: Any, batch_blocks: int | None,
                    resume: bool, overwrite: bool) -> None:
     if boundary not in BOUNDARIES:
-        raise N2VError(f"unknown boundary mode {boundary!r}; use one of {', '.join(BOUNDARIES)}")
+        raise ConfigError(f"unknown boundary mode {boundary!r}; use one of {', '.join(BOUNDARIES)}")
     if precision not in PRECISIONS:
-        raise N2VError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if str(ngff_version) not in ("0.4", "0.5"):
-        raise N2VError(f"NGFF version must be 0.4 or 0.5, got {ngff_version}")
+        raise ConfigError(f"NGFF version must be 0.4 or 0.5, got {ngff_version}")
     if dtype is not None:
         try:
             dt = np.dtype(dtype)
         except TypeError:
-            raise N2VError(f"unknown dtype {dtype!r}") from None
+            raise ConfigError(f"unknown dtype {dtype!r}") from None
         if not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)):
-            raise N2VError(f"output dtype must be a float or integer type, got {dt}")
+            raise ConfigError(f"output dtype must be a float or integer type, got {dt}")
     if batch_blocks is not None and batch_blocks < 1:
-        raise N2VError(f"batch_blocks must be >= 1, got {batch_blocks}")
+        raise ConfigError(f"batch_blocks must be >= 1, got {batch_blocks}")
     if resume and overwrite:
-        raise N2VError("--resume and --overwrite exclude each other")
+        raise ConfigError("--resume and --overwrite exclude each other")
 
 
 def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
@@ -962,14 +967,14 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
         except Exception:
             meta = None
         if not isinstance(meta, dict) or "parameters" not in meta:
-            raise N2VError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
+            raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
         return dict(meta)
     if not overwrite:
-        raise N2VError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
+        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
     if not fs.isdir(root):
-        raise N2VError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
+        raise OutputExistsError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
     if fs.ls(root) and not any(fs.exists(f"{root}/{m}") for m in ZARR_MARKERS):
-        raise N2VError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
+        raise OutputExistsError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
     return None
 
 
@@ -979,7 +984,7 @@ def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> N
     diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)
-        raise N2VError(f"cannot resume {out}: it was started with other settings ({detail}); use --overwrite")
+        raise OutputExistsError(f"cannot resume {out}: it was started with other settings ({detail}); use --overwrite")
 
 
 def predict(
@@ -1071,14 +1076,14 @@ def predict(
     ngff_version = str(ngff_version)
     _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
     if model_dir is None:
-        raise N2VError("predict needs a model (--model)")
+        raise ConfigError("predict needs a model (--model)")
     from .zoo_import import is_zoo_package, prepare
 
     if is_zoo_package(model_dir):  # the second block-function provider: any Zoo model (zoo_import.py)
         data = open_image(source, axes=axes, level=level)
         model_dir = prepare(model_dir, data, halo=halo)
     elif halo is not None:
-        raise N2VError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
+        raise ConfigError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
     trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
     if isinstance(model_dir, (str, os.PathLike)):
         data = open_image(source, axes=axes, level=level)
@@ -1197,10 +1202,13 @@ def _run(
         else:
             _run_distributed(sched, graphs(), bar, batch_blocks)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        msg = first if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first}"
-        raise N2VError(f"prediction stopped: {msg}; {out} stays marked incomplete "
-                       "(fix the cause and rerun with --resume to finish it)") from exc
+        unfinished = f"{out} stays marked incomplete"
+        if not (isinstance(exc, N2VError) or environment_problem(exc)):
+            exc.add_note(f"(n2v-chunked: {unfinished}; rerun with --resume once fixed)")
+            raise  # a bug: its own type and traceback
+        what = first_line(exc) if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first_line(exc)}"
+        msg = f"prediction stopped: {what}; {unfinished} (fix the cause and rerun with --resume to finish it)"
+        raise (rephrased(exc, msg) if isinstance(exc, N2VError) else N2VError(msg)) from exc
     finally:
         bar.close()
     return {"blocks_total": p.nblocks, "blocks_computed": bar.blocks, "blocks_skipped": skipped,

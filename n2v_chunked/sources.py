@@ -30,7 +30,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import N2VError
+from .errors import AxesError, InputNotFoundError, N2VError, UnreadableDataError
+from .metadata_axes import Stated, check_axes_agree, tiff_stated_axes
+from .tiffcheck import check_complete, quiet_tifffile
 
 log = logging.getLogger("n2v_chunked")
 
@@ -77,6 +79,7 @@ class SourceInfo:
     levels: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     nbytes_stored: int | None = None
     dtype: str = ""
+    stored_axes: str = ""  # the axes in stored order: the order --axes refers to
 
 
 @dataclasses.dataclass
@@ -93,6 +96,9 @@ class _Raw:
     ngff_version: str | None = None
     info: SourceInfo = dataclasses.field(default_factory=SourceInfo)
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Axes the metadata states, by stored position (None where it states none);
+    # None: ``dims`` if known, else nothing stated (see metadata_axes.py).
+    stated: Stated | None = None
     # Re-read with other dask chunks (native order).  Reading each block
     # straight from the store keeps memory at one block per task, where
     # ``rechunk`` across, say, whole TIFF pages would hold every page a block spans.
@@ -122,13 +128,13 @@ def parse_axes(axes: str | Sequence[str], ndim: int) -> tuple[str, ...]:
     letters = tuple(a.lower() for a in (axes.replace(",", "").strip() if isinstance(axes, str) else axes))
     bad = sorted({a for a in letters if a not in CANONICAL})
     if bad:
-        raise N2VError(
+        raise AxesError(
             f"unknown axis letter(s) {', '.join(map(repr, bad))} in axes {''.join(letters)!r}: use letters from tczyx"
         )
     if len(set(letters)) != len(letters):
-        raise N2VError(f"repeated axis letter in axes {''.join(letters)!r}")
+        raise AxesError(f"repeated axis letter in axes {''.join(letters)!r}")
     if len(letters) != ndim:
-        raise N2VError(f"axes {''.join(letters)!r} has {len(letters)} letters but the data has {ndim} dimensions")
+        raise AxesError(f"axes {''.join(letters)!r} has {len(letters)} letters but the data has {ndim} dimensions")
     return letters
 
 
@@ -149,9 +155,12 @@ def open_image(
         (or one of its level arrays), a plain Zarr array or group, a TIFF /
         OME-TIFF file, a folder or glob of same-shaped TIFFs; or an array.
     axes : str, optional
-        Axis letters of the source in its stored order (e.g. ``"zyx"``);
-        overrides the metadata, required where the source has none.  For a
-        folder of TIFFs the first letter names the stacking axis.
+        Axis letters of the source in its stored order (e.g. ``"zyx"``, or
+        ``"yxc"`` for a channels-last RGB TIFF), not the canonical order of the
+        result.  Required where the metadata states no axes; where it does,
+        ``axes`` must agree with it (:class:`~n2v_chunked.errors.AxesError`
+        otherwise).  For a folder of TIFFs the first letter names the
+        stacking axis.
     level : int
         Resolution level of a multiscale source (0 = full resolution).
     storage_options : dict, optional
@@ -230,7 +239,7 @@ class _ChunkReader:
             raise
         except Exception as exc:
             where, cause = self._locate(key, exc)
-            raise N2VError(f"cannot read {self.label} {where}: {type(cause).__name__}: {_first_line(cause)}") from exc
+            raise UnreadableDataError(f"cannot read {self.label} {where}: {type(cause).__name__}: {_first_line(cause)}") from exc
 
     def _chunk_name(self, idx: tuple[int, ...]) -> str:
         return str(idx)
@@ -288,7 +297,7 @@ class _TiffReader(_ChunkReader):
         self.path, self.level, self.keep_open = path, level, keep_open
         self._handles: tuple[Any, Any, Any] | None = None
         self._lock = threading.Lock()
-        handles = self._open()
+        handles = self._open(check=True)
         z = handles[2]
         super().__init__(f"TIFF {path}", z.shape, z.dtype, z.chunks)
         if keep_open:
@@ -296,17 +305,21 @@ class _TiffReader(_ChunkReader):
         else:
             self._close(handles)
 
-    def _open(self) -> tuple[Any, Any, Any]:
+    def _open(self, check: bool = False) -> tuple[Any, Any, Any]:
+        """Open the file; with ``check``, refuse it unless all its pages and strips are there."""
         import tifffile
         import zarr
 
-        tf = tifffile.TiffFile(self.path)
-        try:
-            store = tf.series[0].aszarr(level=self.level)
-            return tf, store, zarr.open(store, mode="r")
-        except Exception:
-            tf.close()
-            raise
+        with quiet_tifffile() as records:
+            tf = tifffile.TiffFile(self.path)
+            try:
+                if check:
+                    check_complete(tf, self.path, self.level, records)
+                store = tf.series[0].aszarr(level=self.level)
+                return tf, store, zarr.open(store, mode="r")
+            except Exception:
+                tf.close()
+                raise
 
     @staticmethod
     def _close(handles: tuple[Any, Any, Any]) -> None:
@@ -406,11 +419,11 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
     if any(ch in source for ch in "*?["):
         files = sorted((f for f in glob.glob(source) if f.lower().endswith(TIFF_SUFFIXES)), key=_natural_key)
         if not files:
-            raise N2VError(f"no TIFF files match {source}")
+            raise InputNotFoundError(f"no TIFF files match {source}")
         return _open_tiff_stack(files, source, axes)
     path = Path(source).expanduser()
     if not path.exists():
-        raise N2VError(f"input not found: {source}")
+        raise InputNotFoundError(f"input not found: {source}")
     path = path.resolve()
     if path.is_dir():
         if any((path / m).exists() for m in ZARR_MARKERS):
@@ -418,14 +431,14 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
         files = sorted((str(f) for f in path.iterdir() if f.name.lower().endswith(TIFF_SUFFIXES)), key=_natural_key)
         if files:
             return _open_tiff_stack(files, str(path), axes)
-        raise N2VError(
+        raise UnreadableDataError(
             f"{path} is a directory but neither a Zarr store (no zarr.json/.zgroup/.zarray) nor a folder of TIFFs"
         )
     if path.name.lower().endswith(TIFF_SUFFIXES):
         return _open_tiff(str(path), level)
     if path.name in ZARR_MARKERS:  # e.g. img.zarr/zarr.json: the node it describes
         return _open_zarr(str(path.parent), level, storage_options, url=False)
-    raise N2VError(f"unsupported input file {path}: expected OME-Zarr, Zarr or TIFF")
+    raise UnreadableDataError(f"unsupported input file {path}: expected OME-Zarr, Zarr or TIFF")
 
 
 def _natural_key(s: str) -> list[Any]:
@@ -445,7 +458,7 @@ def _open_zarr(source: str, level: int, storage_options: dict[str, Any], url: bo
     try:
         node = zarr.open(store=source, mode="r", **kw)
     except Exception as exc:  # zarr's not-found errors, and fsspec backends' own (missing s3fs, credentials)
-        raise N2VError(f"cannot open {source} as Zarr: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise UnreadableDataError(f"cannot open {source} as Zarr: {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(node, zarr.Array):
         parent = _parent_multiscales(source, kw)
         if parent is not None:
@@ -466,8 +479,8 @@ def _open_zarr(source: str, level: int, storage_options: dict[str, Any], url: bo
     if len(arrays) == 1:
         return _plain_zarr(node[arrays[0]], f"{source.rstrip('/')}/{arrays[0]}")
     if not arrays:
-        raise N2VError(f"Zarr group {source} has no OME-Zarr multiscales metadata and holds no arrays")
-    raise N2VError(
+        raise UnreadableDataError(f"Zarr group {source} has no OME-Zarr multiscales metadata and holds no arrays")
+    raise UnreadableDataError(
         f"Zarr group {source} has no OME-Zarr multiscales metadata and holds several arrays "
         f"({', '.join(arrays)}): open one of them, e.g. {source.rstrip('/')}/{arrays[0]}"
     )
@@ -520,14 +533,14 @@ def _transforms(items: list[dict[str, Any]] | None, ndim: int) -> tuple[np.ndarr
         elif t.get("type") == "translation" and "translation" in t:
             trans = np.asarray(t["translation"], dtype=float)
     if scale.shape != (ndim,) or trans.shape != (ndim,):
-        raise N2VError(f"coordinateTransformations {items} do not match {ndim} axes")
+        raise UnreadableDataError(f"coordinateTransformations {items} do not match {ndim} axes")
     return scale, trans
 
 
 def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level: int, source: str) -> _Raw:
     datasets = ms.get("datasets") or []
     if not datasets:
-        raise N2VError(f"OME-Zarr {source} lists no datasets in its multiscales metadata")
+        raise UnreadableDataError(f"OME-Zarr {source} lists no datasets in its multiscales metadata")
     if level >= len(datasets):
         raise N2VError(
             f"OME-Zarr {source} has {len(datasets)} level(s) (0..{len(datasets) - 1}); level {level} does not exist"
@@ -535,7 +548,7 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
     try:
         arrays = [group[str(d["path"]).strip("/")] for d in datasets]
     except KeyError as exc:
-        raise N2VError(f"OME-Zarr {source}: dataset {exc} listed in multiscales metadata is missing") from None
+        raise UnreadableDataError(f"OME-Zarr {source}: dataset {exc} listed in multiscales metadata is missing") from None
     arr = arrays[level]
     ndim = arr.ndim
     raw_axes = ms.get("axes")
@@ -546,7 +559,7 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
         names = [str(a["name"] if isinstance(a, dict) else a).lower() for a in raw_axes]
         unit_list = [a.get("unit") if isinstance(a, dict) else None for a in raw_axes]
     if names and len(names) != ndim:
-        raise N2VError(f"OME-Zarr {source}: {len(names)} axes in metadata but level {level} has {ndim} dimensions")
+        raise UnreadableDataError(f"OME-Zarr {source}: {len(names)} axes in metadata but level {level} has {ndim} dimensions")
     problem = _axes_problem(raw_axes, names) if raw_axes is not None else None
     scale, trans = _transforms(datasets[level].get("coordinateTransformations"), ndim)
     gscale, gtrans = _transforms(ms.get("coordinateTransformations"), ndim)
@@ -679,12 +692,13 @@ def _open_tiff(path: str, level: int, keep_open: bool = True) -> _Raw:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tf:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tf:  # judged by _TiffReader below
             series = tf.series[0]
             nlevels = len(series.levels)
             if level >= nlevels:
                 raise N2VError(f"TIFF {path} has {nlevels} level(s); level {level} does not exist")
             dims = _tiff_axes(series.axes)
+            stated = tiff_stated_axes(tf, series)
             scale, units = _tiff_metadata(tf)
             levels = [tuple(lv.shape) for lv in series.levels]
             axes_letters = series.axes
@@ -692,11 +706,12 @@ def _open_tiff(path: str, level: int, keep_open: bool = True) -> _Raw:
     except N2VError:
         raise
     except Exception as exc:
-        raise N2VError(f"cannot read TIFF {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise UnreadableDataError(f"cannot read TIFF {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if len(axes_letters) != reader.ndim:  # tifffile squeezes differently: trust the shape
-        dims = None
+        dims, stated = None, None
     chunks = grow_chunks(reader.shape, reader.store_chunks, reader.dtype.itemsize, TIFF_CHUNK_BYTES)
     raw = _Raw(_from_reader(reader, chunks), dims, "tiff", path, rebuild=lambda ch: _from_reader(reader, ch))
+    raw.stated = stated or ()  # () : the metadata states nothing (tifffile's guesses are not metadata)
     if dims is not None:
         # level > 0 of a pyramid: pixel sizes grow by the level's downsampling
         f = {d: levels[0][i] / reader.shape[i] for i, d in enumerate(dims)}
@@ -717,10 +732,12 @@ def _open_tiff_stack(files: list[str], source: str, axes: Any) -> _Raw:
     for f in files[1:]:  # opens headers only: cheap even for thousands of files
         try:
             reader = _TiffReader(f, 0, keep_open=False)
+        except N2VError:
+            raise
         except Exception as exc:
-            raise N2VError(f"cannot read TIFF {f}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise UnreadableDataError(f"cannot read TIFF {f}: {type(exc).__name__}: {_first_line(exc)}") from None
         if reader.shape != shape or reader.dtype != dtype:
-            raise N2VError(
+            raise UnreadableDataError(
                 f"TIFF {f} has shape {reader.shape} {reader.dtype} but {files[0]} has {shape} {dtype}: "
                 "all files of a stack must match"
             )
@@ -738,11 +755,12 @@ def _open_tiff_stack(files: list[str], source: str, axes: Any) -> _Raw:
         inner = first.dims
         if inner is None:
             said = first.attrs["tiff_axes"]
-            raise N2VError(f"cannot tell the axes of the TIFFs in {source} (tifffile says {said!r}); {ASK_AXES}")
+            raise AxesError(f"cannot tell the axes of the TIFFs in {source} (tifffile says {said!r}); {ASK_AXES}")
         if "t" in inner:
-            raise N2VError(f"the TIFFs in {source} already have a t axis, so the stacking axis is unclear; {ASK_AXES}")
+            raise AxesError(f"the TIFFs in {source} already have a t axis, so the stacking axis is unclear; {ASK_AXES}")
         dims = ("t",) + inner
     raw = _Raw(data, dims, "tiff", source, rebuild=stack)
+    raw.stated = (None,) + tuple(first.stated) if first.stated else ()  # the stacking axis is ours to name
     sc, un = first.attrs["tiff_scale"], first.attrs["tiff_units"]
     raw.scale = {i + 1: sc[d] for i, d in enumerate(inner) if d in sc}
     raw.units = {i + 1: un[d] for i, d in enumerate(inner) if d in un}
@@ -803,11 +821,13 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
     ndim = raw.data.ndim
     if axes is not None:
         dims = parse_axes(axes, ndim)
+        stated = raw.stated if raw.stated is not None else raw.dims
+        check_axes_agree(dims, stated or None, raw.source, raw.data.shape)
     elif raw.dims is not None:
         dims = raw.dims
     elif raw.attrs.get("axes_problem"):  # before the 2D default: wrong metadata must not pass as yx
         said = ", ".join(raw.attrs.get("metadata_axes") or [])
-        raise N2VError(f"OME-Zarr {raw.source}: invalid axes metadata ({said}): {raw.attrs['axes_problem']}; "
+        raise AxesError(f"OME-Zarr {raw.source}: invalid axes metadata ({said}): {raw.attrs['axes_problem']}; "
                        f"{ASK_AXES} to read it anyway")
     elif ndim == 2:
         dims = ("y", "x")  # the only unambiguous default
@@ -817,7 +837,7 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
             hint = f" (tifffile says {raw.attrs['tiff_axes']!r})"
         elif raw.attrs.get("metadata_axes"):
             hint = f" (metadata says {''.join(raw.attrs['metadata_axes'])!r})"
-        raise N2VError(f"cannot tell the axes of {raw.source}, shape {tuple(raw.data.shape)}{hint}; {ASK_AXES}")
+        raise AxesError(f"cannot tell the axes of {raw.source}, shape {tuple(raw.data.shape)}{hint}; {ASK_AXES}")
     if raw.format == "tiff" and axes is not None and raw.attrs.get("tiff_scale") and raw.dims is None:
         # metadata keyed by tifffile letters we could not map: now we know the names
         sc, un = raw.attrs["tiff_scale"], raw.attrs["tiff_units"]
@@ -844,6 +864,7 @@ def _canonical(raw: _Raw, axes: Any, chunks: Any = None) -> tuple[xr.DataArray, 
         info.shards = tuple(info.shards[i] for i in order)
     info.levels = [tuple(s[i] for i in order) for s in info.levels if len(s) == ndim] or [tuple(data.shape)]
     info.dtype = info.dtype or str(data.dtype)
+    info.stored_axes = "".join(dims)
     out = xr.DataArray(data, dims=out_dims, attrs=attrs)
     out.name = None  # xarray would take the dask task name
     return out, info

@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import tifffile
 import xarray as xr
 import yaml
 import zarr
@@ -146,6 +147,24 @@ def _train(tmp: Path, src: Path, *extra: str, names: list[str] | None = None) ->
     out = tmp / "model"
     argv = ["train", str(src), "--model-dir", str(out), *FAST_TRAIN, *extra]
     return Setup(argv, [src], out, names or [])
+
+
+def _truncated_tiff(tmp: Path, m: Models) -> Setup:
+    # a 20-slice ImageJ stack cut short by an interrupted copy: once read as its first slice
+    src = tmp / "image.tif"
+    tifffile.imwrite(src, _noisy((20, 32, 32)), imagej=True, metadata={"axes": "ZYX"})
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    out = tmp / "out.ome.zarr"
+    return Setup(["convert", str(src), str(out), "--axes", "zyx", "--no-progress"], [src], out, [str(src)])
+
+
+def _axes_contradict_metadata(tmp: Path, m: Models) -> Setup:
+    # info prints the canonical order (cyx); --axes is read in the stored order (yxc)
+    src = tmp / "rgb.tif"
+    tifffile.imwrite(src, np.zeros((48, 64, 3), np.uint8), photometric="rgb")
+    out = tmp / "out.ome.zarr"
+    return Setup(["convert", str(src), str(out), "--axes", "cyx", "--no-progress"], [src], out,
+                 [str(src), "'??c'", "--axes yxc"])
 
 
 def _missing_input(tmp: Path, m: Models) -> Setup:
@@ -303,6 +322,24 @@ def _config_unknown_key(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _config_wrong_type(tmp: Path, m: Models) -> Setup:
+    cfg = tmp / "n2v.yaml"
+    cfg.write_text('predict:\n  batch_blocks: "8"\n')  # quoted: a string, not the number of blocks
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=[str(cfg), "'8'"],
+                 inputs=[cfg])
+    s.argv = ["--config", str(cfg), *s.argv]
+    return s
+
+
+def _model_config_wrong_type(tmp: Path, m: Models) -> Setup:
+    model = _copy_model(m.m2d, tmp / "model")
+    meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
+    meta["model"]["n2v2"] = "no"  # a truthy string: once an N2V2 network built for N2V weights
+    (model / ckpt.CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
+    src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+    return _predict(tmp, src, model, names=[str(model / ckpt.CONFIG), "'n2v2'", "'no'"])
+
+
 def _model_config_unknown_key(tmp: Path, m: Models) -> Setup:
     model = _copy_model(m.m2d, tmp / "model")
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
@@ -403,6 +440,8 @@ CASES: list[Case] = [
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
     Case("random-bytes-tif", _random_bytes_tif, ("cannot read TIFF",)),
     Case("text-file", _text_file, ("unsupported input file",)),
+    Case("axes-contradict-metadata", _axes_contradict_metadata, ("--axes cyx contradicts the metadata", "stored")),
+    Case("truncated-tiff", _truncated_tiff, ("is truncated", "ImageJ metadata says 20 images")),
     Case("empty-zarr-group", _empty_zarr_group, ("no OME-Zarr multiscales metadata", "holds no arrays")),
     Case("zarr-group-without-multiscales", _zarr_group_without_multiscales,
          ("no OME-Zarr multiscales metadata", "several arrays")),
@@ -423,6 +462,9 @@ CASES: list[Case] = [
     Case("blend-without-noise-record", _blend_without_record, ("cannot blend", "--blend")),
     Case("truncated-checkpoint", _truncated_checkpoint, ("corrupt or truncated checkpoint",)),
     Case("config-unknown-key", _config_unknown_key, ("unknown option(s) for 'predict'",)),
+    Case("config-wrong-type", _config_wrong_type, ("'batch_blocks' = '8' is a string, expected an integer",)),
+    Case("model-config-wrong-type", _model_config_wrong_type,
+         ("config section 'model': 'n2v2' = 'no' is a string, expected true or false",)),
     Case("model-config-unknown-key", _model_config_unknown_key, ("unknown config key(s) in section 'model'",)),
     Case("existing-output", _existing_output, ("exists", "--overwrite")),
     Case("read-only-output-dir", _read_only_output_dir, ("cannot create",), unprivileged=True),
@@ -579,7 +621,7 @@ def test_console_script_path(models: Models, tmp_path: Path) -> None:
     res = _cli_subprocess(s.argv, tmp_path)
     _check(case, s, res.returncode, res.stderr, before, tmp_path, listed)
     debug = _cli_subprocess(["--debug", *s.argv], tmp_path)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "N2VError" in debug.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UnreadableDataError" in debug.stderr  # an N2VError subclass
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16"])

@@ -329,3 +329,141 @@ def test_incomplete_n2v_output_opens_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="n2v_chunked"):
         open_image(tmp_path / "o.zarr")
     assert "marked incomplete" in caplog.text
+
+
+# ----------------------------------------------------------------------------
+# Truncated TIFFs (issue 14, defect 7): an error naming what is missing, never a smaller image.
+# ----------------------------------------------------------------------------
+
+
+def _cut(path: Path, keep: float) -> Path:
+    """Keep the first ``keep`` fraction of the file's bytes (an interrupted copy)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _imagej(path: Path) -> Path:
+    tifffile.imwrite(path, ramp((20, 32, 32)), imagej=True, metadata={"axes": "ZYX"})
+    return path
+
+
+def _ome_xml_first(path: Path) -> Path:
+    """An OME-TIFF whose XML (at the start, as Bio-Formats writes it) lists 20 planes; 7 are left."""
+    full = path.with_name("full.ome.tif")
+    tifffile.imwrite(full, ramp((20, 32, 32)), ome=True, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(full) as tf:
+        xml = tf.ome_metadata
+    full.unlink()
+    tifffile.imwrite(path, ramp((7, 32, 32)), description=xml, metadata=None)
+    return path
+
+
+def _ome_cut(path: Path) -> Path:
+    """tifffile's OME-TIFF cut: its XML (written last) and every page but the first are lost."""
+    tifffile.imwrite(path, ramp((20, 32, 32)), ome=True, metadata={"axes": "ZYX"})
+    return path
+
+
+def _shaped(path: Path) -> Path:
+    tifffile.imwrite(path, ramp((20, 32, 32)))  # tifffile's own {"shape": [20, 32, 32]}
+    return path
+
+
+def _strips(path: Path) -> Path:
+    """A single compressed page whose last strips are cut off."""
+    tifffile.imwrite(path, ramp((128, 128)), compression="zlib", rowsperstrip=8)
+    return path
+
+
+@pytest.mark.parametrize("make, keep, said", [
+    (_imagej, 0.5, r"ImageJ metadata says 20 images, 1 page\(s\) readable"),
+    (_ome_xml_first, 1.0, r"13 of 20 planes of the image are missing"),
+    (_ome_cut, 0.6, r"page 2 should start at byte \d+ but the file has \d+ bytes; 1 page\(s\) readable"),
+    (_shaped, 0.6, r"image data run to byte \d+ but the file has \d+ bytes"),
+    (_strips, 0.6, r"page 1 of 1 has \d+ of 16 strips/tiles past the end of the file"),
+], ids=["imagej", "ome-xml-first", "ome-cut", "shaped", "strips"])
+def test_truncated_tiff_is_an_error_not_a_smaller_image(tmp_path, capfd, make, keep, said):
+    from n2v_chunked.errors import UnreadableDataError
+
+    path = _cut(make(tmp_path / "image.tif"), keep)
+    capfd.readouterr()
+    for axes in (None, "zyx"):  # with --axes the error still names the file, not the axes
+        with pytest.raises(UnreadableDataError, match=said) as exc:
+            open_image(path, axes=axes)
+        assert str(path) in str(exc.value) and "axes" not in str(exc.value)
+    assert capfd.readouterr().err == ""  # tifffile's own log lines do not reach the user
+
+
+def test_truncated_tiff_in_a_folder_stack_names_the_file(tmp_path):
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"frame_{i}.tif", ramp((64, 64)), compression="zlib", rowsperstrip=8)
+    _cut(tmp_path / "frame_2.tif", 0.5)
+    with pytest.raises(N2VError, match=r"frame_2.tif is truncated") as exc:
+        open_image(tmp_path)
+    assert "cannot read TIFF" not in str(exc.value)
+
+
+def test_complete_tiffs_still_open(tmp_path):
+    for make in (_imagej, _ome_cut, _shaped, _strips):
+        path = make(tmp_path / f"{make.__name__}.tif")
+        np.testing.assert_array_equal(open_image(path, axes="zyx" if make is _shaped else None).values,
+                                      tifffile.imread(path))
+
+
+# ----------------------------------------------------------------------------
+# --axes against the metadata (issue 14, defect 8): stored order, confirm only.
+# ----------------------------------------------------------------------------
+
+
+def test_axes_contradicting_channels_last_rgb_tiff_is_refused(tmp_path):
+    """info prints cyx; --axes cyx once gave 16 channels of 24 x 3 pixels."""
+    from n2v_chunked.convert import format_info, info
+    from n2v_chunked.errors import AxesError
+
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, ramp((16, 24, 3), "uint8"), photometric="rgb")
+    assert "axes:         cyx  (stored as yxc" in format_info(info(path))
+    with pytest.raises(AxesError, match=r"--axes cyx contradicts .*'\?\?c'.*stored.*e\.g\. --axes yxc"):
+        open_image(path, axes="cyx")
+    a = open_image(path, axes="yxc")  # the stored order: accepted, same as no --axes
+    assert a.dims == ("c", "y", "x") and a.shape == (3, 16, 24)
+    np.testing.assert_array_equal(a.values, open_image(path).values)
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_axes_must_agree_with_imagej_and_ome_tiff_axes(tmp_path, kind):
+    path = tmp_path / f"{kind}.tif"
+    tifffile.imwrite(path, ramp((4, 8, 8)), **{kind: True}, metadata={"axes": "ZYX"})
+    with pytest.raises(N2VError, match=r"--axes tyx contradicts .*'zyx'.*leave --axes out or pass --axes zyx"):
+        open_image(path, axes="tyx")
+    assert open_image(path, axes="zyx").dims == ("z", "y", "x")
+
+
+def test_axes_must_agree_with_ome_zarr_axes(tmp_path):
+    from n2v_chunked.ome import write_ome_zarr
+
+    src = tmp_path / "in.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(ramp((2, 8, 12)), dims=("c", "y", "x")), pyramid=False, progress=False)
+    with pytest.raises(N2VError, match=r"contradicts the metadata .*'cyx'"):
+        open_image(src, axes="cxy")
+    assert open_image(src, axes="cyx").shape == (2, 8, 12)
+
+
+def test_axes_name_sources_without_axis_metadata(tmp_path):
+    """Plain TIFF stacks, plain Zarr and arrays state no axes: --axes is what tells them."""
+    tifffile.imwrite(tmp_path / "plain.tif", ramp((5, 8, 8)), photometric="minisblack")  # tifffile: QYX
+    for axes in ("zyx", "tyx", "cyx"):
+        assert open_image(tmp_path / "plain.tif", axes=axes).sizes[axes[0]] == 5
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(5, 8, 8), chunks=(1, 8, 8), dtype="uint16")
+    assert open_image(tmp_path / "plain.zarr", axes="tyx").dims == ("t", "y", "x")
+    assert open_image(ramp((5, 8, 8)), axes="xzy").dims == ("z", "y", "x")
+
+
+def test_axes_help_says_stored_order(capsys):
+    from n2v_chunked.cli import main
+
+    for command in ("info", "convert", "train", "predict"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "STORED" in " ".join(capsys.readouterr().out.split())

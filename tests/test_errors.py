@@ -1,0 +1,117 @@
+"""User errors vs bugs (issue 14): typed user errors, and a bug that says it is one.
+
+Only problems a user can act on become the one-line ``n2v-chunked: error:``;
+a bug in our code keeps its type and traceback and asks for a report (exit 70).
+The typed :class:`N2VError` subclasses also derive from the matching built-in,
+so a Python caller can catch ``FileNotFoundError`` for a missing input.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from n2v_chunked import predict as predict_mod
+from n2v_chunked.cli import main
+from n2v_chunked.errors import (
+    INTERNAL_ERROR_EXIT, AxesError, ConfigError, IncompatibleModelError, InputNotFoundError, LockHeldError, N2VError,
+    OutputExistsError, UnreadableDataError,
+)
+from n2v_chunked.ome import is_complete, write_ome_zarr
+from n2v_chunked.sources import open_image
+
+from helpers import make_model_dir
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("m") / "m")
+
+
+def _image(path):
+    data = (100 + 10 * np.random.default_rng(0).standard_normal((64, 64))).astype(np.float32)
+    write_ome_zarr(path, xr.DataArray(data, dims=("y", "x")), pyramid=False, progress=False)
+    return path
+
+
+def _predict_argv(src, out, model):
+    return ["predict", str(src), str(out), "--model-dir", str(model), "--scheduler", "sync", "--no-progress"]
+
+
+@pytest.mark.parametrize("cls, builtin", [
+    (InputNotFoundError, FileNotFoundError), (UnreadableDataError, ValueError), (AxesError, ValueError),
+    (IncompatibleModelError, ValueError), (OutputExistsError, FileExistsError), (LockHeldError, BlockingIOError),
+    (ConfigError, ValueError),
+])
+def test_subclasses_are_n2verrors_and_builtins_and_survive_pickling(cls, builtin):
+    exc = cls("one line", 3)
+    assert isinstance(exc, N2VError) and isinstance(exc, builtin)
+    back = pickle.loads(pickle.dumps(exc))  # errors travel from dask workers
+    assert type(back) is cls and str(back) == "one line" and back.exit_code == 3
+
+
+def test_python_api_raises_builtin_catchable_errors(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        open_image(tmp_path / "missing.ome.zarr")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        predict_mod.predict(str(tmp_path / "missing.ome.zarr"), str(tmp_path / "o.ome.zarr"), str(model),
+                            scheduler="sync", progress=False)
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        predict_mod.predict(np.zeros((64, 64), np.float32), None, str(tmp_path / "no-model"), scheduler="sync")
+    src = _image(tmp_path / "in.ome.zarr")
+    (tmp_path / "taken.ome.zarr").mkdir()
+    (tmp_path / "taken.ome.zarr" / "zarr.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
+        predict_mod.predict(str(src), str(tmp_path / "taken.ome.zarr"), str(model), scheduler="sync",
+                            progress=False)
+    with pytest.raises(IncompatibleModelError, match="channel"):
+        predict_mod.predict(np.zeros((2, 64, 64), np.float32), None, str(model), axes="cyx", scheduler="sync")
+
+
+def test_a_bug_in_a_block_keeps_its_traceback_and_asks_for_a_report(tmp_path, model, monkeypatch, capfd):
+    src = _image(tmp_path / "in.ome.zarr")
+    out = tmp_path / "out.ome.zarr"
+
+    def broken(*args, **kwargs):
+        return {}["missing"]  # a deliberate bug: KeyError inside the block function
+
+    monkeypatch.setattr(predict_mod, "predict_block", broken)
+    capfd.readouterr()
+    assert main(_predict_argv(src, out, model)) == INTERNAL_ERROR_EXIT == 70
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "while predicting block (0, 0)" in err and "stays marked incomplete" in err  # the notes
+    assert lines[-1] == ("n2v-chunked: internal error (a bug): KeyError: 'missing'; "
+                         "please report it with the traceback above")
+    assert "n2v-chunked: error:" not in err  # not dressed up as a user error
+    assert not is_complete(out)
+    with pytest.raises(KeyError):  # the Python API: the bug's own type, not N2VError
+        predict_mod.predict(str(src), None, str(model), scheduler="sync").values
+
+
+def test_machine_failures_and_user_errors_stay_one_line(tmp_path, model, monkeypatch, capfd):
+    src = _image(tmp_path / "in.ome.zarr")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 64 GiB")
+
+    monkeypatch.setattr(predict_mod, "predict_block", no_memory)
+    capfd.readouterr()
+    assert main(_predict_argv(src, tmp_path / "out.ome.zarr", model)) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "n2v-chunked: error: prediction stopped: block (0, 0): MemoryError: cannot allocate 64 GiB;")
+
+
+def test_a_user_error_inside_a_block_keeps_its_type(tmp_path, model):
+    data = (100 + 10 * np.random.default_rng(0).standard_normal((64, 64))).astype(np.float32)
+    data[10, 10] = np.nan
+    src = tmp_path / "nan.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(data, dims=("y", "x")), pyramid=False, progress=False)
+    with pytest.raises(UnreadableDataError, match=r"prediction stopped: block \(0, 0\): input has \d+ NaN"):
+        predict_mod.predict(str(src), str(tmp_path / "o.ome.zarr"), str(model), scheduler="sync", progress=False)
