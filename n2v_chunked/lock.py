@@ -25,6 +25,7 @@ file (its mtime), gives the lock back only while it still holds its token, and
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -129,8 +130,24 @@ class _Local:
         tmp = self._tmp(data)
         try:
             return self._link(tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return self._create_exclusive(data)  # no hard links here (some FUSE/SMB mounts)
         finally:
             os.unlink(tmp)
+
+    def _create_exclusive(self, data: bytes) -> bool:
+        """O_EXCL create, then write: a reader may see it empty for a moment (hence the grace period)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     def read(self) -> bytes | None:
         try:
@@ -159,8 +176,12 @@ class _Local:
         with open(aside, "rb") as f:
             got = f.read()
         if got != expected:  # another run's lock: give it back, unless a third run holds the name now
-            self._link(aside)  # whose holder, if any, sees on its next check that it lost the lock
-            os.unlink(aside)
+            try:
+                self._link(aside)  # whose holder, if any, sees on its next check that it lost the lock
+                os.unlink(aside)
+            except OSError:  # no hard links here: the old way
+                with contextlib.suppress(OSError):
+                    os.rename(aside, self.path)
             return False
         os.unlink(aside)
         return True

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
+DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): durable.py
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
 # Default working chunk: the extended block's activations, estimated at
 # inference.BYTES_PER_PIXEL_FEATURE, stay below this.  For the paper's 2D U-Net
@@ -718,6 +719,15 @@ def done_blocks(path: str | os.PathLike[str]) -> set[tuple[int, ...]]:
     return out
 
 
+def _sync_output(path: str, **kwargs: Any) -> None:
+    """:func:`~n2v_chunked.durable.sync_tree` of a local output (object stores need none)."""
+    from .durable import sync_tree
+    from .sources import is_url
+
+    if DURABLE and not is_url(path):
+        sync_tree(path, **kwargs)
+
+
 def _remove_markers(path: str) -> None:
     fs, mdir = _markers(path)
     with contextlib.suppress(FileNotFoundError):
@@ -739,6 +749,7 @@ def _write_task(
     offset: Sequence[int], channels: int,
 ) -> np.ndarray:
     """Store one predicted block in its (whole) output chunks, then mark it done."""
+    from .durable import sync_region, write_marker
     from .ome import cast_block
 
     info = block_info[0]
@@ -747,8 +758,10 @@ def _write_task(
     try:
         arr = _output_array(path, run_id)
         arr[region] = cast_block(block, arr.dtype)
+        if DURABLE:  # the marker must never outlive its data, even across a node loss
+            sync_region(arr, region)
         fs, mdir = _markers(path)  # written only after the data is in the store
-        fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+        write_marker(fs, f"{mdir}/{_marker_name(index)}")
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first}") from exc
@@ -1133,6 +1146,7 @@ def predict(
                     translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite or resume,
                 )
                 done: set[tuple[int, ...]] = set()
+                _sync_output(out)  # the metadata a resume needs, before any marker
             else:
                 done = done_blocks(out)
             fs, mdir = _markers(out)
@@ -1141,8 +1155,10 @@ def predict(
                          held.check)
             if pyramid:
                 build_pyramid(out, progress=progress)
+            _sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
             held.check()  # a run whose lock was taken over must not mark the other run's output complete
             mark_complete(out, True)
+            _sync_output(out, recursive=False)  # the flag itself
         _remove_markers(out)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],

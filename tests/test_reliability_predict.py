@@ -320,6 +320,44 @@ def test_a_run_whose_lock_is_taken_over_stops_and_leaves_the_output_incomplete(t
     assert json.loads(lock.read_text())["token"] == "thief"  # and left the new holder's lock alone
 
 
+def test_each_block_is_fsynced_before_its_marker(tmp_path, monkeypatch):
+    """Survives a node loss: a marker is durable only after its chunk file and the folders naming both are;
+    the pyramid before the complete flag, and the flag itself."""
+    model = make_model_dir(tmp_path / "m")
+    src = _source(tmp_path, shape=(1, 320, 320))
+    out = tmp_path / "out.zarr"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    from n2v_chunked import durable
+
+    real_marker = durable.write_marker
+    monkeypatch.setattr(durable, "write_marker",
+                        lambda fs, path: synced.append(f"marker {path}") or real_marker(fs, path))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(P, "_remove_markers", lambda path: None)  # keep them, to compare
+    P.predict(str(src), str(out), model, chunks=(1, 64, 64), scheduler="sync", progress=False)
+    meta = zarr.open_array(store=str(out / "0"), mode="r").metadata
+    markers = sorted(P.done_blocks(out))
+    assert len(markers) == 25
+    first_marker = min(synced.index(f"marker {out / P.MARKER_DIR / P._marker_name(b)}") for b in markers)
+    assert {str(out / "zarr.json"), str(out / "0" / "zarr.json")} <= set(synced[:first_marker])
+    for block in markers:
+        chunk = out / "0" / meta.encode_chunk_key(block)
+        marker = out / P.MARKER_DIR / P._marker_name(block)
+        assert chunk.exists()
+        at = synced.index(f"marker {marker}")
+        assert str(chunk) in synced[:at] and str(chunk.parent) in synced[:at]  # data durable before its marker
+    pyramid = [str(f) for f in (out / "1").rglob("*") if f.is_file()]
+    assert len(pyramid) > 1 and set(pyramid) <= set(synced)
+    flag = len(synced) - 1 - synced[::-1].index(str(out / "zarr.json"))  # the group metadata, synced last
+    assert max(synced.index(f) for f in pyramid) < flag and is_complete(out)
+
+
 # ----------------------------------------------------------------------------
 # The disk fills up, or a write fails.
 # ----------------------------------------------------------------------------
@@ -456,8 +494,9 @@ def test_a_kill_at_any_phase_resumes_without_recomputing(pyramid_case, monkeypat
     res = P.predict(str(src), str(out), model, resume=True, **kw)
     assert len(calls) == total - len(done)  # no level-0 block written before the kill was computed again
     assert is_complete(out) and not (out / P.MARKER_DIR).exists()
-    assert read_multiscales(zarr.open_group(str(out), mode="r")) == read_multiscales(zarr.open_group(str(ref), mode="r"))
+    group = zarr.open_group(str(out), mode="r")
+    assert read_multiscales(group) == read_multiscales(zarr.open_group(str(ref), mode="r"))
     for level in ("0", "1", "2"):
-        assert np.array_equal(zarr.open_array(store=str(out / level))[...], zarr.open_array(store=str(ref / level))[...])
+        assert np.array_equal(group[level][...], zarr.open_array(store=str(ref / level))[...])
     assert not (out / "3").exists()
     assert res.attrs["predict_stats"]["blocks_computed"] == len(calls)
