@@ -99,6 +99,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def never_checkpointed(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` holds no weights and no training state (at most a ``config.yaml``).
+
+    That is what a training run killed before its step-0 checkpoint leaves:
+    nothing to resume and nothing a fresh start could destroy.
+    """
+    return not any((Path(model_dir) / name).exists() for name in (STATE, WEIGHTS_LAST, WEIGHTS_BEST))
+
+
 def remove_stale_temp_files(model_dir: str | Path) -> None:
     """Delete temporary files left by a save that was killed mid-write."""
     for tmp in Path(model_dir).glob(".*.tmp"):

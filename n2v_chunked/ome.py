@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -218,12 +219,15 @@ def read_multiscales(group: Any) -> tuple[dict[str, Any], str]:
     raise N2VError(f"{group.store} has no OME-Zarr multiscales metadata")
 
 
-def _write_multiscales(group: Any, entry: dict[str, Any], version: str) -> None:
+def _multiscales_attrs(entry: dict[str, Any], version: str) -> dict[str, Any]:
     if version == "0.4":
-        group.attrs["multiscales"] = [entry]
-    else:
-        entry = {k: v for k, v in entry.items() if k != "version"}
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [entry]}
+        return {"multiscales": [entry]}
+    entry = {k: v for k, v in entry.items() if k != "version"}
+    return {"ome": {"version": "0.5", "multiscales": [entry]}}
+
+
+def _write_multiscales(group: Any, entry: dict[str, Any], version: str) -> None:
+    group.attrs.update(_multiscales_attrs(entry, version))
 
 
 # ----------------------------------------------------------------------------
@@ -341,10 +345,6 @@ def create_ome_zarr(
         extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}}  # NGFF 0.4 requires '/'
     kw = {"storage_options": storage_options} if storage_options and _local(path) is None else {}
     try:
-        group = zarr.open_group(store=path_s, mode="w-", zarr_format=zarr_format, **kw)
-        arr = group.create_array(
-            "0", shape=shape, dtype=dtype, chunks=chunks, compressors=compressors, fill_value=0, **extra
-        )
         entry = _multiscales_entry(
             dims,
             units or {},
@@ -352,8 +352,14 @@ def create_ome_zarr(
             name,
             ngff_version,
         )
-        _write_multiscales(group, entry, ngff_version)
-        group.attrs["n2v_chunked"] = {"complete": False, "version": __version__, **(provenance or {})}
+        # the group's metadata is written once, with the incomplete flag and the provenance a resume
+        # needs, so a kill cannot leave a group without them
+        attrs = _multiscales_attrs(entry, ngff_version)
+        attrs["n2v_chunked"] = {"complete": False, "version": __version__, **(provenance or {})}
+        group = zarr.open_group(store=path_s, mode="w-", zarr_format=zarr_format, attributes=attrs, **kw)
+        arr = group.create_array(
+            "0", shape=shape, dtype=dtype, chunks=chunks, compressors=compressors, fill_value=0, **extra
+        )
     except OSError as exc:
         raise N2VError(f"cannot write output {path_s}: {exc.strerror or exc}") from None
     return arr
@@ -528,7 +534,8 @@ def build_pyramid(
     never downsampled.  ``multiscales`` datasets are rewritten: the scale
     doubles along downsampled axes and the translation moves by half an old
     pixel (the centre of the averaged block).  Existing levels above 0 are
-    replaced.  Without ``levels``, levels are added while y or x exceeds
+    replaced, including those a killed run wrote but did not list yet, so a
+    rerun after a kill at any point succeeds.  Without ``levels``, levels are added while y or x exceeds
     :data:`PYRAMID_MIN_SIDE` (256).
 
     Parameters
@@ -556,9 +563,15 @@ def build_pyramid(
     trans = next(
         (t["translation"] for t in ds0["coordinateTransformations"] if t["type"] == "translation"), [0.0] * len(dims)
     )
-    for d in ms["datasets"][1:]:
-        if d["path"] in group:
-            del group[d["path"]]
+    # Every level above 0, listed or not: a run killed while the pyramid was written leaves levels
+    # that the metadata (rewritten only at the end) does not name yet.
+    with warnings.catch_warnings():  # the resume markers' folder is not a Zarr node
+        warnings.simplefilter("ignore")
+        names = {k for k in group.keys() if k.isdigit() and k != ds0["path"]}
+    stale = {d["path"] for d in ms["datasets"][1:]} | names
+    for name in sorted(stale):
+        if name in group:
+            del group[name]
     datasets = [ds0]
     shapes = [tuple(level0.shape)]
     prev = level0
@@ -584,7 +597,7 @@ def build_pyramid(
             extra["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
         arr = group.create_array(
             str(k), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=level0.compressors,
-            fill_value=0, **extra,
+            fill_value=0, overwrite=True, **extra,  # clears chunks a killed run left without metadata
         )
         store_blocks(small, arr, progress=progress, desc=f"pyramid level {k}")
         datasets.append(_dataset(str(k), scale, trans))

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dask
 import dask.array as da
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
+DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): durable.py
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
 # Default working chunk: the extended block's activations, estimated at
 # inference.BYTES_PER_PIXEL_FEATURE, stay below this.  For the paper's 2D U-Net
@@ -732,11 +733,37 @@ def done_blocks(path: str | os.PathLike[str]) -> set[tuple[int, ...]]:
     return out
 
 
+def _sync_output(path: str, **kwargs: Any) -> None:
+    """:func:`~n2v_chunked.durable.sync_tree` of a local output (object stores need none)."""
+    from .durable import sync_tree
+    from .sources import is_url
+
+    if DURABLE and not is_url(path):
+        sync_tree(path, **kwargs)
+
+
+def _remove_markers(path: str) -> None:
+    fs, mdir = _markers(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(mdir, recursive=True)
+
+
+def _has_level0(path: str) -> bool:
+    import zarr
+
+    try:
+        zarr.open_array(store=f"{path.rstrip('/')}/0", mode="r")
+    except Exception:  # no array metadata there (zarr raises several types for that)
+        return False
+    return True
+
+
 def _write_task(
     block: np.ndarray, block_info: dict | None = None, *, path: str, run_id: str, lo: Sequence[int],
     offset: Sequence[int], channels: int,
 ) -> np.ndarray:
     """Store one predicted block in its (whole) output chunks, then mark it done."""
+    from .durable import sync_region, write_marker
     from .ome import cast_block
 
     info = block_info[0]
@@ -745,8 +772,10 @@ def _write_task(
     try:
         arr = _output_array(path, run_id)
         arr[region] = cast_block(block, arr.dtype)
+        if DURABLE:  # the marker must never outlive its data, even across a node loss
+            sync_region(arr, region)
         fs, mdir = _markers(path)  # written only after the data is in the store
-        fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+        write_marker(fs, f"{mdir}/{_marker_name(index)}")
     except OSError as exc:  # the store: disk full, permissions, network
         raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)
@@ -957,7 +986,7 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     from .sources import ZARR_MARKERS
 
     fs, root = fsspec.core.url_to_fs(out)
-    if not fs.exists(root):
+    if not fs.exists(root) or (resume and fs.isdir(root) and not fs.ls(root)):  # killed before its metadata
         return None
     if resume:
         import zarr
@@ -1108,7 +1137,7 @@ def predict(
 
     out = location(output)
     check_not_input(out, data.attrs.get("source"))
-    with output_lock(out):  # a second run on the same output refuses instead of interleaving
+    with output_lock(out) as held:  # a second run on the same output refuses instead of interleaving
         out_dtype = np.dtype(data.dtype if dtype is None else dtype)
         stored = _existing_output(out, overwrite, resume)
         if stored is not None:
@@ -1129,30 +1158,34 @@ def predict(
             _check_resumable(out, stored, prov)
             if stored.get("complete"):
                 log.info("%s is already complete; nothing to do", out)
+                _remove_markers(out)  # a kill between the complete flag and their removal leaves them
                 return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
         if p.rechunked:
             log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
                      tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
         t0 = time.perf_counter()
         with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs, device=device) as sched:
-            if stored is None:
+            if stored is None or not _has_level0(out):  # a kill before level 0 existed: nothing to keep
                 create_ome_zarr(
                     out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
                     scale=data.attrs.get("scale"), units=data.attrs.get("units"),
-                    translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite,
+                    translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite or resume,
                 )
                 done: set[tuple[int, ...]] = set()
+                _sync_output(out)  # the metadata a resume needs, before any marker
             else:
                 done = done_blocks(out)
             fs, mdir = _markers(out)
             fs.makedirs(mdir, exist_ok=True)
-            stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw)
+            stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw,
+                         held.check)
             if pyramid:
                 build_pyramid(out, progress=progress)
+            _sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
+            held.check()  # a run whose lock was taken over must not mark the other run's output complete
             mark_complete(out, True)
-        fs, mdir = _markers(out)
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(mdir, recursive=True)
+            _sync_output(out, recursive=False)  # the flag itself
+        _remove_markers(out)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
@@ -1169,9 +1202,9 @@ def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
 
 def _run(
     x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
-    kw: dict[str, Any],
+    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """Predict and write every block not in ``done``, batch by batch."""
+    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each)."""
     channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
     skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
     todo = p.nblocks - skipped
@@ -1186,6 +1219,7 @@ def _run(
             wanted = [idx for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))) if idx not in done]
             if not wanted:
                 continue
+            check_lock()
             y = batch_prediction(x, p, lo, hi, threads=threads, **kw)
             offset = tuple(int(p.bounds(ax)[lo[ax]]) for ax in range(len(lo)))
             w = y.map_blocks(

@@ -272,10 +272,19 @@ def _train(
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
         model_id = meta.get("model_id")
-        state = ckpt.load_training_state(model_dir)
+        if ckpt.never_checkpointed(model_dir):
+            log.warning("%s holds no checkpoint (its run stopped before the first one): starting at step 0 with "
+                        "its stored settings", model_dir)
+        else:
+            state = ckpt.load_training_state(model_dir)
         ckpt.remove_stale_temp_files(model_dir)
     elif (model_dir / ckpt.CONFIG).exists():
-        raise N2VError(f"model directory {model_dir} already holds a model; pass --resume to continue it or choose another")
+        if not ckpt.never_checkpointed(model_dir):
+            raise N2VError(f"model directory {model_dir} already holds a model; pass --resume to continue it or "
+                           "choose another")
+        log.warning("%s holds only the config of a run stopped before its first checkpoint: starting afresh",
+                    model_dir)
+        ckpt.remove_stale_temp_files(model_dir)
     if not train_cfg.patch_size:
         train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
     _check_patch(train_cfg.patch_size, model_cfg)
@@ -378,6 +387,8 @@ def _train(
     start_time = time.perf_counter()
     wait_time, patches, local_patches = 0.0, 0, 0
     last_loss = float("nan")
+    if state is None:
+        save()  # step 0: from now on a killed run can always be resumed
     model.train()
     try:
         while step < train_cfg.steps:

@@ -26,7 +26,7 @@ import zarr
 from n2v_chunked import lock as L
 from n2v_chunked import predict as P
 from n2v_chunked.errors import N2VError
-from n2v_chunked.ome import is_complete, write_ome_zarr
+from n2v_chunked.ome import is_complete, read_multiscales, write_ome_zarr
 from n2v_chunked.sources import open_image
 
 from helpers import make_model_dir, noisy
@@ -208,6 +208,8 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, caplog):
     for name, holder in holders.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}.zarr"
         Path(L.lock_path(str(out))).write_text(json.dumps(holder))
+        beat = holder["heartbeat"]
+        os.utime(L.lock_path(str(out)), (beat, beat))  # a holder beats by touching its lock: a dead one does not
         with caplog.at_level("WARNING", logger="n2v_chunked.lock"):
             P.predict(str(src), str(out), model, **kw)
         assert is_complete(out) and not Path(L.lock_path(str(out))).exists()
@@ -228,15 +230,132 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, caplog):
 def test_lock_heartbeat_keeps_it_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "HEARTBEAT_S", 0.05)
     out = str(tmp_path / "x.zarr")
-    with L.output_lock(out) as path:
-        first = json.loads(Path(path).read_text())["heartbeat"]
+    with L.output_lock(out) as held:
+        path = held.path
+        os.utime(path, (1.0, 1.0))
         time.sleep(0.3)
-        assert json.loads(Path(path).read_text())["heartbeat"] > first
-        assert L.stale_reason(json.loads(Path(path).read_text())) is None
+        assert os.stat(path).st_mtime > time.time() - 5  # touched again
+        assert L.stale_reason(json.loads(Path(path).read_text()), time.time() + L.STALE_AFTER_S - 1,
+                              os.stat(path).st_mtime) is None
         with pytest.raises(N2VError, match="being written"):
             with L.output_lock(out):
                 pass
     assert not Path(path).exists()
+
+
+def test_an_unreadable_lock_is_stale_only_after_a_grace_period(tmp_path, caplog):
+    out = str(tmp_path / "x.zarr")
+    lock = Path(L.lock_path(out))
+    lock.write_bytes(b"")  # what a reader saw between the old O_EXCL create and its JSON write
+    with pytest.raises(N2VError, match="unreadable lock .* younger than"):
+        with L.output_lock(out):
+            pass
+    assert lock.read_bytes() == b""
+    old = time.time() - L.UNREADABLE_GRACE_S - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="n2v_chunked.lock"):
+        with L.output_lock(out) as held:
+            assert json.loads(lock.read_text())["token"] == held.token
+    assert "taking over the lock" in caplog.text and "unreadable" in caplog.text and not lock.exists()
+
+
+def _contender(out: str, start, end, results) -> None:
+    start.wait(30)
+    try:
+        with L.output_lock(out):
+            results.put("won")
+            end.wait(30)  # hold the lock until every contender has tried
+    except N2VError:
+        results.put("refused")
+        end.wait(30)
+
+
+def test_concurrent_acquire_has_exactly_one_winner(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    n = 4
+    for round_ in range(25):
+        out = str(tmp_path / f"o{round_}.zarr")
+        start, end, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_contender, args=(out, start, end, results)) for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        got = sorted(results.get(timeout=60) for _ in range(n))
+        for proc in procs:
+            proc.join(60)
+            assert proc.exitcode == 0
+        assert got == ["refused"] * (n - 1) + ["won"], (round_, got)
+        assert not Path(L.lock_path(out)).exists()
+        assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.stale"))
+
+
+def test_release_leaves_another_runs_lock_alone(tmp_path):
+    out = str(tmp_path / "x.zarr")
+    other = json.dumps({"token": "theirs", "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+    with L.output_lock(out) as held:
+        Path(held.path).write_text(other)  # taken over meanwhile
+    assert Path(held.path).read_text() == other
+
+
+def test_a_run_whose_lock_is_taken_over_stops_and_leaves_the_output_incomplete(tmp_path, monkeypatch):
+    model = make_model_dir(tmp_path / "m")
+    src = _source(tmp_path, shape=(2, 128, 128))
+    out = tmp_path / "out.zarr"
+    lock = Path(L.lock_path(str(out)))
+    thief = {"what": "a prediction", "token": "thief", "host": "node-9", "pid": 4242, "heartbeat": time.time(),
+             "started": time.time()}
+    real_block = P.predict_block
+
+    def steal(*args, **kwargs):  # another run takes the lock over after this run's first block
+        lock.write_text(json.dumps(thief))
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(P, "predict_block", steal)
+    with pytest.raises(N2VError) as err:
+        P.predict(str(src), str(out), model, chunks=(1, 32, 32), scheduler="sync", progress=False, batch_blocks=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "now held by a prediction (pid 4242 on node-9" in msg and "no longer owns" in msg
+    assert not is_complete(out) and len(P.done_blocks(out)) == 4  # stopped at the next group of blocks
+    assert json.loads(lock.read_text())["token"] == "thief"  # and left the new holder's lock alone
+
+
+def test_each_block_is_fsynced_before_its_marker(tmp_path, monkeypatch):
+    """Survives a node loss: a marker is durable only after its chunk file and the folders naming both are;
+    the pyramid before the complete flag, and the flag itself."""
+    model = make_model_dir(tmp_path / "m")
+    src = _source(tmp_path, shape=(1, 320, 320))
+    out = tmp_path / "out.zarr"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    from n2v_chunked import durable
+
+    real_marker = durable.write_marker
+    monkeypatch.setattr(durable, "write_marker",
+                        lambda fs, path: synced.append(f"marker {path}") or real_marker(fs, path))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(P, "_remove_markers", lambda path: None)  # keep them, to compare
+    P.predict(str(src), str(out), model, chunks=(1, 64, 64), scheduler="sync", progress=False)
+    meta = zarr.open_array(store=str(out / "0"), mode="r").metadata
+    markers = sorted(P.done_blocks(out))
+    assert len(markers) == 25
+    first_marker = min(synced.index(f"marker {out / P.MARKER_DIR / P._marker_name(b)}") for b in markers)
+    assert {str(out / "zarr.json"), str(out / "0" / "zarr.json")} <= set(synced[:first_marker])
+    for block in markers:
+        chunk = out / "0" / meta.encode_chunk_key(block)
+        marker = out / P.MARKER_DIR / P._marker_name(block)
+        assert chunk.exists()
+        at = synced.index(f"marker {marker}")
+        assert str(chunk) in synced[:at] and str(chunk.parent) in synced[:at]  # data durable before its marker
+    pyramid = [str(f) for f in (out / "1").rglob("*") if f.is_file()]
+    assert len(pyramid) > 1 and set(pyramid) <= set(synced)
+    flag = len(synced) - 1 - synced[::-1].index(str(out / "zarr.json"))  # the group metadata, synced last
+    assert max(synced.index(f) for f in pyramid) < flag and is_complete(out)
 
 
 # ----------------------------------------------------------------------------
@@ -295,3 +414,89 @@ def test_a_real_write_error_is_one_line_and_leaves_the_output_incomplete(tmp_pat
     assert err[0].startswith("n2v-chunked: error: prediction stopped") and str(out) in err[0]
     assert "File too large" in err[0] and "incomplete" in err[0]
     assert out.exists() and not is_complete(out)
+
+
+# ----------------------------------------------------------------------------
+# A kill at every phase after level 0: creation, pyramid, its metadata, the complete flag.
+# ----------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler of the code under test catches it."""
+
+
+def _kill_at(monkeypatch, phase: str) -> None:
+    """Make the first call of ``phase`` die, as a kill at that point would."""
+    import zarr.core.group as zg
+
+    from n2v_chunked import ome
+
+    def once(obj, name, when=lambda *a, **k: True):
+        real = getattr(obj, name)
+
+        def dying(*args, **kwargs):
+            if when(*args, **kwargs):
+                monkeypatch.setattr(obj, name, real)
+                raise _Killed(phase)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, dying)
+
+    if phase == "level 0 created":  # the group exists, its level 0 not yet
+        once(zg.Group, "create_array", lambda self, name, **k: name == "0")
+    elif phase.startswith("pyramid level"):  # that level's array exists and is partly written
+        def half_written(data, arr, progress=True, desc=""):
+            if desc == phase:
+                arr[(slice(0, 1),) * arr.ndim] = 1.0
+                return True
+            return False
+        once(ome, "store_blocks", half_written)
+    elif phase == "pyramid metadata":
+        once(ome, "_write_multiscales")
+    elif phase == "complete flag":
+        once(ome, "mark_complete")
+    elif phase == "marker removal":
+        once(P, "_remove_markers")
+
+
+@pytest.fixture(scope="module")
+def pyramid_case(tmp_path_factory):
+    """A model, a 2-frame 544^2 input (three pyramid levels) and its uninterrupted prediction."""
+    tmp = tmp_path_factory.mktemp("pyramid_kill")
+    model = make_model_dir(tmp / "m")
+    src = _source(tmp, shape=(2, 544, 544))
+    ref = tmp / "ref.zarr"
+    P.predict(str(src), str(ref), model, chunks=(1, 136, 136), scheduler="sync", progress=False)
+    assert (ref / "2").exists()
+    return tmp, model, src, ref
+
+
+@pytest.mark.parametrize("phase", ["level 0 created", "pyramid level 1", "pyramid level 2", "pyramid metadata",
+                                   "complete flag", "marker removal"])
+def test_a_kill_at_any_phase_resumes_without_recomputing(pyramid_case, monkeypatch, phase):
+    tmp, model, src, ref = pyramid_case
+    out = tmp / f"out_{phase.replace(' ', '_')}.zarr"
+    kw = dict(chunks=(1, 136, 136), scheduler="sync", progress=False)
+    calls = []
+    real_block = P.predict_block
+    monkeypatch.setattr(P, "predict_block", lambda *a, **k: calls.append(1) or real_block(*a, **k))
+    _kill_at(monkeypatch, phase)
+    with pytest.raises(_Killed):
+        P.predict(str(src), str(out), model, **kw)
+    if phase == "marker removal":
+        assert is_complete(out)
+    else:
+        assert not is_complete(out)
+    done = P.done_blocks(out)
+    total = P.plan(P.get_model(model), open_image(str(src)), kw["chunks"]).nblocks
+    assert len(done) == len(calls) == (0 if phase == "level 0 created" else total)
+    calls.clear()
+    res = P.predict(str(src), str(out), model, resume=True, **kw)
+    assert len(calls) == total - len(done)  # no level-0 block written before the kill was computed again
+    assert is_complete(out) and not (out / P.MARKER_DIR).exists()
+    group = zarr.open_group(str(out), mode="r")
+    assert read_multiscales(group) == read_multiscales(zarr.open_group(str(ref), mode="r"))
+    for level in ("0", "1", "2"):
+        assert np.array_equal(group[level][...], zarr.open_array(store=str(ref / level))[...])
+    assert not (out / "3").exists()
+    assert res.attrs["predict_stats"]["blocks_computed"] == len(calls)

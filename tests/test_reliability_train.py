@@ -39,7 +39,7 @@ def kill_and_resume(tmp_path: Path, seed: int, steps: int = 40) -> dict:
     proc = subprocess.Popen(_train_cmd(src, model, steps), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (model / ckpt.STATE).exists():
+    while not (model / ckpt.WEIGHTS_BEST).exists():  # the step-0 checkpoint is older: wait for step 1
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.05)
@@ -51,10 +51,9 @@ def kill_and_resume(tmp_path: Path, seed: int, steps: int = 40) -> dict:
     killed_at = int(state["step"])
     weights = torch.load(model / ckpt.WEIGHTS_LAST, weights_only=True)
     assert set(weights) == set(state["model"])
-    assert killed_at >= 1
-    # the optimiser and scheduler state belong to the same step
+    # the optimiser and scheduler state belong to the same step (none yet at the step-0 checkpoint)
     adam_steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
-    assert adam_steps == {killed_at}
+    assert adam_steps == ({killed_at} if killed_at else set())
     res = subprocess.run(_train_cmd(src, model, steps, resume=True), env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -97,3 +96,50 @@ def test_second_training_on_the_same_model_dir_refuses(tmp_path):
     res = subprocess.run(_train_cmd(src, model, 2, resume=True), env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]  # ... is stale and taken over
     assert not Path(lock_path(str(model))).exists()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in the code under test catches it."""
+
+
+def test_training_killed_before_its_first_checkpoint_restarts_or_resumes(tmp_path, monkeypatch):
+    """A kill before any checkpoint leaves config.yaml alone; both ``train`` and ``train --resume`` then work."""
+    import shutil
+
+    from n2v_chunked import cli
+
+    src = _stack(tmp_path / "in.zarr")
+    model = tmp_path / "model"
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(ckpt, "save_weights", killed)  # the first checkpoint never lands
+    with pytest.raises(_Killed):
+        cli.main(_train_cmd(src, model, 6)[3:])
+    monkeypatch.undo()
+    assert (model / ckpt.CONFIG).exists() and ckpt.never_checkpointed(model)
+    shutil.copytree(model, tmp_path / "again")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for where, resume, said in ((model, True, "starting at step 0 with its stored settings"),
+                                (tmp_path / "again", False, "starting afresh")):
+        res = subprocess.run(_train_cmd(src, where, 6, resume=resume), env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert said in res.stderr and "holds" in res.stderr
+        assert ckpt.load_training_state(where)["step"] == 6 and (where / ckpt.WEIGHTS_BEST).exists()
+
+
+def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
+    """Training writes its state before the first step, so a kill at any step leaves something to resume."""
+    from n2v_chunked import train as T
+
+    src = _stack(tmp_path / "in.zarr")
+    saved = []
+    real = ckpt.save_training_state
+    monkeypatch.setattr(ckpt, "save_training_state", lambda d, state: saved.append(state["step"]) or real(d, state))
+    from n2v_chunked.config import ModelConfig, TrainConfig
+
+    T.fit(str(src), tmp_path / "m", axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
+          train_cfg=TrainConfig(steps=3, batch_size=4, patch_size=[32, 32], checkpoint_interval=200, val_interval=1))
+    assert saved[0] == 0 and saved[-1] == 3
