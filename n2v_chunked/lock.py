@@ -259,7 +259,7 @@ class HeldLock:
         other = self.holder()
         if other is None or other.get("token") != self.token:
             who = _describe(other) if other else "nobody (it was deleted)"
-            raise N2VError(f"stopping: the lock {self.path} of {self.output} is now held by {who}; "
+            raise LockHeldError(f"stopping: the lock {self.path} of {self.output} is now held by {who}; "
                            f"this run no longer owns {self.output}")
 
 
@@ -286,15 +286,15 @@ def _acquire(path: str, output: str, files: _Local, holder: dict[str, Any]) -> N
             other = {}
         if reason is None:
             if not other:
-                raise N2VError(f"{output} has an unreadable lock {path} younger than {UNREADABLE_GRACE_S:.0f} s; "
+                raise LockHeldError(f"{output} has an unreadable lock {path} younger than {UNREADABLE_GRACE_S:.0f} s; "
                                f"wait, or if no other run writes {output} delete {path}")
-            raise N2VError(
+            raise LockHeldError(
                 f"{output} is being written by {_describe(other)}; wait for it to finish, or if it is dead "
                 f"delete {path}"
             )
         if files.take(raw):
             log.warning("taking over the lock %s: %s", path, reason)
-    raise N2VError(f"cannot take the lock {path} for {output}: other runs keep taking it")
+    raise LockHeldError(f"cannot take the lock {path} for {output}: other runs keep taking it")
 
 
 @contextlib.contextmanager
@@ -323,35 +323,8 @@ def output_lock(output: str, what: str = "a prediction") -> Iterator[HeldLock]:
     files = _files(path)
     token = uuid.uuid4().hex
     holder = _holder(what, token)
-<<<<<<< HEAD
-    for _ in range(5):  # a takeover race is retried, a live holder is not
-        try:
-            if files.create(json.dumps(holder).encode()):
-                break
-        except OSError as exc:
-            raise N2VError(f"cannot create the lock {path} for {output}: {exc.strerror or exc}") from None
-        raw = files.read()
-        if raw is None:
-            continue  # released meanwhile
-        try:
-            other = json.loads(raw)
-        except ValueError:
-            other = {}  # a lock cut short by a kill while it was written
-        reason = stale_reason(other) if other else "it is unreadable"
-        if reason is None:
-            raise LockHeldError(
-                f"{output} is being written by {_describe(other)}; wait for it to finish, or if it is dead "
-                f"delete {path}"
-            )
-        if files.take(raw):
-            log.warning("taking over the lock %s: %s", path, reason)
-    else:
-        raise LockHeldError(f"cannot take the lock {path} for {output}: other runs keep taking it")
-
-=======
     _acquire(path, output, files, holder)
     held = HeldLock(path, output, files, token)
->>>>>>> wrongB
     stop = threading.Event()
 
     def heartbeat() -> None:
