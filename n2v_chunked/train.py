@@ -34,7 +34,7 @@ from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement, t
 from .errors import N2VError
 from .inference import autocast_context
 from .lock import output_lock
-from .masking import MaskedBatch, mask_batch, masked_mse
+from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
 
@@ -102,6 +102,13 @@ def _check_patch(patch: list[int], model_cfg: ModelConfig) -> None:
     bad = [p for p in patch if p % m]
     if bad:
         raise N2VError(f"patch_size {patch} must be a multiple of 2**depth = {m} along every axis")
+
+
+def _log_density(mask_cfg: MaskConfig, dims: int) -> None:
+    """Refuse a density the masking grid cannot express; say which density is really used."""
+    cell = grid_cell(mask_cfg.density, dims)  # raises for a density that would mask (nearly) every pixel
+    log.info("masking %.4g of the pixels (one per %s cell; --mask-density %g asked)",
+             actual_density(mask_cfg.density, dims), "x".join([str(cell)] * dims), mask_cfg.density)
 
 
 def _normaliser(mean: np.ndarray, std: np.ndarray, dims: int, device: torch.device):
@@ -275,6 +282,7 @@ def _train(
     if not train_cfg.patch_size:
         train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
     _check_patch(train_cfg.patch_size, model_cfg)
+    _log_density(mask_cfg, model_cfg.dims)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != (model_cfg.in_channels,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
         raise N2VError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
@@ -531,6 +539,8 @@ def fit(
         raise N2VError(f"model in {model_dir} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
                        f"the data gives {dims}D with {channels}")
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
+    if mask_cfg is not None:
+        grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
     def sampler(fraction: float) -> ZarrPatchDataset:

@@ -160,3 +160,31 @@ def test_augment_is_a_symmetry_per_patch():
     assert len(seen) == 8
     z = augment_batch(torch.randn(16, 1, 4, 8, 8), torch.Generator().manual_seed(0))
     assert z.shape == (16, 1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("density, ndim, cell", [(1 / 64, 2, 8), (0.25, 2, 2), (0.2, 2, 2), (0.125, 3, 2),
+                                                 (0.01, 3, 5)])
+def test_density_within_the_grid(density, ndim, cell):
+    from n2v_chunked.masking import actual_density
+
+    assert grid_cell(density, ndim) == cell
+    assert actual_density(density, ndim) == cell**-ndim
+
+
+@pytest.mark.parametrize("density, ndim, limit", [(0.45, 2, "0.25"), (0.3, 2, "0.25"), (0.3, 3, "0.125"),
+                                                  (0.2, 3, "0.125"), (0.5, 3, "0.125")])
+def test_density_the_grid_cannot_express_is_refused(density, ndim, limit):
+    """A cell of side 1 masked every pixel (0.3 in 3D, 0.45 in 2D); anything above one per 2**ndim is refused."""
+    from n2v_chunked.errors import N2VError
+
+    with pytest.raises(N2VError, match=rf"mask density {density:g} .* {ndim}D .* at most {limit}") as err:
+        mask_batch(torch.randn(2, 1, *([16] * ndim)), MaskConfig(density=density), torch.Generator())
+    assert "\n" not in str(err.value)
+
+
+def test_training_logs_the_density_used(caplog):
+    from n2v_chunked.train import _log_density
+
+    with caplog.at_level("INFO", logger="n2v_chunked"):
+        _log_density(MaskConfig(density=0.2), 2)
+    assert "masking 0.25 of the pixels (one per 2x2 cell; --mask-density 0.2 asked)" in caplog.text
