@@ -111,6 +111,19 @@ def _log_density(mask_cfg: MaskConfig, dims: int) -> None:
              actual_density(mask_cfg.density, dims), "x".join([str(cell)] * dims), mask_cfg.density)
 
 
+def augment_and_mask(x: torch.Tensor, mask_cfg: MaskConfig, gen: torch.Generator, augment: bool) -> MaskedBatch:
+    """Augment a normalised batch (when asked), then mask it.
+
+    A structN2V line along only one of Y and X keeps its meaning only under
+    symmetries that keep the axes: a quarter turn would carry the data's
+    correlated noise across the line, and the network would learn it.
+    """
+    if augment:
+        struct = set(mask_cfg.struct_axes) & {"y", "x"} if mask_cfg.struct_span else set()
+        x = augment_batch(x, gen, keep_axes=len(struct) == 1)
+    return mask_batch(x, mask_cfg, gen)
+
+
 def _normaliser(mean: np.ndarray, std: np.ndarray, dims: int, device: torch.device):
     shape = (1, -1) + (1,) * dims
     m = torch.as_tensor(np.asarray(mean, np.float32)).reshape(shape).to(device)
@@ -396,9 +409,7 @@ def _train(
                 raise N2VError("the patch source ran dry before training finished") from None
             x = norm(_to_tensor(raw, device))
             wait_time += time.perf_counter() - t0
-            if train_cfg.augment:
-                x = augment_batch(x, gen)
-            masked = mask_batch(x, mask_cfg, gen)
+            masked = augment_and_mask(x, mask_cfg, gen, train_cfg.augment)
             inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
             with autocast_context(device, train_cfg.precision):
                 pred = net(inputs)
