@@ -560,6 +560,12 @@ def fit(
             buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
         )
 
+    # Statistics first: they read every block of a small image, so a NaN there is named as such
+    # instead of surfacing as blocks the sampler skips until none is left.
+    if resume:
+        mean = std = np.zeros(channels)  # replaced by the stored statistics
+    else:
+        mean, std = channel_stats(data, seed=train_cfg.seed)
     dataset = sampler(0.0)
     if val_fraction > 0 and dataset.grid.n_blocks >= 2:
         dataset = sampler(val_fraction)
@@ -569,10 +575,6 @@ def fit(
         # fixed draw of training patches, as other N2V tools do, and say so.
         log.warning("image too small to hold out validation blocks; validating on training patches")
         val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
-    if resume:
-        mean = std = np.zeros(channels)  # replaced by the stored statistics
-    else:
-        mean, std = channel_stats(data, seed=train_cfg.seed)
     if train_cfg.num_workers > 0:
         stream: Iterable[Any] = DataLoader(
             dataset, batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,
