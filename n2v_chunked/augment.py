@@ -18,7 +18,7 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator, keep_axes: bool = False) -> torch.Tensor:
     """Randomly rotate/flip each patch of ``x`` (``(B, C, *spatial)``).
 
     Parameters
@@ -27,6 +27,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         Batch with 2 or 3 spatial dims.
     generator : torch.Generator
         Random generator on ``x.device``.
+    keep_axes : bool
+        Only the 4 symmetries that map Y to Y and X to X (flips and the half
+        turn), never a quarter turn.  structN2V needs this: its hidden line
+        lies along a fixed axis, and noise correlated along X would lie along
+        Y after a quarter turn, beside the line instead of on it.
 
     Returns
     -------
@@ -35,7 +40,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     b = x.shape[0]
     square = x.shape[-1] == x.shape[-2]
-    choices = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] if square else [0, 2, 4, 6], device=x.device)
+    choices = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] if square and not keep_axes else [0, 2, 4, 6], device=x.device)
     k = choices[torch.randint(len(choices), (b,), generator=generator, device=x.device)]
     out = torch.empty_like(x)
     for sym in choices.tolist():

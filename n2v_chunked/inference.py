@@ -199,15 +199,16 @@ def _run(trained: Trained, model: torch.nn.Module, device: torch.device, x: np.n
     m = size_multiple(trained.config)
     for start in range(0, n, step):
         part = xt[start : start + step].to(device, non_blocking=True)
-        acc = torch.zeros_like(part, dtype=torch.float32)
+        # Pad once, before any rotation: a rotation maps the padded end onto the start, so
+        # padding after it would shift the pooling grid by an amount that depends on the
+        # block's length, and chunked prediction would no longer equal whole-image prediction.
+        padded, crop = pad_to_multiple(part, m)
+        acc = torch.zeros_like(padded, dtype=torch.float32)
         for k in ks:
-            inp = _dihedral(part, k) if tta else part
-            padded, crop = pad_to_multiple(inp, m)
             with autocast_context(device, precision):
-                y = model(padded)
-            y = y[(slice(None), slice(None), *crop)].float()
-            acc += _dihedral(y, k, inverse=True) if tta else y
-        y = acc / len(ks)
+                y = model(_dihedral(padded, k) if tta else padded)
+            acc += _dihedral(y.float(), k, inverse=True) if tta else y.float()
+        y = acc[(slice(None), slice(None), *crop)] / len(ks)
         if weight is not None:
             w = weight.to(device)
             y = w * y + (1.0 - w) * part

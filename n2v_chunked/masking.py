@@ -45,13 +45,30 @@ class MaskedBatch:
     targets: torch.Tensor
 
 
+def max_density(ndim: int) -> float:
+    """The largest density the grid expresses: one pixel per cell of side 2 (1/4 in 2D, 1/8 in 3D)."""
+    return 0.5**ndim
+
+
 def grid_cell(density: float, ndim: int) -> int:
     """Side of the stratification cell: one masked pixel per ``cell**ndim`` pixels.
 
     For the paper's N=64 per 64x64 patch (density 1/64) this is 8 in 2D, and
-    4 in 3D (again 1/64 of the voxels).
+    4 in 3D (again 1/64 of the voxels).  A cell of side 1 would mask every
+    pixel (nothing left to predict from), so a density above
+    :func:`max_density` is refused rather than rounded to 100%.
     """
-    return max(1, round(density ** (-1.0 / ndim)))
+    limit = max_density(ndim)
+    if not 0.0 < density <= limit:
+        raise N2VError(f"mask density {density:g} is too high for {ndim}D patches: the masking grid needs a cell "
+                       f"of at least 2 pixels per axis, so at most {limit:g} (1/{2**ndim}); "
+                       f"the paper uses 1/64 = {1 / 64:g}")
+    return max(2, round(density ** (-1.0 / ndim)))
+
+
+def actual_density(density: float, ndim: int) -> float:
+    """The density the grid really masks for a requested ``density`` (inside patches of whole cells)."""
+    return grid_cell(density, ndim) ** -float(ndim)
 
 
 def _neighbour_offsets(cfg: MaskConfig, ndim: int, device: torch.device) -> torch.Tensor:

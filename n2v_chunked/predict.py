@@ -522,7 +522,8 @@ def _resolve_threads(threads: Any) -> int | None:
 # ----------------------------------------------------------------------------
 
 # A segment of an axis of the extended region: a (start, stop, step) slice of
-# the source, or an int = that many positions of constant fill.
+# the source, (i, i + 1, 1, n) = source position i repeated n times ("nearest"),
+# or an int = that many positions of constant fill.
 Segment = Any
 
 
@@ -545,6 +546,10 @@ def _runs(idx: np.ndarray) -> list[Segment]:
             while j < n and idx[j] < 0:
                 j += 1
             out.append(j - i)
+        elif j < n and idx[j] == idx[i]:  # "nearest" repeats the edge: one segment, not one per position
+            while j < n and idx[j] == idx[i]:
+                j += 1
+            out.append((int(idx[i]), int(idx[i]) + 1, 1, j - i))
         else:
             step = -1 if j < n and idx[j] == idx[i] - 1 else 1
             while j < n and idx[j] >= 0 and idx[j] == idx[j - 1] + step:
@@ -567,11 +572,11 @@ def _segments(n: int, a: int, b: int, h: int, mode: str) -> list[Segment]:
 
 
 def _seg_len(s: Segment) -> int:
-    return s if isinstance(s, int) else abs(s[1] - s[0])
+    return s if isinstance(s, int) else s[3] if len(s) == 4 else abs(s[1] - s[0])
 
 
 def _seg_slice(s: Segment) -> slice:
-    start, stop, step = s
+    start, stop, step = s[:3]
     return slice(start, stop if stop >= 0 else None, step)
 
 
@@ -613,7 +618,8 @@ def _batch_input(
         if any(isinstance(s, int) for s in combo):
             chunks = tuple(min(n, c) for n, c in zip(lengths, p.chunks))
             return da.broadcast_to(da.from_array(fill, chunks=fill.shape), lengths, chunks=chunks)
-        return x[tuple(_seg_slice(s) for s in combo)]
+        part = x[tuple(_seg_slice(s) for s in combo)]
+        return da.broadcast_to(part, lengths) if part.shape != lengths else part
 
     def nest(ax: int, prefix: tuple[Segment, ...]) -> Any:
         if ax == len(per_axis):

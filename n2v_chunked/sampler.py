@@ -621,6 +621,13 @@ class _BadChunks:
     def snapshot(self) -> frozenset:
         return frozenset(self.reasons)
 
+    def summary(self) -> str:
+        """``" (N bad chunk(s), e.g. chunk ... <reason>)"``, or nothing when none was found."""
+        if not self.reasons:
+            return ""
+        chunk, why = next(iter(self.reasons.items()))
+        return f" ({len(self.reasons)} bad chunk(s), e.g. chunk {chunk} {why})"
+
 
 # ----------------------------------------------------------------------------
 # 4. Buffer entries, the per-worker stream, the dataset
@@ -664,6 +671,7 @@ class _Loaded:
     entry: _Entry | None
     bad: dict
     background: bool = False
+    block: int = -1  # the block read (set when it was skipped)
 
 
 def _accept(ds: ZarrPatchDataset, entry: _Entry, origin: tuple[int, ...], patch: np.ndarray) -> bool:
@@ -710,6 +718,7 @@ class PatchStream:
         self._rng = _rng(ds.seed, _TAG_SLOT, stream, n_streams, *ds._start_position(stream, n_streams))
         self._uniform: list[float] = []
         self._fails = 0  # consecutive rejected draws across the stream
+        self._unusable: set[int] = set()  # training blocks skipped (for good)
         self._held = 0  # decoded entries held (in slots or being placed)
         self._closed = False
         self._slots: list[_Entry | None] = []
@@ -721,7 +730,8 @@ class PatchStream:
             self._slots.append(entry)
         self._active = [i for i, e in enumerate(self._slots) if e is not None]
         if not self._active and self.stats["blocks_skipped"]:
-            raise N2VError(f"no training patches can be drawn from {self._src.name}: every block was skipped")
+            raise N2VError(f"no training patches can be drawn from {self._src.name}: every block was skipped"
+                           + self._bad.summary())
 
     # -- block loading --------------------------------------------------------
 
@@ -763,6 +773,12 @@ class PatchStream:
             self.stats["blocks_skipped"] += 1
             if loaded.background:
                 self._reject()
+            # A skipped block stays unusable (bad chunks are remembered, the mask does not
+            # change): once every training block is, an endless schedule would spin forever.
+            self._unusable.add(loaded.block)
+            if len(self._unusable) >= len(self._ds.train_blocks):
+                raise N2VError(f"no training patches can be drawn from {self._src.name}: every block was skipped"
+                               + self._bad.summary())
 
     def _count(self, delta: int) -> None:
         self.stats["buffer_bytes"] += delta
@@ -1218,7 +1234,7 @@ class ZarrPatchDataset(IterableDataset):
             mask_win = _read_mask(self.mask, window, grid.shape)
             core = tuple(slice(lo - w0, hi - w0 + p - 1) for (lo, hi), (w0, _), p in zip(own, window, grid.patch))
             if not mask_win[core].any():
-                return _Loaded(None, {}, background=True)
+                return _Loaded(None, {}, background=True, block=block)
         data, bad = read_window(self._source, self._region(window), known_bad)
         # Forbidden footprint regions: other validation blocks (for training), bad chunks.
         forbidden: list[Box] = []
@@ -1230,7 +1246,7 @@ class ZarrPatchDataset(IterableDataset):
             forbidden.append(tuple((ext[ax].start, ext[ax].stop) for ax in self._grid_axes))
         boxes = origin_boxes(own, forbidden, grid.patch)
         if not boxes:
-            return _Loaded(None, bad)
+            return _Loaded(None, bad, block=block)
         if self._c_axis is not None:
             data = np.moveaxis(data, self._c_axis, 0)
         else:
@@ -1310,8 +1326,10 @@ class ZarrPatchDataset(IterableDataset):
             if got == n:
                 break
         if got == 0:
+            why = (f"every one holds bad chunks{bad.summary()}" if bad.reasons
+                   else "the held-out data looks all-background")
             raise N2VError(f"no validation patch found in the {len(order)} validation block(s) of "
-                           f"{self._source.name} after {tries} tries: the held-out data looks all-background")
+                           f"{self._source.name} after {tries} tries: {why}")
         if got < n:  # filters left some blocks short: repeat the accepted patches
             flat[got:] = flat[np.arange(n - got) % got]
         self._val_cache[n] = out

@@ -34,7 +34,7 @@ from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement, t
 from .errors import N2VError
 from .inference import autocast_context
 from .lock import output_lock
-from .masking import MaskedBatch, mask_batch, masked_mse
+from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
 
@@ -102,6 +102,26 @@ def _check_patch(patch: list[int], model_cfg: ModelConfig) -> None:
     bad = [p for p in patch if p % m]
     if bad:
         raise N2VError(f"patch_size {patch} must be a multiple of 2**depth = {m} along every axis")
+
+
+def _log_density(mask_cfg: MaskConfig, dims: int) -> None:
+    """Refuse a density the masking grid cannot express; say which density is really used."""
+    cell = grid_cell(mask_cfg.density, dims)  # raises for a density that would mask (nearly) every pixel
+    log.info("masking %.4g of the pixels (one per %s cell; --mask-density %g asked)",
+             actual_density(mask_cfg.density, dims), "x".join([str(cell)] * dims), mask_cfg.density)
+
+
+def augment_and_mask(x: torch.Tensor, mask_cfg: MaskConfig, gen: torch.Generator, augment: bool) -> MaskedBatch:
+    """Augment a normalised batch (when asked), then mask it.
+
+    A structN2V line along only one of Y and X keeps its meaning only under
+    symmetries that keep the axes: a quarter turn would carry the data's
+    correlated noise across the line, and the network would learn it.
+    """
+    if augment:
+        struct = set(mask_cfg.struct_axes) & {"y", "x"} if mask_cfg.struct_span else set()
+        x = augment_batch(x, gen, keep_axes=len(struct) == 1)
+    return mask_batch(x, mask_cfg, gen)
 
 
 def _normaliser(mean: np.ndarray, std: np.ndarray, dims: int, device: torch.device):
@@ -288,6 +308,7 @@ def _train(
     if not train_cfg.patch_size:
         train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
     _check_patch(train_cfg.patch_size, model_cfg)
+    _log_density(mask_cfg, model_cfg.dims)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != (model_cfg.in_channels,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
         raise N2VError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
@@ -409,9 +430,7 @@ def _train(
                 raise N2VError("the patch source ran dry before training finished") from None
             x = norm(_to_tensor(raw, device))
             wait_time += time.perf_counter() - t0
-            if train_cfg.augment:
-                x = augment_batch(x, gen)
-            masked = mask_batch(x, mask_cfg, gen)
+            masked = augment_and_mask(x, mask_cfg, gen, train_cfg.augment)
             inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
             with autocast_context(device, train_cfg.precision):
                 pred = net(inputs)
@@ -566,6 +585,8 @@ def fit(
         raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
                        f"the data gives {dims}D with {channels}")
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
+    if mask_cfg is not None:
+        grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
     def sampler(fraction: float) -> ZarrPatchDataset:
@@ -574,6 +595,14 @@ def fit(
             buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
         )
 
+    # Statistics first: they read every block of a small image, so a NaN there is named as such
+    # instead of surfacing as blocks the sampler skips until none is left.
+    if resume:
+        mean = std = np.zeros(channels)  # replaced by the stored statistics
+    else:
+        mean, std = channel_stats(data, seed=train_cfg.seed)
+        if init is not None:
+            mean, std = init[1], init[2]  # the units the initial network works in
     dataset = sampler(0.0)
     if val_fraction > 0 and dataset.grid.n_blocks >= 2:
         dataset = sampler(val_fraction)
@@ -583,12 +612,6 @@ def fit(
         # fixed draw of training patches, as other N2V tools do, and say so.
         log.warning("image too small to hold out validation blocks; validating on training patches")
         val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
-    if resume:
-        mean = std = np.zeros(channels)  # replaced by the stored statistics
-    elif init is not None:
-        mean, std = init[1], init[2]  # the units the initial network works in
-    else:
-        mean, std = channel_stats(data, seed=train_cfg.seed)
     if train_cfg.num_workers > 0:
         stream: Iterable[Any] = DataLoader(
             dataset, batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,

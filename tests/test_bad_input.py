@@ -286,6 +286,11 @@ def _smaller_than_patch_train(tmp: Path, m: Models) -> Setup:
     return _train(tmp, src, "--patch", "32,32", names=["32", "20 pixels"])
 
 
+def _mask_density_too_high(tmp: Path, m: Models) -> Setup:
+    src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+    return _train(tmp, src, "--mask-density", "0.45", names=["0.45", "0.25", "2D"])
+
+
 def _model_3d_on_2d(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m3d, names=["3D", "axes yx"])
 
@@ -457,6 +462,7 @@ CASES: list[Case] = [
     Case("one-pixel-axis-predict", _one_pixel_axis_predict, ("smaller than 2**depth",)),
     Case("one-pixel-axis-train", _one_pixel_axis_train, ("fewer than the 4",)),
     Case("smaller-than-patch-train", _smaller_than_patch_train, ("larger than the image",)),
+    Case("mask-density-too-high", _mask_density_too_high, ("mask density", "at most")),
     Case("model-3d-on-2d-data", _model_3d_on_2d, ("no z axis",)),
     Case("model-other-channel-count", _model_other_channels, ("trained for",)),
     Case("blend-without-noise-record", _blend_without_record, ("cannot blend", "--blend")),

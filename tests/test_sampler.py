@@ -469,3 +469,29 @@ def test_zarr_found_behind_a_reader_object(tmp_path):
     ds = ZarrPatchDataset(x, (16, 16), min_block_bytes=0, epochs=1)
     assert type(ds._source).__name__ == "_ZarrSource" and ds._source.chunks[0][0] == 32  # store chunks
     check_patches_match(ds, take(ds, 100)[0], z[...])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("nan", [np.s_[:, :], np.s_[::32, ::32]])  # every pixel, or one NaN in every chunk
+def test_no_usable_block_left_stops_instead_of_spinning(nan):
+    """An endless stream whose every block is bad stopped never (issue 14, defect 12): now one clear error."""
+    a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    a[nan] = np.nan
+    ds = ZarrPatchDataset(a, (16, 16), dims=("y", "x"), chunks=(32, 32), min_block_bytes=0, val_fraction=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(N2VError, match=r"no training patches .*every block was skipped \(4 bad chunk\(s\), "
+                                           r"e\.g\. chunk \(\d+, \d+\) contains NaN or Inf values\)"):
+            take(ds, 10)
+
+
+@pytest.mark.timeout(60)
+def test_validation_blocks_all_bad_name_the_bad_chunks():
+    a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    a[::8, ::8] = np.nan  # the one chunk, split into several blocks, holds every block and a NaN in each
+    ds = ZarrPatchDataset(a, (16, 16), dims=("y", "x"), chunks=(64, 64), min_block_bytes=0,
+                          val_fraction=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(N2VError, match=r"no validation patch .*bad chunk\(s\), e\.g\. chunk \(0, 0\) contains NaN"):
+            ds.validation_patches(4)

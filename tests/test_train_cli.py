@@ -117,3 +117,22 @@ def test_ddp_two_processes_gloo(tmp_path):
         [ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST, ckpt.STATE])
     weights = torch.load(model / ckpt.WEIGHTS_LAST, weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("nan", [np.s_[:, :], np.s_[64, 64]])  # every pixel; one pixel of the only chunk
+def test_nan_image_stops_with_one_line(tmp_path, nan):
+    """Issue 14 (11, 12): one NaN in a single-chunk image is named as such; an all-NaN image hung forever."""
+    import os
+
+    img = (100 + 10 * np.random.default_rng(0).standard_normal((128, 128))).astype(np.float32)
+    img[nan] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", img)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2v_chunked.cli", "train", str(tmp_path / "nan.tif"), "--axes", "yx",
+         "--model-dir", str(tmp_path / "m"), "--steps", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("n2v-chunked: error: ") and "contains NaN or Inf values" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m").exists()
