@@ -277,6 +277,10 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="how to extend the image at its borders (default: reflect)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="network arithmetic (default: fp32; bf16 is faster on recent CPUs and GPUs)")
+    p.add_argument("--normalize", choices=["model", "data"], default="model",
+                   help="model: normalise with the training data's statistics (default; a warning when the input's "
+                   "are far from them); data: with the input's own, sampled once per run, for data whose noise is "
+                   "of the same kind in another intensity range")
     p.add_argument("--batch-blocks", type=int, help="blocks per submitted dask graph (default: 512)")
     p.add_argument("--device", help="torch device of the workers (default: cuda when available, else cpu)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
@@ -307,6 +311,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             pyramid=not args.no_pyramid,
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
+            normalize=args.normalize,
         )
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
