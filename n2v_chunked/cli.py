@@ -102,7 +102,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--features", type=int, default=32, help="feature maps at the top level (paper: 32, 96 for natural images)")
     g.add_argument("--kernel-size", type=int, default=3)
     g.add_argument("--n2v2", action="store_true", help="N2V2: no top skip, blur-pool, median replacement")
-    g.add_argument("--independent-channels", action="store_true", help="denoise channels independently")
+    g.add_argument("--independent-channels", dest="independent_channels", action="store_true", default=True,
+                   help="one network shared by the channels, each denoised on its own (default: nothing bleeds "
+                   "from one channel into another)")
+    g.add_argument("--joint-channels", dest="independent_channels", action="store_false",
+                   help="one network sees all channels at once: can use structure the channels share, but after "
+                   "short training one channel's structures may show in another")
     g = p.add_argument_group("masking")
     g.add_argument("--mask-density", type=float, default=1 / 64, help="fraction of masked pixels (paper: 1/64)")
     g.add_argument("--replacement", choices=["uniform", "median"],

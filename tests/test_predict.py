@@ -541,3 +541,27 @@ def test_normalize_is_recorded_in_the_provenance_and_from_the_cli(sem_dir, tmp_p
     assert rc == 0 and "far from the model's training data" in caplog.text
     rec = zarr.open_group(str(tmp_path / "out2.zarr"), mode="r").attrs["n2v_chunked"]["normalization"]
     assert rec["mode"] == "model" and rec["mean"] == [50_000.0] and rec["input_std"] is not None
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_with_independent_channels_a_channel_does_not_depend_on_another(tmp_path, independent):
+    """The default model (independent channels): changing channel 1 leaves channel 0's prediction as it was."""
+    md = make_model_dir(tmp_path / "m", channels=2)
+    if not independent:  # the joint network, for contrast: the same change reaches channel 0
+        meta = ckpt.read_config(md)
+        meta["model"]["independent_channels"] = False
+        ckpt.write_meta(md, meta)
+        torch.manual_seed(0)
+        ckpt.save_weights(md, UNet(ModelConfig(dims=2, in_channels=2, features=4, independent_channels=False)),
+                          ckpt.WEIGHTS_BEST)
+    else:
+        assert ckpt.read_config(md)["model"]["independent_channels"] is True  # the default
+    arr = np.stack([noisy((40, 64), seed=1), noisy((40, 64), seed=2)])
+    other = arr.copy()
+    other[1] = noisy((40, 64), seed=9)[::-1] * 1.5
+    a, b = (chunked(md, x, "cyx", (32, 32)) for x in (arr, other))
+    assert np.abs(a[1] - b[1]).max() > 1e-2  # channel 1 itself did change
+    if independent:
+        np.testing.assert_array_equal(a[0], b[0])
+    else:
+        assert np.abs(a[0] - b[0]).max() > 1e-3
