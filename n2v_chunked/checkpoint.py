@@ -272,7 +272,8 @@ def configs_from_meta(
     """
     try:
         return (
-            from_dict(ModelConfig, meta.get("model"), "model"),
+            # model directories written while joint was the default may lack the key: they are joint
+            from_dict(ModelConfig, {"independent_channels": False, **(meta.get("model") or {})}, "model"),
             from_dict(MaskConfig, meta.get("mask"), "mask"),
             from_dict(TrainConfig, meta.get("train"), "train"),
         )

@@ -114,7 +114,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--features", type=int, default=32, help="feature maps at the top level (paper: 32, 96 for natural images)")
     g.add_argument("--kernel-size", type=int, default=3)
     g.add_argument("--n2v2", action="store_true", help="N2V2: no top skip, blur-pool, median replacement")
-    g.add_argument("--independent-channels", action="store_true", help="denoise channels independently")
+    g.add_argument("--independent-channels", dest="independent_channels", action="store_true", default=True,
+                   help="one network shared by the channels, each denoised on its own (default: nothing bleeds "
+                   "from one channel into another)")
+    g.add_argument("--joint-channels", dest="independent_channels", action="store_false",
+                   help="one network sees all channels at once: can use structure the channels share, but after "
+                   "short training one channel's structures may show in another")
     g = p.add_argument_group("masking")
     g.add_argument("--mask-density", type=float, default=1 / 64, help="fraction of masked pixels (paper: 1/64)")
     g.add_argument("--replacement", choices=["uniform", "median"],
@@ -293,6 +298,10 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="how to extend the image at its borders (default: reflect)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="network arithmetic (default: fp32; bf16 is faster on recent CPUs and GPUs)")
+    p.add_argument("--normalize", choices=["model", "data"], default="model",
+                   help="model: normalise with the training data's statistics (default; a warning when the input's "
+                   "are far from them); data: with the input's own, sampled once per run, for data whose noise is "
+                   "of the same kind in another intensity range")
     p.add_argument("--batch-blocks", type=int, help="blocks per submitted dask graph (default: 512)")
     p.add_argument("--device", help="torch device of the workers (default: cuda when available, else cpu)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
@@ -324,6 +333,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
             halo=_int_list(args.halo, "--halo"),
+            normalize=args.normalize,
         )
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "

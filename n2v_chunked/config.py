@@ -64,7 +64,10 @@ class ModelConfig:
         N2V2 variant (Hoeck et al. 2022): no top-level skip connection and
         blur-pool instead of max-pool, which removes checkerboard artefacts.
     independent_channels : bool
-        Denoise each channel on its own with a shared single-channel network.
+        Denoise each channel on its own with a shared single-channel network
+        (default): no channel's structures can bleed into another's, as they
+        do with a joint network after short training (benchmarks/channels.py).
+        False: one network sees all channels at once.
     """
 
     dims: int = 2
@@ -73,7 +76,7 @@ class ModelConfig:
     kernel_size: int = 3
     features: int = 32
     n2v2: bool = False
-    independent_channels: bool = False
+    independent_channels: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "model")

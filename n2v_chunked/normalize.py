@@ -2,9 +2,9 @@
 
 N2V trains on ``(x - mean) / std`` per channel.  For an in-memory array the
 statistics are exact; for a chunked (dask/zarr) array they come from a dask
-reduction over a random sample of blocks within a byte budget, so a terabyte
-volume is never read in full.  When the budget covers every block the result
-is exact.  Per-block moments (count, mean, sum of squared deviations) are
+reduction over small regions spread evenly (stratified) over the whole array
+within a byte budget, so a terabyte volume is never read in full.  When the
+budget covers the array the result is exact.  Per-block moments (count, mean, sum of squared deviations) are
 combined pairwise (Chan et al.), which stays accurate for large counts and
 large offsets where a naive sum of squares would cancel.
 """
@@ -20,6 +20,9 @@ import numpy as np
 from .errors import N2VError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
+# Regions of a sampled estimate: 256 strata put the mean of a linear trend within ~1/256 of its
+# range, and bound the chunks decoded on a lazy terabyte volume.
+DEFAULT_MAX_REGIONS = 256
 _SLAB = 2**24  # elements per in-memory pass: bounds the float64 temporaries
 
 
@@ -73,7 +76,7 @@ def _finish(rows: list[np.ndarray], where: str, note: str = "") -> tuple[np.ndar
     if not (std_arr > 0).all():
         k = int(np.flatnonzero(std_arr <= 0)[0])
         raise N2VError(f"channel {k} of {where} is constant{note} (std 0): nothing to denoise, "
-                       "or sample more blocks (max_bytes)")
+                       "or sample more of it (max_bytes)")
     return np.array(mean), std_arr
 
 
@@ -103,20 +106,56 @@ def stats_numpy(array: np.ndarray, channel_axis: int | None = None) -> tuple[np.
     )
 
 
+def _region_sides(chunk: list[int], row_bytes: int, budget: int) -> list[int]:
+    """Sides of a sampling region: the chunk shape, the longest side halved until it fits ``budget``."""
+    sides = list(chunk)
+    while row_bytes * math.prod(sides) > budget and max(sides) > 1:
+        k = int(np.argmax(sides))
+        sides[k] = (sides[k] + 1) // 2
+    return sides
+
+
+def _stratified_starts(
+    size: int, side: int, bounds: np.ndarray, n: int, rng: np.random.Generator,
+) -> np.ndarray:
+    """``n`` region starts along one axis, one per stratum of ``size / n`` in random order.
+
+    A point is drawn in each stratum and the region is the slot of a grid of
+    step ``side``, laid from its chunk's start, that holds the point: every
+    pixel is equally likely to be sampled (moving a region back inside its
+    chunk instead would under-sample the first pixels of every chunk), and a
+    region lies in one chunk unless that chunk is shorter than ``side``.
+    """
+    u = ((rng.permutation(n) + rng.random(n)) * size / n).astype(np.int64).clip(0, size - 1)
+    k = np.searchsorted(bounds, u, side="right") - 1
+    lo, hi = bounds[k], bounds[k + 1]
+    starts = lo + (u - lo) // side * side
+    starts = np.where(hi - lo >= side, np.minimum(starts, hi - side), starts)
+    return np.minimum(starts, size - side)
+
+
 def stats_dask(
     darr: Any,
     channel_axis: int | None = None,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    max_blocks: int | None = None,
+    max_regions: int = DEFAULT_MAX_REGIONS,
     seed: int = 0,
     where: str = "the image",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std (ddof 0) from a random sample of blocks.
+    """Per-channel mean and std (ddof 0), exact or from stratified small regions.
 
-    Blocks of the dask chunk grid (each spanning all channels) are taken in a
-    random order until ``max_bytes`` (or ``max_blocks``) is reached, and
-    reduced with one ``dask.compute`` on the active scheduler.
+    When the whole array fits ``max_bytes`` every block is reduced (exact).
+    Otherwise ``max_regions`` boxes (each spanning all channels, at most one
+    chunk in size, inside one chunk where the chunk allows) are placed by
+    Latin hypercube sampling: along every axis each region falls into its
+    own stratum of ``1 / max_regions`` of the length.  Brightness trends in a
+    volume (attenuation along z, bleaching along t) are then sampled evenly,
+    where a few random whole blocks can all land at one end (a z gradient:
+    0.34 sigma median error with 4 blocks of 32, < 0.05 sigma now).  The
+    regions shrink so that together they hold at most ``max_bytes``; at most
+    ``max_regions`` chunks per channel chunk are decoded, never every chunk.
+    One ``dask.compute`` on the active scheduler reduces them.
 
     Parameters
     ----------
@@ -125,11 +164,11 @@ def stats_dask(
     channel_axis : int, optional
         Axis of the channels; None for a single channel.
     max_bytes : int
-        Budget of (uncompressed) bytes to read; at least one block is read.
-    max_blocks : int, optional
-        Cap on the number of blocks.
+        Budget of (uncompressed) bytes of the sampled regions.
+    max_regions : int
+        Number of regions (and bound on the chunks read per channel chunk).
     seed : int
-        Seed of the block sample.
+        Seed of the region positions.
     where : str
         Name of the data, for messages.
 
@@ -142,25 +181,31 @@ def stats_dask(
 
     c_axis = None if channel_axis is None else channel_axis % darr.ndim
     grid_axes = [i for i in range(darr.ndim) if i != c_axis]
-    nblocks = [len(darr.chunks[i]) for i in grid_axes]
-    total = math.prod(nblocks)
-    order = np.random.default_rng(seed).permutation(total)
-    block_bytes = darr.dtype.itemsize * math.prod(
-        darr.shape[i] if i == c_axis else max(c) for i, c in enumerate(darr.chunks)
-    )
-    n = max(1, min(total, int(max_bytes) // max(block_bytes, 1)))
-    if max_blocks is not None:
-        n = max(1, min(n, int(max_blocks)))
+    if darr.nbytes <= max_bytes:  # exact: every block
+        nblocks = [len(darr.chunks[i]) for i in grid_axes]
+        tasks = []
+        for idx in np.ndindex(*nblocks):
+            sel: list[Any] = [slice(None)] * darr.ndim
+            for ax, i in zip(grid_axes, idx):
+                sel[ax] = int(i)
+            tasks.append(dask.delayed(_block_moments)(darr.blocks[tuple(sel)], c_axis))
+        return _finish(list(dask.compute(*tasks)), where)
+    n = max(1, int(max_regions))
+    row_bytes = darr.dtype.itemsize * (1 if c_axis is None else darr.shape[c_axis])
+    sides = _region_sides([max(darr.chunks[i]) for i in grid_axes], row_bytes, max(int(max_bytes) // n, row_bytes))
+    rng = np.random.default_rng(seed)
+    starts = [
+        _stratified_starts(darr.shape[ax], side, np.cumsum((0, *darr.chunks[ax])), n, rng)
+        for ax, side in zip(grid_axes, sides)
+    ]
     tasks = []
-    for flat in order[:n]:
-        idx = np.unravel_index(flat, nblocks)
-        sel: list[Any] = [slice(None)] * darr.ndim
-        for ax, i in zip(grid_axes, idx):
-            sel[ax] = int(i)
-        tasks.append(dask.delayed(_block_moments)(darr.blocks[tuple(sel)], c_axis))
-    rows = list(dask.compute(*tasks))
-    note = "" if n == total else f" in {n} of {total} sampled blocks"
-    return _finish(rows, where, note)
+    for r in range(n):
+        sel = [slice(None)] * darr.ndim
+        for ax, side, st in zip(grid_axes, sides, starts):
+            sel[ax] = slice(int(st[r]), int(st[r]) + side)
+        tasks.append(dask.delayed(_block_moments)(darr[tuple(sel)], c_axis))
+    shape = "x".join(str(s) for s in sides)
+    return _finish(list(dask.compute(*tasks)), where, f" in {n} sampled regions of {shape}")
 
 
 def channel_stats(
@@ -168,7 +213,7 @@ def channel_stats(
     dims: Sequence[str] | None = None,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    max_blocks: int | None = None,
+    max_regions: int = DEFAULT_MAX_REGIONS,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of any image: DataArray, dask, zarr or numpy.
@@ -183,7 +228,7 @@ def channel_stats(
     dims : sequence of str, optional
         Dim names, required unless ``data`` is a DataArray.  Without a ``c``
         dim there is one channel.
-    max_bytes, max_blocks, seed
+    max_bytes, max_regions, seed
         Sampling of chunked data, see :func:`stats_dask`.
 
     Returns
@@ -221,7 +266,7 @@ def channel_stats(
         chunks = getattr(data, "chunks", "auto")
         where = f"{getattr(data, 'store', '')}/{getattr(data, 'path', '')}".strip("/") or where
         data = da.from_zarr(data) if hasattr(data, "store") else da.from_array(data, chunks=chunks)
-    return stats_dask(data, c_axis, max_bytes=max_bytes, max_blocks=max_blocks, seed=seed, where=where)
+    return stats_dask(data, c_axis, max_bytes=max_bytes, max_regions=max_regions, seed=seed, where=where)
 
 
 def noise_std(patches: np.ndarray) -> np.ndarray:

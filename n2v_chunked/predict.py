@@ -411,6 +411,7 @@ def predict_block(
     token: str = "",
     threads: int | None = None,
     max_pixels: int | None = None,
+    norm: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> np.ndarray:
     """Denoise one block extended by its halo; return the block without the halo.
 
@@ -433,6 +434,9 @@ def predict_block(
         Model cache token (:func:`model_token`).
     threads : int, optional
         Torch intra-op threads for this process (left as is when None).
+    norm : (mean, std), optional
+        Per-channel statistics to normalise with instead of the model's
+        (``predict(normalize="data")``: the whole input's, the same for every block).
 
     Returns
     -------
@@ -460,7 +464,8 @@ def predict_block(
     c = xt.shape[len(samples)]
     xt = xt.reshape((math.prod(lead), c) + xt.shape[len(samples) + 1 :])
     shape = (1, -1) + (1,) * len(spatial)
-    mean, std = trained.mean.reshape(shape), trained.std.reshape(shape)
+    mean, std = (trained.mean, trained.std) if norm is None else (np.asarray(v, np.float32) for v in norm)
+    mean, std = mean.reshape(shape), std.reshape(shape)
     y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels)
     crop = tuple(slice(halo[i], y.shape[2 + k] - halo[i]) for k, i in enumerate(sp))
     y = y[(slice(None), slice(None), *crop)] * std + mean
@@ -633,13 +638,14 @@ def _batch_input(
     return arr.rechunk(tuple(target), method="tasks"), depth  # tasks: a small, cullable graph (no p2p barrier)
 
 
-def _fill_value(trained: Any, dims: Sequence[str]) -> np.ndarray:
-    """The constant-boundary fill: each channel's mean (0 after normalisation, as in ``denoise``)."""
+def _fill_value(mean: np.ndarray, dims: Sequence[str]) -> np.ndarray:
+    """The constant-boundary fill: each channel's ``mean`` (0 after normalisation, as in ``denoise``)."""
     shape = [1] * len(dims)
+    mean = np.asarray(mean, np.float32)
     if "c" in dims:
         shape[list(dims).index("c")] = -1
-        return trained.mean.astype(np.float32).reshape(shape)
-    return np.full(shape, trained.mean[0], dtype=np.float32)
+        return mean.reshape(shape)
+    return np.full(shape, mean[0], dtype=np.float32)
 
 
 def batch_prediction(
@@ -656,13 +662,16 @@ def batch_prediction(
     blend: bool = False,
     device: str | None = None,
     threads: Any = None,
+    norm: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> da.Array:
     """Lazy prediction of blocks ``lo..hi`` (exclusive) of the plan's grid.
 
     ``map_overlap`` runs :func:`predict_block` on every block extended by the
     halo; the result has the blocks' region and chunks (``plan.grid``).
+    ``norm`` replaces the model's statistics (see :func:`predict_block`).
     """
-    xin, depth = _batch_input(x, p, lo, hi, boundary, _fill_value(trained, p.dims))
+    fill = _fill_value(trained.mean if norm is None else norm[0], p.dims)
+    xin, depth = _batch_input(x, p, lo, hi, boundary, fill)
     out_chunks = tuple(
         ((p.halo[ax], *p.grid[ax][lo[ax] : hi[ax]], p.halo[ax]) if ax in depth else
          (p.shape[ax],) if p.halo[ax] else p.grid[ax][lo[ax] : hi[ax]])
@@ -673,7 +682,7 @@ def batch_prediction(
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
         model_dir=os.fspath(model_dir) if isinstance(model_dir, os.PathLike) else model_dir, dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
-        device=device, model_token=model_token(model_dir), token="n2v-predict",
+        device=device, model_token=model_token(model_dir), token="n2v-predict", norm=norm,
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
     crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
@@ -1015,7 +1024,7 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
 
 def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
     diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
-    sp, np_ = stored.get("parameters", {}), now["parameters"]
+    sp, np_ = {"normalize": "model", **stored.get("parameters", {})}, now["parameters"]  # older outputs: model
     diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)
@@ -1046,6 +1055,7 @@ def predict(
     jobqueue_config: str | None = None,
     jobs: int | None = None,
     halo: Any = None,
+    normalize: str = "model",
 ) -> xr.DataArray:
     """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
 
@@ -1098,6 +1108,11 @@ def predict(
         For ``scheduler="slurm"``.
     halo : int or sequence of int, optional
         Zoo models only: halo per spatial axis instead of the declared one.
+    normalize : {"model", "data"}
+        Normalise with the model's stored statistics (a warning when the
+        input's are far from them), or with the input's own, sampled once per
+        run (:func:`n2v_chunked.intensity.choose_normalization`); recorded in
+        the output's provenance (``normalization``).
 
     Returns
     -------
@@ -1105,6 +1120,7 @@ def predict(
         The written output opened lazily (``attrs["predict_stats"]`` counts the
         blocks computed and skipped), or the lazy prediction when ``output`` is None.
     """
+    from .intensity import choose_normalization
     from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
     from .sources import open_image
 
@@ -1124,6 +1140,13 @@ def predict(
         data = open_image(source, axes=axes, level=level)
         model_dir = str(Path(model_dir).absolute())
     p = plan(trained, data, chunks)
+    if isinstance(model_dir, str):  # ours; a Zoo model freezes its own processing (zoo_import.prepare)
+        norm_record = choose_normalization(data, trained.mean, trained.std, normalize)
+    elif normalize != "model":
+        raise ConfigError("--normalize data is for n2v_chunked models; a Zoo model brings its own preprocessing")
+    else:
+        norm_record = None
+    norm = (norm_record["mean"], norm_record["std"]) if normalize == "data" else None
     if blend:
         from .inference import blend_tensor
 
@@ -1133,7 +1156,7 @@ def predict(
             log.warning("--blend: this model was trained with median replacement, which already lets part of each "
                         "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
     kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
-              device=device)
+              device=device, norm=norm)
     if output is None:
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
@@ -1157,11 +1180,15 @@ def predict(
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
                 "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,
-                "dtype": str(out_dtype), "level": int(level),
+                "dtype": str(out_dtype), "level": int(level), "normalize": normalize,
             },
+            "normalization": norm_record,
         }
         if stored is not None:
             _check_resumable(out, stored, prov)
+            if normalize == "data" and stored.get("normalization"):  # the statistics the written blocks used
+                prov["normalization"] = stored["normalization"]
+                kw["norm"] = (stored["normalization"]["mean"], stored["normalization"]["std"])
             if stored.get("complete"):
                 log.info("%s is already complete; nothing to do", out)
                 _remove_markers(out)  # a kill between the complete flag and their removal leaves them

@@ -273,6 +273,11 @@ def _inf_predict(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, _ome(tmp / "inf.ome.zarr", _with_value((64, 64), -np.inf), "yx"), m.m2d)
 
 
+def _nan_normalize_data(tmp: Path, m: Models) -> Setup:
+    src = _ome(tmp / "nan.ome.zarr", _with_value((64, 64), np.nan), "yx")
+    return _predict(tmp, src, m.m2d, "--normalize", "data", names=[str(src)])
+
+
 def _one_pixel_axis_predict(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, _ome(tmp / "line.ome.zarr", _noisy((64, 1)), "yx"), m.m2d, names=["x=1"])
 
@@ -459,6 +464,7 @@ CASES: list[Case] = [
     Case("inf-train", _inf_train, ("NaN or Inf",)),
     Case("nan-predict", _nan_predict, ("input has 1 NaN/Inf value(s)",)),
     Case("inf-predict", _inf_predict, ("input has 1 NaN/Inf value(s)",)),
+    Case("nan-normalize-data", _nan_normalize_data, ("--normalize data", "NaN or Inf")),
     Case("one-pixel-axis-predict", _one_pixel_axis_predict, ("smaller than 2**depth",)),
     Case("one-pixel-axis-train", _one_pixel_axis_train, ("fewer than the 4",)),
     Case("smaller-than-patch-train", _smaller_than_patch_train, ("larger than the image",)),

@@ -41,3 +41,16 @@ def test_replacement_smoke():
     assert uniform["steps"] == median["steps"] == 2 and uniform["batch_size"] == 16
     assert uniform["psnr_noisy"] == median["psnr_noisy"]  # the same noisy input for both
     assert diff["median_minus_uniform_db"] == pytest.approx(median["psnr"] - uniform["psnr"], abs=2e-3)
+
+
+def test_channels_smoke():
+    proc, rows = run_benchmark("channels.py", "--steps", "2", "--seeds", "0", "--batch-size", "4", "--patch", "32",
+                               "--features", "4", "--val-patches", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *runs, summary = rows
+    assert [(r["channels"], r["budget"]) for r in runs] == [
+        ("independent", "reference"), ("joint", "equal_steps"), ("joint", "equal_time")]
+    assert runs[0]["steps"] == runs[1]["steps"] == 2 and runs[0]["bleed"][0] == pytest.approx(0, abs=0.05)
+    assert summary["summary"] and len(summary["independent"]["psnr"]) == 2
+    for r in runs:
+        assert all(math.isfinite(v) for v in r["psnr"] + r["bleed"])

@@ -103,3 +103,21 @@ def test_independent_channels_share_one_network():
 def test_bad_model_config(bad):
     with pytest.raises(N2VError):
         ModelConfig(**bad)
+
+
+def test_channel_default_is_independent_as_the_readme_says():
+    import re
+    from pathlib import Path
+
+    from n2v_chunked.checkpoint import configs_from_meta
+    from n2v_chunked.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| train | `--joint-channels`"))
+    assert re.search(r"Default: independent channels", row)
+    assert ModelConfig().independent_channels is True
+    sub = ["train", "in.tif", "--model-dir", "m"]
+    assert build_parser().parse_args(sub).independent_channels is True
+    assert build_parser().parse_args([*sub, "--joint-channels"]).independent_channels is False
+    # a model directory written while joint was the default, without the key, stays joint
+    assert configs_from_meta({"model": {"in_channels": 2}})[0].independent_channels is False

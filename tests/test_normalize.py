@@ -45,21 +45,55 @@ def test_large_offset_stays_accurate():
     np.testing.assert_allclose(std[0], a.std(), rtol=1e-9)
 
 
-def test_sampled_blocks_within_budget_and_close(tmp_path):
+def test_sampled_regions_within_budget_and_close(tmp_path):
     a = image((2, 256, 256), seed=2)[:2]
     z = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=a.shape, chunks=(1, 32, 32), dtype="float32")
     z[...] = a
     calls = []
     d = da.from_zarr(z).map_blocks(lambda b: calls.append(b.shape) or b, dtype=np.float32)
-    budget = 2 * 32 * 32 * 4 * 8  # 8 blocks of (2 channels, 32, 32)
-    mean, std = channel_stats(d, ("c", "y", "x"), max_bytes=budget, seed=0)
-    assert len([c for c in calls if c != (0, 0, 0)]) <= 2 * 8  # only the sampled blocks were read
+    budget = 2 * 32 * 32 * 4 * 8  # as much as 8 blocks of (2 channels, 32, 32)
+    mean, std = channel_stats(d, ("c", "y", "x"), max_bytes=budget, max_regions=16, seed=0)
+    # one chunk per region and channel chunk: never the whole array (128 chunks)
+    assert len([c for c in calls if c != (0, 0, 0)]) <= 2 * 16
     np.testing.assert_allclose(mean, a.mean(axis=(1, 2)), rtol=0.02, atol=0.05)
     np.testing.assert_allclose(std, a.std(axis=(1, 2)), rtol=0.1)
-    again = channel_stats(d, ("c", "y", "x"), max_bytes=budget, seed=0)
+    again = channel_stats(d, ("c", "y", "x"), max_bytes=budget, max_regions=16, seed=0)
     np.testing.assert_array_equal(again[0], mean)
-    m3, _ = channel_stats(d, ("c", "y", "x"), max_blocks=3, seed=0)
+    m3, _ = channel_stats(d, ("c", "y", "x"), max_regions=3, max_bytes=budget, seed=0)
     assert m3.shape == (2,)
+
+
+class _CountingArray:
+    """A numpy array that counts the elements handed out by ``__getitem__``."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.shape, self.dtype, self.ndim, self.read = a, a.shape, a.dtype, a.ndim, 0
+
+    def __getitem__(self, key):
+        out = self.a[key]
+        self.read += out.size
+        return out
+
+
+def z_gradient_volume(seed: int) -> np.ndarray:
+    """Brightness falling off along z (attenuation), with noise: (128, 64, 64)."""
+    rng = np.random.default_rng(100 + seed)
+    z = np.arange(128, dtype=np.float32).reshape(-1, 1, 1)
+    return (1000.0 * np.exp(-z / 40.0) + 20.0 * rng.normal(size=(128, 64, 64))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stratified_mean_on_a_z_gradient_within_5_percent_sigma(seed):
+    a = z_gradient_volume(seed)
+    true_mean, true_std = a.astype(np.float64).mean(), a.astype(np.float64).std()
+    src = _CountingArray(a)
+    d = da.from_array(src, chunks=32, asarray=False)
+    budget = 4 * 32**3 * 4  # the bytes of 4 blocks of 32^3: 4 random blocks were 0.34 sigma off (median)
+    mean, std = stats_dask(d, None, max_bytes=budget, seed=seed)
+    assert abs(mean[0] - true_mean) < 0.05 * true_std
+    assert abs(std[0] - true_std) < 0.05 * true_std
+    # bytes read stay bounded: at most one 32^3 chunk per region, far from the 64 chunks of the volume
+    assert src.read <= 256 * 32**3 and src.read < a.size
 
 
 def test_dataarray_zarr_and_channel_last_dims(tmp_path):

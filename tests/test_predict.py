@@ -464,3 +464,104 @@ def test_gpu_layout_one_process_per_gpu_with_threads(monkeypatch):
     assert device_lock(torch.device("cuda:0")) is not device_lock(torch.device("cuda:1"))
     with device_lock(torch.device("cpu")), device_lock(torch.device("cpu")):
         pass
+
+
+# ----------------------------------------------------------------------------
+# Input statistics vs the model's: the warning and --normalize data.
+# ----------------------------------------------------------------------------
+
+
+def _with_stats(src_dir, dst_dir, mean, std):
+    """A copy of a model directory whose stored normalisation is ``mean``/``std``."""
+    import shutil
+
+    shutil.copytree(src_dir, dst_dir)
+    meta = ckpt.read_config(dst_dir)
+    meta["normalization"].update(mean=[float(v) for v in np.atleast_1d(mean)], std=[float(v) for v in np.atleast_1d(std)])
+    ckpt.write_meta(dst_dir, meta)
+    return dst_dir
+
+
+def fluorescence(shape=(80, 96), seed=4):
+    """The trained model's kind of noisy image, moved to a fluorescence-like range (about 104-375)."""
+    img = noisy(shape, seed=seed)
+    return (104 + (img - img.min()) * 271 / np.ptp(img)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sem_dir(trained_dir, tmp_path_factory):
+    """The trained model, as if trained on SEM data around 50,000."""
+    return _with_stats(trained_dir, tmp_path_factory.mktemp("sem") / "m", 50_000.0, 4_000.0)
+
+
+def test_warns_when_the_input_is_far_from_the_models_statistics(sem_dir, trained_dir, caplog):
+    arr = fluorescence()
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        y = chunked(sem_dir, arr, "yx", (32, 48))
+    far = [r for r in caplog.records if "far from the model's training data" in r.getMessage()]
+    assert len(far) == 1 and "\n" not in far[0].getMessage()
+    assert "--normalize data" in far[0].getMessage() and "model mean 5e+04 std 4000" in far[0].getMessage()
+    assert abs(y.mean() - arr.mean()) > 10 * np.ptp(arr)  # what it is about: nonsense far outside the input's range
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="n2v_chunked"):  # the model's own kind of data: no warning
+        chunked(trained_dir, noisy((80, 96), seed=5), "yx", (32, 48))
+    assert not [r for r in caplog.records if "far from the model" in r.getMessage()]
+
+
+def test_normalize_data_is_in_the_input_range_and_chunked_equals_whole(sem_dir, tmp_path, caplog):
+    from n2v_chunked.normalize import stats_numpy
+
+    arr = fluorescence((77, 131))
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        y = chunked(sem_dir, arr, "yx", (32, 48), normalize="data")
+    assert not [r for r in caplog.records if "far from the model" in r.getMessage()]
+    margin = 0.1 * np.ptp(arr)
+    assert arr.min() - margin <= y.min() and y.max() <= arr.max() + margin
+    # one set of statistics for the whole image, not one per block: equal to the whole image
+    # denoised by a model that stores the image's exact statistics
+    ref_dir = _with_stats(sem_dir, tmp_path / "ref", *stats_numpy(arr))
+    assert_close(y, whole_image(ref_dir, arr, "yx"), arr)
+    assert_close(chunked(sem_dir, arr, "yx", (32, 48), normalize="data", boundary="constant"),
+                 chunked(ref_dir, arr, "yx", (32, 48), boundary="constant"), arr)
+
+
+def test_normalize_is_recorded_in_the_provenance_and_from_the_cli(sem_dir, tmp_path, capsys, caplog):
+    src = tmp_path / "in.ome.zarr"
+    arr = fluorescence((2, 40, 50))
+    write_ome_zarr(src, xr.DataArray(arr, dims=("t", "y", "x")), progress=False)
+    rc, err = _cli(capsys, src, tmp_path / "out.zarr", "--model-dir", sem_dir, "--normalize", "data")
+    assert rc == 0, err
+    meta = zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["n2v_chunked"]
+    rec = meta["normalization"]
+    assert meta["parameters"]["normalize"] == rec["mode"] == "data"
+    np.testing.assert_allclose(rec["mean"], [arr.mean()], rtol=1e-5)
+    assert rec["input_mean"] == rec["mean"] and rec["model_mean"] == [50_000.0] and rec["model_std"] == [4_000.0]
+    assert "far from the model" not in caplog.text
+    rc, err = _cli(capsys, src, tmp_path / "out2.zarr", "--model-dir", sem_dir)
+    assert rc == 0 and "far from the model's training data" in caplog.text
+    rec = zarr.open_group(str(tmp_path / "out2.zarr"), mode="r").attrs["n2v_chunked"]["normalization"]
+    assert rec["mode"] == "model" and rec["mean"] == [50_000.0] and rec["input_std"] is not None
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_with_independent_channels_a_channel_does_not_depend_on_another(tmp_path, independent):
+    """The default model (independent channels): changing channel 1 leaves channel 0's prediction as it was."""
+    md = make_model_dir(tmp_path / "m", channels=2)
+    if not independent:  # the joint network, for contrast: the same change reaches channel 0
+        meta = ckpt.read_config(md)
+        meta["model"]["independent_channels"] = False
+        ckpt.write_meta(md, meta)
+        torch.manual_seed(0)
+        ckpt.save_weights(md, UNet(ModelConfig(dims=2, in_channels=2, features=4, independent_channels=False)),
+                          ckpt.WEIGHTS_BEST)
+    else:
+        assert ckpt.read_config(md)["model"]["independent_channels"] is True  # the default
+    arr = np.stack([noisy((40, 64), seed=1), noisy((40, 64), seed=2)])
+    other = arr.copy()
+    other[1] = noisy((40, 64), seed=9)[::-1] * 1.5
+    a, b = (chunked(md, x, "cyx", (32, 32)) for x in (arr, other))
+    assert np.abs(a[1] - b[1]).max() > 1e-2  # channel 1 itself did change
+    if independent:
+        np.testing.assert_array_equal(a[0], b[0])
+    else:
+        assert np.abs(a[0] - b[0]).max() > 1e-3
