@@ -724,15 +724,21 @@ def _write_task(
 ) -> np.ndarray:
     """Store one predicted block in its (whole) output chunks, then mark it done."""
     from .ome import cast_block
+    from .stores import with_retries
 
     info = block_info[0]
     region = tuple(slice(o + s, o + e) for o, (s, e) in zip(offset, info["array-location"]))
     index = tuple(l + c for l, c in zip(lo, info["chunk-location"]))
-    try:
+    def write() -> None:
         arr = _output_array(path, run_id)
         arr[region] = cast_block(block, arr.dtype)
         fs, mdir = _markers(path)  # written only after the data is in the store
         fs.pipe_file(f"{mdir}/{_marker_name(index)}", b"")
+
+    try:  # transient store errors are retried with back-off; the marker comes last, so a retry is safe
+        with_retries(write, f"block {index}: writing {path}")
+    except N2VError:
+        raise
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first}") from exc
