@@ -341,6 +341,12 @@ def _unreachable_scheduler(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _http_output(tmp: Path, m: Models) -> Setup:
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=["http://127.0.0.1:9/out.zarr"])
+    s.argv[2] = "http://127.0.0.1:9/out.zarr"  # nothing listens there: refused before any request
+    return s
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -370,6 +376,7 @@ CASES: list[Case] = [
     Case("existing-output", _existing_output, ("exists", "--overwrite")),
     Case("read-only-output-dir", _read_only_output_dir, ("cannot create",), unprivileged=True),
     Case("unreachable-scheduler", _unreachable_scheduler, ("cannot reach the dask scheduler",), max_seconds=5.0),
+    Case("http-output", _http_output, ("http(s) URLs are read-only",), max_seconds=5.0),
 ]
 
 
