@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128, help="stored chunk side")
     ap.add_argument("--patches", type=int, default=4096, help="patches timed per sampler run")
     ap.add_argument("--latency-ms", type=float, default=20.0)
-    ap.add_argument("--io-threads", default="2,8", help="sampler reader threads to try")
+    ap.add_argument("--io-threads", default="2,8", help="sampler reader threads to try (train uses 8 for a URL)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -86,6 +86,7 @@ def main() -> None:
     proxy = FaultProxy(moto.url, latency_s=args.latency_ms / 1000)
     try:
         os.environ.update(moto.env(url=proxy.url))
+        stores.tune_for_latency()  # what the CLI does for a run with a remote URL
         moto.client().create_bucket(Bucket="bench")
         rng = np.random.default_rng(0)
         img = xr.DataArray(rng.normal(100, 10, (args.planes, args.side, args.side)).astype("float32"),

@@ -44,6 +44,8 @@ TRANSIENT_TEXT = re.compile(
     r"timed? ?out|Connection (reset|aborted|closed)|ServerDisconnected|Too Many Requests",
     re.IGNORECASE,
 )
+REMOTE_IO_THREADS = 8  # sampler reader threads for a remote source (2 for local disk)
+REMOTE_ZARR_CONCURRENCY = 64  # zarr's async.concurrency (chunk requests in flight per read) for remote runs
 RETRIES = 5  # attempts per block operation after the first
 BACKOFF_S = 0.5  # first wait; doubled per attempt, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
@@ -162,6 +164,8 @@ def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
         The run's inputs and outputs.
     """
     remember_secrets(options)
+    if any(protocol(str(u)) for u in urls):
+        tune_for_latency()
     if not options:
         return
     import fsspec.config
@@ -173,6 +177,15 @@ def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
         merged = {**fsspec.config.conf.get(proto, {}), **options}
         fsspec.config.conf[proto] = merged
         os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(merged)
+
+
+def tune_for_latency() -> None:
+    """Let zarr keep more chunk requests in flight per read (its default, 10, suits local disks)."""
+    import zarr
+
+    if int(zarr.config.get("async.concurrency") or 0) < REMOTE_ZARR_CONCURRENCY:
+        zarr.config.set({"async.concurrency": REMOTE_ZARR_CONCURRENCY})
+        os.environ.setdefault("ZARR_ASYNC__CONCURRENCY", str(REMOTE_ZARR_CONCURRENCY))  # dask worker processes
 
 
 def unconfigure() -> None:
@@ -271,38 +284,40 @@ def _code(exc: BaseException) -> str:
 
 def store_problem(exc: BaseException, url: str) -> str | None:
     """A one-line description of a user-fixable store error (bucket, credentials, permission), else None."""
-    for e in _chain(exc):
-        code, text = _code(e), str(e)
-        if code == "NoSuchBucket" or "bucket does not exist" in text:
-            return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken") or any(
-            w in text for w in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "security token", "AWS Access Key Id")
-        ):
-            return (f"{url}: the store refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                    "the profile or --storage-options key=/secret=)")
-        if "NoCredentialsError" in type(e).__name__ or "Unable to locate credentials" in text:
-            return (f"{url}: no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; "
-                    "for a public bucket pass --storage-options anon=true)")
-        if code == "AccessDenied" or isinstance(e, PermissionError) or "Access Denied" in text or "Forbidden" in text:
-            return f"{url}: access denied (the credentials may not read or write there)"
+    chain = list(_chain(exc))
+    codes = {_code(e) for e in chain}
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if "NoSuchBucket" in codes or "bucket does not exist" in text:
+        return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
+    if codes & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken"} or any(
+        w in text for w in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "signature we calculated does not match",
+                            "security token", "AWS Access Key Id")
+    ):
+        return (f"{url}: the store refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "the profile or --storage-options key=/secret=)")
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return (f"{url}: no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; "
+                "for a public bucket pass --storage-options anon=true)")
+    if "AccessDenied" in codes or any(isinstance(e, PermissionError) for e in chain) or "Access Denied" in text:
+        return f"{url}: access denied (the credentials may not read or write there)"
     return None
 
 
 def diagnose(url: str, exc: BaseException) -> str | None:
     """Why opening ``url`` failed, when the bucket or the credentials are to blame (probes the bucket)."""
     problem = store_problem(exc, url)
-    if problem is not None or protocol(url) not in ("s3", "s3a"):
+    if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
         return problem
     import fsspec
 
-    try:
+    try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
         fs, path = fsspec.core.url_to_fs(url)
         fs.ls(path.split("/", 1)[0], refresh=True)
     except FileNotFoundError:
         return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
     except Exception as probe:  # noqa: BLE001 - only used to explain the first error
-        return store_problem(probe, url)
-    return None
+        return store_problem(probe, url) or problem
+    return problem
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -533,10 +533,15 @@ def fit(
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+    from .stores import REMOTE_IO_THREADS, protocol
+
+    # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
+    io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2
+
     def sampler(fraction: float) -> ZarrPatchDataset:
         return ZarrPatchDataset(
             data, patch, spatial, seed=train_cfg.seed, val_fraction=fraction,
-            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
+            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std, io_threads=io_threads,
         )
 
     dataset = sampler(0.0)

@@ -238,7 +238,7 @@ def test_store_refusals_are_one_line(case, s3_env, files, tmp_path, capfd, monke
     _bucket(s3, "data")
     if not _objects(s3, "data", "small.zarr/zarr.json"):
         src = tmp_path / "small.zarr"
-        write_ome_zarr(src, xr.DataArray(noisy((64, 64)), dims=("y", "x")), chunks=(32, 32), progress=False)
+        write_ome_zarr(src, xr.DataArray(noisy((1, 64, 64)), dims=("t", "y", "x")), chunks=(1, 32, 32), progress=False)
         assert main(["convert", str(src), "s3://data/small.zarr"]) == 0
     capfd.readouterr()
     if case == "missing-bucket":
