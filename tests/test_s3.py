@@ -282,3 +282,22 @@ def test_missing_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)  # import fails as if not installed
     with pytest.raises(stores.N2VError, match=r"pip install 'n2v-chunked\[s3\]'"):
         stores.require_client("s3://bucket/x.zarr")
+
+
+def test_yaml_storage_options_top_level_and_per_command(tmp_path):
+    from n2v_chunked.cli import _apply_config_file, build_parser
+
+    cfg = tmp_path / "n2v.yaml"
+    cfg.write_text("storage_options:\n  anon: true\n  client_kwargs: {region_name: eu-west-1}\n"
+                   "info:\n  storage_options: {endpoint_url: 'http://127.0.0.1:9'}\n")
+    top = _apply_config_file(build_parser(), ["--config", str(cfg), "info", "s3://b/x.zarr"])
+    assert top == {"anon": True, "client_kwargs": {"region_name": "eu-west-1"}, "endpoint_url": "http://127.0.0.1:9"}
+
+
+def test_remote_benchmark_smoke(s3):
+    from helpers import run_benchmark
+
+    proc, records = run_benchmark("remote.py", "--smoke")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r["bench"] for r in records} == {"sampler", "predict"}
+    assert all(r["ratio"] > 0 for r in records)
