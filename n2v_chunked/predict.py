@@ -1086,6 +1086,7 @@ def predict(
 
     from .lock import output_lock
     from .ome import location
+    from .stores import redact
 
     out = location(output)
     check_not_input(out, data.attrs.get("source"))
@@ -1098,7 +1099,7 @@ def predict(
             "command": "predict",
             "model_id": trained.model_id,
             "model_dir": model_dir,
-            "input": str(data.attrs.get("source")),
+            "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
                 "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,

@@ -533,7 +533,7 @@ def fit(
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
-    from .stores import REMOTE_IO_THREADS, protocol
+    from .stores import REMOTE_IO_THREADS, protocol, redact
 
     # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
     io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2
@@ -564,9 +564,10 @@ def fit(
         )
     else:
         stream = batches(dataset, train_cfg.batch_size)
+    label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
     return train(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
         sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
-        extra_meta={"input": str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")),
+        extra_meta={"input": label,
                     "spatial_dims": list(spatial), "world_size": info.world_size},
     )

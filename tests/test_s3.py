@@ -301,3 +301,21 @@ def test_remote_benchmark_smoke(s3):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {r["bench"] for r in records} == {"sampler", "predict"}
     assert all(r["ratio"] > 0 for r in records)
+
+
+def test_url_passwords_stay_out_of_the_output_metadata(files, tmp_path):
+    from n2v_chunked.predict import predict
+
+    src = tmp_path / "img.ome.zarr"
+    write_ome_zarr(src, xr.DataArray(noisy((1, 64, 64), seed=5), dims=("t", "y", "x")), chunks=(1, 32, 32),
+                   progress=False)
+    url, stop = serve_folder(tmp_path)
+    try:  # the local server ignores the credentials in the URL; what matters is where they end up
+        authed = url.replace("http://", "http://user:pa55word99@") + "/img.ome.zarr"
+        predict(authed, str(tmp_path / "out.zarr"), files["model"], chunks=(1, 32, 32), scheduler="sync",
+                progress=False, pyramid=False)
+    finally:
+        stop()
+        stores.close_sessions()
+    meta = (tmp_path / "out.zarr" / "zarr.json").read_text()
+    assert "pa55word99" not in meta and "user:***@" in meta
