@@ -319,3 +319,17 @@ def test_url_passwords_stay_out_of_the_output_metadata(files, tmp_path):
         stores.close_sessions()
     meta = (tmp_path / "out.zarr" / "zarr.json").read_text()
     assert "pa55word99" not in meta and "user:***@" in meta
+
+
+def test_lock_create_on_s3_is_a_conditional_write(s3_env, monkeypatch):
+    from n2v_chunked import lock as L
+
+    _bucket(s3_env, "locks")
+    try:
+        files = L._files("s3://locks/out.zarr.lock")
+        monkeypatch.setattr(files.fs, "exists", lambda path: False)  # two runs that both saw no lock ...
+        assert files.create(b"first") is True
+        assert files.create(b"second") is False  # ... and only one wins: If-None-Match: * on the server
+        assert files.read() == b"first"
+    finally:
+        stores.close_sessions()
