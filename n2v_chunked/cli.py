@@ -157,6 +157,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
         return 0
 
+    _add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -181,6 +182,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
         print(format_info(info(args.path, axes=args.axes, level=args.level)))
         return 0
 
+    _add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -238,6 +240,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         log.info("wrote %s", out)
         return 0
 
+    _add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -341,6 +344,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
               f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s", flush=True)
         return 0
 
+    _add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -376,6 +380,31 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict,
                                                                    add_export]
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options", action="append", metavar="KEY=VALUE", default=None,
+        help="option for the object store's client (s3fs), repeatable: endpoint_url=..., anon=true, "
+        "profile=..., client_kwargs.region_name=...; credentials best come from the AWS environment "
+        "variables or ~/.aws (see README, Object stores)",
+    )
+
+
+def _configure_stores(args: argparse.Namespace, top: Any) -> None:
+    """Storage options (YAML ``storage_options:`` then ``--storage-options``) for the run's URLs."""
+    from . import stores
+
+    urls = [str(getattr(args, k)) for k in ("input", "output") if isinstance(getattr(args, k, None), str)]
+    for url in urls:
+        stores.require_client(url)
+    if isinstance(getattr(args, "output", None), str):
+        stores.check_writable(args.output)
+    options = stores.parse_storage_options(top) if top else {}
+    for key, val in stores.parse_storage_options(getattr(args, "storage_options", None)).items():
+        options[key] = {**options[key], **val} if isinstance(val, dict) and isinstance(options.get(key), dict) else val
+    stores.configure(options, urls)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict]
 
 
 # ----------------------------------------------------------------------------
@@ -400,24 +429,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    """Use the ``--config`` YAML file's section for the chosen command as defaults."""
+def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Any:
+    """Use the ``--config`` YAML file's section for the chosen command as defaults.
+
+    Returns the file's top-level ``storage_options:`` mapping (None without one).
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
     if not known.config:
-        return
+        return None
     from .config import read_config_file
 
     data = read_config_file(known.config)
+    top = data.get("storage_options")
+    if top is not None and not isinstance(top, dict):
+        raise N2VError(f"config file {known.config}: 'storage_options' must be a mapping")
     command = next((a for a in rest if not a.startswith("-")), None)
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if command not in subparsers.choices:
-        return
+        return top
     sp = subparsers.choices[command]
-    section: dict[str, Any] = data.get(command, {}) or {}
+    section: dict[str, Any] = dict(data.get(command, {}) or {})
     if not isinstance(section, dict):
         raise ConfigError(f"config file {known.config}: section '{command}' must be a mapping")
+    if isinstance(section.get("storage_options"), dict):  # a mapping here, KEY=VALUE items on the command line
+        from .stores import parse_storage_options
+
+        top = {**(top or {}), **parse_storage_options(section.pop("storage_options"))}
     dests = {a.dest for a in sp._actions}
     unknown = sorted(k for k in section if k.replace("-", "_") not in dests)
     if unknown:
@@ -430,6 +469,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     for action in sp._actions:
         if action.dest in {k.replace("-", "_") for k in section} and not action.option_strings:
             action.nargs = "?"
+    return top
 
 
 # String options that a config file may also give as a YAML list
@@ -465,16 +505,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
+    from . import stores
+
+    stores.remember_secrets()
+    url = next((a for a in argv if stores.protocol(a)), "the object store")
     try:
-        _apply_config_file(parser, argv)
+        top = _apply_config_file(parser, argv)
         args = parser.parse_args(argv)
         level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        stores.install_log_redaction()
+        _configure_stores(args, top)
         return int(args.handler(args) or 0)
     except N2VError as exc:
         if debug:
             raise
-        print(f"n2v-chunked: error: {exc}", file=sys.stderr)
+        print(f"n2v-chunked: error: {stores.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("n2v-chunked: interrupted", file=sys.stderr)
@@ -482,13 +528,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        if environment_problem(exc):  # the machine (disk, memory, a lost worker), not our code
-            print(f"n2v-chunked: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        problem = stores.store_problem(exc, url)  # a refused bucket or credentials is the user's to fix
+        if problem is not None:
+            print(f"n2v-chunked: error: {stores.redact(problem)}", file=sys.stderr)
             return 2
-        traceback.print_exc()  # a bug: the traceback is what a report needs
-        print(f"n2v-chunked: internal error (a bug): {type(exc).__name__}: {first_line(exc)}; "
+        if environment_problem(exc):  # the machine (disk, memory, a lost worker), not our code
+            print(f"n2v-chunked: error: {type(exc).__name__}: {stores.redact(first_line(exc))}", file=sys.stderr)
+            return 2
+        print(stores.redact(traceback.format_exc()), end="", file=sys.stderr)  # a bug: what a report needs
+        print(f"n2v-chunked: internal error (a bug): {type(exc).__name__}: {stores.redact(first_line(exc))}; "
               "please report it with the traceback above", file=sys.stderr)
         return INTERNAL_ERROR_EXIT
+    finally:
+        stores.close_sessions()
+        stores.unconfigure()
 
 
 if __name__ == "__main__":  # pragma: no cover

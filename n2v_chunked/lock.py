@@ -18,8 +18,15 @@ lock cannot both win.  A lock that cannot be read (left by another tool, or cut
 short by a node loss) is stale only once its file is older than
 :data:`UNREADABLE_GRACE_S`.  The holder refreshes its heartbeat by touching the
 file (its mtime), gives the lock back only while it still holds its token, and
-:meth:`HeldLock.check` stops a run whose lock was taken over.  On object stores
-(fsspec URLs) the lock is best effort: those stores have no exclusive create.
+:meth:`HeldLock.check` stops a run whose lock was taken over.
+On S3-compatible stores the lock
+is created with a conditional write (``PUT`` with ``If-None-Match: *``; AWS S3,
+MinIO and moto honour it), so two runs racing to create it cannot both win
+either.  What is not guaranteed there: taking over a *stale* lock (read,
+compare, delete, create) has a window in which two runs that both judged it
+stale may both delete it; the conditional create that follows still lets only
+one of them hold it.  A store that rejects conditional writes (501) falls back
+to check-then-write, with a warning: best effort only.
 """
 
 from __future__ import annotations
@@ -192,7 +199,7 @@ class _Local:
 
 
 class _Remote(_Local):
-    """The same operations through fsspec (no exclusive create: best effort)."""
+    """The same operations through fsspec: conditional create where the store has it."""
 
     def __init__(self, path: str) -> None:
         import fsspec
@@ -202,7 +209,15 @@ class _Remote(_Local):
     def create(self, data: bytes) -> bool:
         if self.fs.exists(self.path):
             return False
-        self.fs.pipe_file(self.path, data)
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *, atomic on the server
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, OSError) as exc:
+            if isinstance(exc, OSError) and "NotImplemented" not in str(exc) and "501" not in str(exc):
+                raise
+            log.warning("%s: the store has no conditional writes; the lock is best effort", self.path)
+            self.fs.pipe_file(self.path, data)
         return True
 
     def read(self) -> bytes | None:

@@ -780,17 +780,24 @@ def _write_task(
     """Store one predicted block in its (whole) output chunks, then mark it done."""
     from .durable import sync_region, write_marker
     from .ome import cast_block
+    from .stores import with_retries
 
     info = block_info[0]
     region = tuple(slice(o + s, o + e) for o, (s, e) in zip(offset, info["array-location"]))
     index = tuple(l + c for l, c in zip(lo, info["chunk-location"]))
-    try:
+
+    def write() -> None:
         arr = _output_array(path, run_id)
         arr[region] = cast_block(block, arr.dtype)
         if DURABLE:  # the marker must never outlive its data, even across a node loss
             sync_region(arr, region)
         fs, mdir = _markers(path)  # written only after the data is in the store
         write_marker(fs, f"{mdir}/{_marker_name(index)}")
+
+    try:  # transient store errors are retried with back-off; the marker comes last, so a retry is safe
+        with_retries(write, f"block {index}: writing {path}")
+    except N2VError:
+        raise
     except OSError as exc:  # the store: disk full, permissions, network
         raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)
@@ -1163,6 +1170,7 @@ def predict(
 
     from .lock import output_lock
     from .ome import location
+    from .stores import redact
 
     out = location(output)
     check_not_input(out, data.attrs.get("source"))
@@ -1176,7 +1184,7 @@ def predict(
             "model_id": trained.model_id,
             "model_dir": str(model_dir),
             **({} if isinstance(model_dir, str) else {"zoo": model_dir.provenance()}),
-            "input": str(data.attrs.get("source")),
+            "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
                 "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,

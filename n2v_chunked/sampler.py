@@ -539,6 +539,10 @@ def _overlap(region: tuple[slice, ...], chunk: tuple[slice, ...]) -> tuple[slice
     return tuple(slice(max(r.start, k.start) - r.start, min(r.stop, k.stop) - r.start) for r, k in zip(region, chunk))
 
 
+def _region_text(region: tuple[slice, ...]) -> str:
+    return ", ".join(f"{s.start}:{s.stop}" for s in region)
+
+
 def read_window(
     src: _Source, region: tuple[slice, ...], known_bad: frozenset = frozenset()
 ) -> tuple[np.ndarray, dict[tuple[int, ...], str]]:
@@ -570,8 +574,12 @@ def read_window(
     skip = known_bad.intersection(chunks)
     data, first_error = None, None
     if not skip:
+        from .stores import RetriesExhausted, with_retries
+
         try:
-            data = src.read(region)
+            data = with_retries(lambda: src.read(region), f"reading block [{_region_text(region)}]")
+        except RetriesExhausted:
+            raise  # a store that keeps failing stops training; its chunks are not corrupt
         except Exception as exc:  # noqa: BLE001 - diagnosed chunk by chunk below
             first_error = exc
     if data is None:

@@ -233,8 +233,10 @@ class _ChunkReader:
         raise NotImplementedError
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        try:
-            return self._read(key)
+        from .stores import with_retries
+
+        try:  # transient store errors (timeouts, 5xx, throttling) are retried with back-off
+            return with_retries(lambda: self._read(key), f"reading {self.label}")
         except (N2VError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -458,7 +460,10 @@ def _open_zarr(source: str, level: int, storage_options: dict[str, Any], url: bo
     try:
         node = zarr.open(store=source, mode="r", **kw)
     except Exception as exc:  # zarr's not-found errors, and fsspec backends' own (missing s3fs, credentials)
-        raise UnreadableDataError(f"cannot open {source} as Zarr: {type(exc).__name__}: {_first_line(exc)}") from None
+        from .stores import diagnose
+
+        problem = diagnose(source, exc) if url else None  # a missing bucket, refused credentials
+        raise UnreadableDataError(problem or f"cannot open {source} as Zarr: {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(node, zarr.Array):
         parent = _parent_multiscales(source, kw)
         if parent is not None:

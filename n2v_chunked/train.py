@@ -589,10 +589,15 @@ def fit(
         grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+    from .stores import REMOTE_IO_THREADS, protocol, redact
+
+    # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
+    io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2
+
     def sampler(fraction: float) -> ZarrPatchDataset:
         return ZarrPatchDataset(
             data, patch, spatial, seed=train_cfg.seed, val_fraction=fraction,
-            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
+            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std, io_threads=io_threads,
         )
 
     # Statistics first: they read every block of a small image, so a NaN there is named as such
@@ -619,11 +624,12 @@ def fit(
         )
     else:
         stream = batches(dataset, train_cfg.batch_size)
+    label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
     return train(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
         sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
-        extra_meta={"input": str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")),
+        extra_meta={"input": label,
                     "spatial_dims": list(spatial), "world_size": info.world_size,
-                    **({"init_from": str(init_from)} if init else {})},
+                    **({"init_from": redact(str(init_from))} if init else {})},
         init_weights=init[0] if init else None,
     )

@@ -14,6 +14,13 @@
     session so that ``sbatch``/``squeue``/``SLURMCluster`` find it.  Skips only
     when SLURM cannot be installed or started here (set ``N2V_REQUIRE_SLURM=1``
     to turn a failed start into an error).
+``s3``
+    A real S3 server (moto's standalone server, IAM authentication on) on
+    127.0.0.1 for the session, with users ``admin`` and ``reader`` (see
+    ``tests/s3server.py``); skips when ``moto[server]`` is not installed.
+``s3_env``
+    ``s3`` with the admin's AWS environment (endpoint, keys, no ~/.aws files)
+    exported for the test.
 """
 
 from __future__ import annotations
@@ -136,3 +143,23 @@ def jobqueue_yaml(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Path]:
     path.write_text(yaml.safe_dump(data))
     yield path
     subprocess.run(["scancel", "-n", name], capture_output=True, timeout=10)  # after a failure
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator["s3server.Moto"]:  # noqa: F821
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    pytest.importorskip("s3fs", reason="s3fs is the s3 extra")
+    from s3server import start_moto
+
+    server = start_moto()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch) -> "s3server.Moto":  # noqa: F821
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3

@@ -442,6 +442,9 @@ def _init_from_foreign(tmp: Path, m: Models) -> Setup:
     src = _ome(tmp / "in.ome.zarr", _noisy((4, 64, 64)), "tyx")
     s = _train(tmp, src, "--init-from", str(pkg))
     s.inputs.append(pkg)
+def _http_output(tmp: Path, m: Models) -> Setup:
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=["http://127.0.0.1:9/out.zarr"])
+    s.argv[2] = "http://127.0.0.1:9/out.zarr"  # nothing listens there: refused before any request
     return s
 
 
@@ -489,6 +492,7 @@ CASES: list[Case] = [
     Case("zoo-halo-too-small", _zoo_halo_too_small, ("halo [1, 1] is smaller than the network's reach [3, 3]",
                                                      "--halo 3,3")),
     Case("init-from-foreign-zoo-model", _init_from_foreign, ("not an N2V model of n2v_chunked",)),
+    Case("http-output", _http_output, ("http(s) URLs are read-only",), max_seconds=5.0),
 ]
 
 

@@ -1,0 +1,424 @@
+"""Object stores: storage options, secret redaction, store errors and retries.
+
+Remote data is read and written through fsspec (zarr 3's ``FsspecStore``;
+``s3fs`` for ``s3://``, the ``http(s)://`` file system for read-only URLs).
+Credentials and endpoints come the way AWS tools take them (``AWS_*``
+environment variables, ``~/.aws/config`` and ``credentials``,
+``AWS_ENDPOINT_URL``), plus ``--storage-options KEY=VALUE`` / a YAML
+``storage_options:`` section.  Those options are handed to fsspec's own
+configuration (:data:`fsspec.config.conf`, and the ``FSSPEC_<PROTOCOL>``
+environment variable that worker processes read when they start), so every
+file system the run creates, in this process or a dask worker, sees them
+without each function carrying them.
+
+A secret (``secret``, ``token``, ``password``, ... option values, the
+``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` of the environment, a
+password in a URL) never reaches a log line, an error message, an output's
+provenance or a model's config: :func:`redact` scrubs text, and
+:class:`RedactingFilter` scrubs every log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from .errors import N2VError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REMOTE_EXTRA = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "http": ("aiohttp", "s3"), "https": ("aiohttp", "s3")}
+SECRET_KEYS = ("secret", "token", "password", "passwd", "credential", "signature", "sas", "auth")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# Transient failures worth another try: timeouts, dropped connections, HTTP 5xx, throttling.
+TRANSIENT_TEXT = re.compile(
+    r"\b(50[0234]|429)\b|SlowDown|Throttl|ServiceUnavailable|Service Unavailable|InternalError|RequestTimeout|"
+    r"timed? ?out|Connection (reset|aborted|closed)|ServerDisconnected|Too Many Requests",
+    re.IGNORECASE,
+)
+REMOTE_IO_THREADS = 8  # sampler reader threads for a remote source (2 for local disk)
+REMOTE_ZARR_CONCURRENCY = 64  # zarr's async.concurrency (chunk requests in flight per read) for remote runs
+RETRIES = 5  # attempts per block operation after the first
+BACKOFF_S = 0.5  # first wait; doubled per attempt, capped at BACKOFF_MAX_S
+BACKOFF_MAX_S = 8.0
+
+_secrets: set[str] = set()
+_saved: list[tuple[str, Any, str, str | None]] = []  # what configure() replaced
+
+
+class RetriesExhausted(N2VError):
+    """A transient store error that outlasted its retries (the run stops; the output stays resumable)."""
+
+
+# ----------------------------------------------------------------------------
+# URLs and storage options.
+# ----------------------------------------------------------------------------
+
+
+def protocol(url: str) -> str | None:
+    """The scheme of a URL (``s3``, ``https``, ...), or None for a local path."""
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
+    return m.group(1).lower() if m and m.group(1).lower() != "file" else None
+
+
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_storage_options(items: Iterable[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (or a YAML mapping) as fsspec options.
+
+    Dotted keys nest (``client_kwargs.region_name=eu-west-1``); ``true``/``false``
+    and numbers are converted.
+
+    Parameters
+    ----------
+    items : iterable of str, dict or None
+        From ``--storage-options`` (repeatable) or a YAML ``storage_options:`` mapping.
+
+    Returns
+    -------
+    dict
+        Options for the file system's constructor.
+    """
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        pairs = [(str(k), v) for k, v in items.items()]
+    else:
+        pairs = []
+        for item in items:
+            key, sep, val = str(item).partition("=")
+            if not sep or not key.strip():
+                raise N2VError(f"--storage-options expects KEY=VALUE, got {_scrub_item(str(item))!r}")
+            pairs.append((key.strip(), _value(val)))
+    out: dict[str, Any] = {}
+    for key, val in pairs:
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise N2VError(f"storage option {key}: {p} is both a value and a section")
+        node[leaf] = val
+    return out
+
+
+def _scrub_item(item: str) -> str:
+    key, sep, _ = item.partition("=")
+    return f"{key}=***" if sep and _is_secret_key(key) else item
+
+
+def _is_secret_key(key: str) -> bool:
+    low = key.lower()
+    return any(s in low for s in SECRET_KEYS) or low in ("key", "access_key", "aws_secret_access_key")
+
+
+def _secret_values(options: Any) -> Iterable[str]:
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if isinstance(v, dict):
+                yield from _secret_values(v)
+            elif v and _is_secret_key(str(k)) and isinstance(v, str):
+                yield v
+
+
+def remember_secrets(options: dict[str, Any] | None = None) -> None:
+    """Note the secrets of ``options`` and of the environment, for :func:`redact`."""
+    _secrets.update(s for s in _secret_values(options or {}) if len(s) >= 4)
+    _secrets.update(os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4)
+
+
+def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
+    """Make ``options`` the defaults of every file system for the protocols of ``urls``.
+
+    Without a remote URL among ``urls`` the options go to ``s3``.  Worker
+    processes started afterwards (a LocalCluster, SLURM jobs that inherit the
+    environment) read them from ``FSSPEC_<PROTOCOL>``.
+
+    Parameters
+    ----------
+    options : dict
+        From :func:`parse_storage_options`.
+    urls : sequence of str
+        The run's inputs and outputs.
+    """
+    remember_secrets(options)
+    if any(protocol(str(u)) for u in urls):
+        tune_for_latency()
+    if not options:
+        return
+    import fsspec.config
+
+    protocols = {p for p in (protocol(str(u)) for u in urls) if p} or {"s3"}
+    for proto in protocols:
+        env = f"FSSPEC_{proto.upper()}"
+        _saved.append((proto, fsspec.config.conf.get(proto), env, os.environ.get(env)))
+        merged = {**fsspec.config.conf.get(proto, {}), **options}
+        fsspec.config.conf[proto] = merged
+        os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(merged)
+
+
+def tune_for_latency() -> None:
+    """Let zarr keep more chunk requests in flight per read (its default, 10, suits local disks)."""
+    import zarr
+
+    if int(zarr.config.get("async.concurrency") or 0) < REMOTE_ZARR_CONCURRENCY:
+        zarr.config.set({"async.concurrency": REMOTE_ZARR_CONCURRENCY})
+        os.environ.setdefault("ZARR_ASYNC__CONCURRENCY", str(REMOTE_ZARR_CONCURRENCY))  # dask worker processes
+
+
+def unconfigure() -> None:
+    """Undo :func:`configure` (the CLI does at exit, so in-process callers and tests start clean)."""
+    import fsspec.config
+
+    while _saved:
+        proto, conf, env, value = _saved.pop()
+        if conf is None:
+            fsspec.config.conf.pop(proto, None)
+        else:
+            fsspec.config.conf[proto] = conf
+        if value is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = value
+
+
+def check_writable(url: str) -> None:
+    """Refuse an output on a read-only kind of store (``http(s)://``) before anything runs."""
+    if protocol(url) in ("http", "https"):
+        raise N2VError(f"cannot write {redact(url)}: http(s) URLs are read-only; write to a local path or s3://")
+
+
+def require_client(url: str) -> None:
+    """One line naming the extra to install when the client of ``url``'s store is missing."""
+    proto = protocol(url)
+    if proto not in REMOTE_EXTRA:
+        return
+    module, extra = REMOTE_EXTRA[proto]
+    try:
+        __import__(module)
+    except ImportError:
+        raise N2VError(
+            f"reading or writing {proto}:// needs the {module} package: pip install 'n2v-chunked[{extra}]'"
+        ) from None
+
+
+# ----------------------------------------------------------------------------
+# Redaction.
+# ----------------------------------------------------------------------------
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|sig|signature|token)=)[^&\s]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with every known secret, URL password and signed-URL signature replaced by ``***``."""
+    if not text:
+        return text
+    for s in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(s, "***")
+    text = _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs secrets from every record (installed on the root logger's handlers by the CLI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secrets or "://" in str(record.msg) or record.args:
+            msg = record.getMessage()
+            clean = redact(msg)
+            if clean != msg:
+                record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add :class:`RedactingFilter` to every handler of the root logger (once)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+# ----------------------------------------------------------------------------
+# Store errors: what the user did wrong, in one line; transient ones retried.
+# ----------------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def _code(exc: BaseException) -> str:
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        return str(resp.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def store_problem(exc: BaseException, url: str) -> str | None:
+    """A one-line description of a user-fixable store error (bucket, credentials, permission), else None."""
+    chain = list(_chain(exc))
+    codes = {_code(e) for e in chain}
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if "NoSuchBucket" in codes or "bucket does not exist" in text:
+        return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
+    if codes & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken"} or any(
+        w in text for w in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "signature we calculated does not match",
+                            "security token", "AWS Access Key Id")
+    ):
+        return (f"{url}: the store refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "the profile or --storage-options key=/secret=)")
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return (f"{url}: no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; "
+                "for a public bucket pass --storage-options anon=true)")
+    if "AccessDenied" in codes or any(isinstance(e, PermissionError) for e in chain) or "Access Denied" in text:
+        return f"{url}: access denied (the credentials may not read or write there)"
+    return None
+
+
+def diagnose(url: str, exc: BaseException) -> str | None:
+    """Why opening ``url`` failed, when the bucket or the credentials are to blame (probes the bucket)."""
+    problem = store_problem(exc, url)
+    if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
+        return problem
+    import fsspec
+
+    try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.ls(path.split("/", 1)[0], refresh=True)
+    except FileNotFoundError:
+        return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
+    except Exception as probe:  # noqa: BLE001 - only used to explain the first error
+        return store_problem(probe, url) or problem
+    return problem
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a timeout, a dropped connection, HTTP 5xx or throttling."""
+    for e in _chain(exc):
+        if isinstance(e, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
+            return True
+        name = type(e).__name__
+        if name in ("ServerDisconnectedError", "ClientPayloadError", "ClientOSError", "EndpointConnectionError",
+                    "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError", "ResponseStreamingError"):
+            return True
+        status = getattr(e, "status", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if _code(e) in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.EIO, errno.EAGAIN, errno.EBUSY) and TRANSIENT_TEXT.search(str(e)):
+            return True
+        if isinstance(e, (OSError, RuntimeError)) and TRANSIENT_TEXT.search(str(e)) and not isinstance(
+            e, (FileNotFoundError, PermissionError)
+        ):
+            return True
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> T:
+    """Call ``fn``; retry transient store errors with exponential back-off, a bounded number of times.
+
+    Each retry is logged as a warning; when the last one fails the error is
+    raised as :class:`N2VError` naming ``what`` and the number of attempts.
+
+    Parameters
+    ----------
+    fn : callable
+        The operation (one block's read or write).
+    what : str
+        What it does, for the messages (``"block (0, 1): write s3://b/out.zarr"``).
+    retries : int, optional
+        Attempts after the first (default :data:`RETRIES`).
+    """
+    retries = RETRIES if retries is None else retries
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if isinstance(exc, RetriesExhausted) or not is_transient(exc):
+                raise
+            first = redact(str(exc).splitlines()[0] if str(exc) else "")
+            if attempt == retries:
+                raise RetriesExhausted(f"{what}: still failing after {retries + 1} attempts: {type(exc).__name__}: {first}") from exc
+            wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
+            log.warning("%s: transient error (%s: %s); retry %d of %d in %.1f s", what, type(exc).__name__, first,
+                        attempt + 1, retries, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------
+# Closing client sessions (no "Unclosed client session" warnings at exit).
+# ----------------------------------------------------------------------------
+
+
+def close_sessions() -> None:
+    """Close the aiohttp sessions of every cached async file system (s3fs, http) before the loop dies."""
+    try:
+        import fsspec.asyn
+    except ImportError:  # pragma: no cover
+        return
+    for cls in list(_iter_subclasses(fsspec.asyn.AsyncFileSystem)):
+        for fs in list((getattr(cls, "_cache", None) or {}).values()):
+            _close_one(fs)
+        if "_cache" in cls.__dict__:
+            cls.clear_instance_cache()
+
+
+def _iter_subclasses(cls: type) -> Iterable[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _iter_subclasses(sub)
+
+
+def _close_one(fs: Any) -> None:
+    import fsspec.asyn
+
+    loop = getattr(fs, "_loop", None)
+    if loop is None and getattr(fs, "asynchronous", False):  # zarr's FsspecStore: zarr's own I/O loop
+        import sys
+
+        zsync = sys.modules.get("zarr.core.sync")
+        loop = zsync.loop[0] if zsync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+    try:
+        if hasattr(fs, "_s3") and getattr(fs, "_s3", None) is not None:  # s3fs: aiobotocore client
+            fsspec.asyn.sync(loop, fs._s3.__aexit__, None, None, None, timeout=5)
+            fs._s3 = None
+            creator = getattr(fs, "_s3creator", None)
+            if creator is not None:
+                fsspec.asyn.sync(loop, creator.__aexit__, None, None, None, timeout=5)
+        elif hasattr(fs, "_session") and getattr(fs, "_session", None) is not None:  # http
+            fsspec.asyn.sync(loop, fs._session.close, timeout=5)
+            fs._session = None
+    except Exception as exc:  # closing must never fail a run
+        log.debug("closing %s: %s", type(fs).__name__, exc)
