@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -33,6 +35,13 @@ Handler = Callable[[argparse.Namespace], int | None]
 # ``handler``; the handler imports its library module lazily so that
 # ``n2v-chunked --help`` starts in well under a second.
 # ----------------------------------------------------------------------------
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress-interval", metavar="SECONDS|PERCENT",
+                   help="without a terminal (batch jobs), print a progress line this often: seconds (default 30) "
+                   "or a share of the work, e.g. 10%%")
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +124,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--buffer-mb", type=float, default=256, help="decoded-block buffer per stream in MiB (default 256)")
     g.add_argument("--min-std", type=float, help="foreground filter: skip patches with a lower std (input units)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement
@@ -192,15 +201,17 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    "integers are rounded and clipped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr output")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         import os
 
         import zarr
 
-        from .convert import convert, parse_int_list
+        from .convert import convert, human_bytes, info, parse_int_list
         from .ome import MAX_THREADS
+
+        t0 = time.perf_counter()
 
         # dask already runs one block per thread; zarr's own default pool
         # (cpu + 4 threads) would only add buffers, so match it to dask's.
@@ -218,7 +229,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
             pyramid=not args.no_pyramid,
             progress=not args.no_progress,
         )
-        log.info("wrote %s", out)
+        d = info(out)
+        print(f"n2v-chunked: wrote {out}: axes {d['axes']}, shape {' x '.join(map(str, d['shape']))}, {d['dtype']}, "
+              f"{len(d['levels'])} level(s), {human_bytes(d['bytes_on_disk'])} on disk, "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
         return 0
 
     p.set_defaults(handler=handler)
@@ -280,7 +294,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-blocks", type=int, help="blocks per submitted dask graph (default: 512)")
     p.add_argument("--device", help="torch device of the workers (default: cuda when available, else cpu)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         from .predict import predict
@@ -325,9 +339,45 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add
 # ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors instead of a usage dump."""
+
+    def error(self, message: str) -> Any:  # argparse's signature; never returns
+        raise N2VError(f"{message} (see {self.prog} --help)")
+
+
+def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--chunks -8,32,32`` -> ``--chunks=-8,32,32``.
+
+    argparse takes a value starting with ``-`` for an option unless it is a
+    plain number, so a negative size in a list would give "expected one
+    argument"; glued, it reaches the option's own check, which says what is wrong.
+    """
+    takes_value = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.option_strings and action.nargs != 0:
+                takes_value.update(action.option_strings)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes_value and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one sub-parser per command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="n2v-chunked",
         description="Noise2Void denoising of terabyte-scale microscopy volumes.",
     )
@@ -378,14 +428,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         _apply_config_file(parser, argv)
-        args = parser.parse_args(argv)
-        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        args = parser.parse_args(_glue_negative_values(parser, argv))
+        from .logs import setup_logging
+        from .progress import set_interval
+
+        setup_logging(verbose=args.verbose, debug=args.debug)
+        set_interval(getattr(args, "progress_interval", None))
         return int(args.handler(args) or 0)
     except N2VError as exc:
         if debug:
             raise
-        print(f"n2v-chunked: error: {exc}", file=sys.stderr)
+        what = "" if exc.exit_code == 130 else "error: "  # 130: interrupted, not a mistake
+        print(f"n2v-chunked: {what}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("n2v-chunked: interrupted", file=sys.stderr)

@@ -88,6 +88,24 @@ def _n2v_complete(source: str, storage_options: dict[str, Any] | None) -> bool |
     return bool(meta.get("complete")) if isinstance(meta, dict) else None
 
 
+def written_chunks(source: str, level: int = 0) -> tuple[int, int] | None:
+    """(stored, total) chunks (shards when sharded) of one level of an OME-Zarr; None if unknown.
+
+    An unfinished output is mostly empty, so its size on disk says nothing
+    about the image; the share of chunks written says how far it got.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(store=source, mode="r")
+        attrs = group.attrs.asdict()
+        ms = (attrs.get("ome", attrs)).get("multiscales")[0]
+        arr = group[ms["datasets"][level]["path"]]
+        return int(arr.nchunks_initialized), int(arr.nchunks)
+    except Exception:  # not an OME-Zarr layout we know: say nothing rather than guess
+        return None
+
+
 def format_info(d: dict[str, Any]) -> str:
     """The text ``n2v-chunked info`` prints for :func:`info`'s dict."""
 
@@ -114,7 +132,14 @@ def format_info(d: dict[str, Any]) -> str:
         lines.append(f"translation:  {trans}")
     lines.append(f"in memory:    {human_bytes(d['bytes_in_memory'])}")
     on_disk = human_bytes(d["bytes_on_disk"])
-    if d["bytes_on_disk"]:
+    if d.get("complete") is False:
+        written = written_chunks(d["source"], d["level"])
+        if written is not None:
+            share = 100.0 * written[0] / max(written[1], 1)
+            on_disk += f" (INCOMPLETE: {written[0]} of {written[1]} chunks of level {d['level']} written, {share:.0f}%)"
+        else:
+            on_disk += " (INCOMPLETE)"
+    elif d["bytes_on_disk"]:
         ratio = d["bytes_in_memory"] / d["bytes_on_disk"]
         on_disk += f" (all levels; level {d['level']} is {ratio:.1f}x that in memory)"
     lines.append(f"on disk:      {on_disk}")

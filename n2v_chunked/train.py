@@ -26,7 +26,6 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
@@ -37,6 +36,7 @@ from .lock import output_lock
 from .masking import MaskedBatch, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -361,10 +361,7 @@ def _train(
         return val_loss
 
     it: Iterator[Any] = iter(batches)
-    bar = tqdm(
-        total=train_cfg.steps, initial=step, desc="train", unit="step",
-        disable=not (progress and info.is_main), dynamic_ncols=True,
-    )
+    bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main)
     start_time = time.perf_counter()
     wait_time, patches, local_patches = 0.0, 0, 0
     last_loss = float("nan")
@@ -409,8 +406,7 @@ def _train(
                        "patch/s": f"{patches / elapsed:.0f}"}
             if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
                 postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
+            bar.update(1, postfix)
             if step % train_cfg.checkpoint_interval == 0:
                 save()
     finally:

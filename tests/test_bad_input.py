@@ -341,6 +341,25 @@ def _unreachable_scheduler(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _http_server_as_scheduler(tmp: Path, m: Models) -> Setup:
+    import http.server
+    import threading
+
+    # an HTTP server (like the dashboard port) accepts the connection but never greets like a scheduler;
+    # a daemon thread: it lives as long as the test process
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    address = f"tcp://127.0.0.1:{srv.server_address[1]}"
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=[address])
+    s.argv[s.argv.index("sync")] = address
+    return s
+
+
+def _negative_chunks(tmp: Path, m: Models) -> Setup:
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--chunks", "-8,32",
+                    names=["[-8, 32]"])
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -370,6 +389,8 @@ CASES: list[Case] = [
     Case("existing-output", _existing_output, ("exists", "--overwrite")),
     Case("read-only-output-dir", _read_only_output_dir, ("cannot create",), unprivileged=True),
     Case("unreachable-scheduler", _unreachable_scheduler, ("cannot reach the dask scheduler",), max_seconds=5.0),
+    Case("http-server-as-scheduler", _http_server_as_scheduler, ("is not a dask scheduler", "8786"), max_seconds=15.0),
+    Case("negative-chunks", _negative_chunks, ("chunks must be positive",)),
 ]
 
 
