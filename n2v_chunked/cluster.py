@@ -229,6 +229,32 @@ def _hub_link() -> Iterator[None]:
         yield
 
 
+def _main_guard_message() -> str:
+    mains = (sys.modules.get(name) for name in ("__main__", "__mp_main__"))  # the latter in a spawned worker
+    script = next((m.__file__ for m in mains if getattr(m, "__file__", None)), "your script")
+    return (f"the local dask cluster's worker processes import {script} again, which calls predict() again: "
+            "put the script's work under `if __name__ == \"__main__\":` (see the README, Python)")
+
+
+def check_not_spawn_reimport() -> None:
+    """Stop a worker process that is re-importing the user's script from starting a cluster of its own.
+
+    Worker processes start with the ``spawn`` method, which imports the
+    parent's ``__main__`` script again; a script without the
+    ``if __name__ == "__main__":`` guard then runs ``predict`` in every worker.
+    The worker says why in one line and exits; the parent, whose workers did
+    not start, says it too (:func:`_start_local`).
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False) or (
+        multiprocessing.parent_process() is not None
+        and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__"
+    ):
+        print(f"n2v-chunked: error: {_main_guard_message()}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
 def _announce(client: Any, what: str) -> None:
     link = getattr(client, "dashboard_link", None)
     msg = f"{what}; dask dashboard: {link or '(not available: install bokeh)'}"
@@ -411,6 +437,7 @@ def cluster_client(
         Unknown scheduler, unreachable address, invalid jobqueue config, no
         ``sbatch`` on PATH, a worker job SLURM rejects, no worker within ``worker_timeout``.
     """
+    check_not_spawn_reimport()
     kind, target = _classify(scheduler)
     if kind != "local" and (n_workers is not None or threads_per_worker is not None):
         log.warning("n_workers/threads_per_worker apply to a local cluster only; ignored for %r", scheduler)
@@ -439,15 +466,23 @@ def _start_local(
     for name, v in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise N2VError(f"{name} must be a positive integer, got {v!r}")
-    with _quiet_port_fallback():
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            memory_limit=memory_limit,
-            dashboard_address=dashboard_address or _dashboard_address(),
-            preload=["n2v_chunked.worker_setup"],  # workers ignore Ctrl-C; this process stops them
-        )
+    try:
+        with _quiet_port_fallback():
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address or _dashboard_address(),
+                preload=["n2v_chunked.worker_setup"],  # workers ignore Ctrl-C; this process stops them
+            )
+    except RuntimeError as exc:
+        main = sys.modules.get("__main__")
+        if "Nanny failed to start" in str(exc) and getattr(main, "__file__", None) and not getattr(
+            main, "__package__", None
+        ):  # a script run as `python script.py`, whose workers failed at the re-import
+            raise N2VError(_main_guard_message()) from None
+        raise
     stack.callback(_safe_close, cluster, "local dask cluster")
     client = Client(cluster)
     stack.callback(_safe_close, client, "dask client")

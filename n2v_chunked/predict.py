@@ -1053,6 +1053,9 @@ def predict(
     from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
     from .sources import open_image
 
+    from .cluster import check_not_spawn_reimport
+
+    check_not_spawn_reimport()  # a worker re-importing a script without the __main__ guard: stop here
     ngff_version = str(ngff_version)
     _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
     if model_dir is None:

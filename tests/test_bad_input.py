@@ -360,6 +360,12 @@ def _negative_chunks(tmp: Path, m: Models) -> Setup:
                     names=["[-8, 32]"])
 
 
+def _vendor_format_without_plugin(tmp: Path, m: Models) -> Setup:
+    src = tmp / "scan.czi"
+    src.write_bytes(b"ZISRAWFILE" + bytes(200))  # the CZI magic; no CZI plugin is installed
+    return _predict(tmp, src, m.m2d, names=[str(src)])
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -391,6 +397,8 @@ CASES: list[Case] = [
     Case("unreachable-scheduler", _unreachable_scheduler, ("cannot reach the dask scheduler",), max_seconds=5.0),
     Case("http-server-as-scheduler", _http_server_as_scheduler, ("is not a dask scheduler", "8786"), max_seconds=15.0),
     Case("negative-chunks", _negative_chunks, ("chunks must be positive",)),
+    Case("vendor-format-without-plugin", _vendor_format_without_plugin,
+         ("no bioio reader", "n2v-chunked[formats]", "bioio-czi")),
 ]
 
 

@@ -251,3 +251,36 @@ def test_dashboard_link_goes_through_the_jupyterhub_proxy(monkeypatch):
     assert format_dashboard_link("10.1.2.3", 8787) == "http://10.1.2.3:8787/status"
     with dask.config.set({"distributed.dashboard.link": "https://my.hub/{port}"}), _hub_link():
         assert format_dashboard_link("h", 1) == "https://my.hub/1"  # a link the user set wins
+
+
+# ----------------------------------------------------------------------------
+# predict(..., scheduler="local") from a script
+# ----------------------------------------------------------------------------
+
+SCRIPT = """
+from n2v_chunked.predict import predict
+{guard}predict({src!r}, {out!r}, {model!r}, axes="yx", scheduler="local", progress=False, pyramid=False)
+{guard}print("done")
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_script_without_main_guard_says_so(small, tmp_path, guarded):
+    model, tif = small
+    out = tmp_path / "o.ome.zarr"
+    guard = 'if __name__ == "__main__":\n    ' if guarded else ""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(guard=guard, src=str(tif), out=str(out), model=str(model)))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env,
+                         cwd=tmp_path)
+    if guarded:
+        assert res.returncode == 0 and res.stdout.strip() == "done", res.stderr
+        return
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (f"n2v_chunked.errors.N2VError: the local dask cluster's worker processes import {script} "
+                    "again, which calls predict() again: put the script's work under "
+                    "`if __name__ == \"__main__\":` (see the README, Python)")
+    assert "Nanny failed to start" not in res.stderr
+    assert not Path(f"{out}.lock").exists()
