@@ -124,6 +124,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--buffer-mb", type=float, default=256, help="decoded-block buffer per stream in MiB (default 256)")
     g.add_argument("--min-std", type=float, help="foreground filter: skip patches with a lower std (input units)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events to MODEL_DIR/tensorboard (pip install 'n2v-chunked[tensorboard]'); "
+                   "training.png, training.csv and preview.png are always written")
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
@@ -131,6 +134,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         from .convert import parse_int_list
         from .train import fit
 
+        if args.tensorboard:  # before any work
+            from .plots import require_tensorboard
+
+            require_tensorboard()
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels)
         mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
@@ -143,7 +150,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
-                  min_std=args.min_std, progress=not args.no_progress)
+                  min_std=args.min_std, progress=not args.no_progress, tensorboard=args.tensorboard)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
             print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
@@ -294,6 +301,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-blocks", type=int, help="blocks per submitted dask graph (default: 512)")
     p.add_argument("--device", help="torch device of the workers (default: cuda when available, else cpu)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
+    p.add_argument("--preview", action="store_true",
+                   help="also write OUTPUT.preview.png: the middle slice, noisy | denoised")
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
@@ -322,6 +331,13 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
         )
+        if args.preview:
+            from .plots import write_predict_preview
+            from .sources import open_image
+
+            shown = write_predict_preview(args.output, open_image(args.input, axes=args.axes, level=args.level), out)
+            if shown is not None:
+                print(f"n2v-chunked: preview (noisy | denoised, middle slice): {shown}", flush=True)
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
               f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "

@@ -36,6 +36,7 @@ from .lock import output_lock
 from .masking import MaskedBatch, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
+from .plots import TrainingPictures
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def train(
     axes: str = "",
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train an N2V U-Net.
 
@@ -233,6 +235,8 @@ def train(
         More provenance for ``config.yaml`` (e.g. the input path).
     progress : bool
         Show a progress bar (rank 0 only).
+    tensorboard : bool
+        Also write TensorBoard events to ``model_dir/tensorboard`` (needs tensorboard).
 
     Returns
     -------
@@ -245,14 +249,15 @@ def train(
         if info.is_main:  # one run per model directory: two would overwrite each other's checkpoints
             held.enter_context(output_lock(str(model_dir), "a training run"))
         return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
-                      device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info)
+                      device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info,
+                      tensorboard=tensorboard)
 
 
 def _train(
     batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
     model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
     resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
-    progress: bool, info: DistInfo,
+    progress: bool, info: DistInfo, tensorboard: bool = False,
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock is held."""
     mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
@@ -295,6 +300,9 @@ def _train(
     if channels_last:
         val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
+    # the plot, CSV and preview in the model directory, redrawn at each validation (plots.py)
+    pictures = TrainingPictures(model_dir, norm(_to_tensor(val_patches, device)), tensorboard) \
+        if info.is_main else None
     step, best, history = 0, math.inf, []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -358,6 +366,8 @@ def _train(
             ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
             record["best"] = {"step": step, "mse": per_channel}
         ckpt.write_meta(model_dir, meta)
+        if pictures is not None:
+            pictures.update(history, model)
         return val_loss
 
     it: Iterator[Any] = iter(batches)
@@ -415,6 +425,8 @@ def _train(
         # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
         evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
     save()
+    if pictures is not None:
+        pictures.close()
     seconds = time.perf_counter() - start_time
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
@@ -460,6 +472,7 @@ def fit(
     buffer_bytes: int | None = None,
     min_std: float | None = None,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train from any source the data layer opens, streaming patches.
 
@@ -497,6 +510,8 @@ def fit(
         Foreground filter: skip patches whose std is below this (input units).
     progress : bool
         Show a progress bar.
+    tensorboard : bool
+        Also write TensorBoard events (see :func:`train`).
 
     Returns
     -------
@@ -557,7 +572,7 @@ def fit(
         stream = batches(dataset, train_cfg.batch_size)
     return train(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
-        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
+        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
         extra_meta={"input": str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")),
                     "spatial_dims": list(spatial), "world_size": info.world_size},
     )

@@ -284,3 +284,16 @@ def test_script_without_main_guard_says_so(small, tmp_path, guarded):
                     "`if __name__ == \"__main__\":` (see the README, Python)")
     assert "Nanny failed to start" not in res.stderr
     assert not Path(f"{out}.lock").exists()
+
+
+def test_cluster_client_link_under_jupyterhub(local_cluster, monkeypatch, caplog):
+    import logging
+
+    from n2v_chunked.cluster import cluster_client
+
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")
+    port = local_cluster.scheduler.http_server.port
+    with caplog.at_level(logging.INFO, logger="n2v_chunked.announce"):
+        with cluster_client(local_cluster.scheduler_address) as client:
+            assert client.dashboard_link == f"/user/alice/proxy/{port}/status"  # what a notebook prints
+    assert f"dask dashboard: /user/alice/proxy/{port}/status" in caplog.text
