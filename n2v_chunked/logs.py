@@ -76,5 +76,6 @@ def setup_logging(verbose: bool = False, debug: bool = False) -> None:
     if not (verbose or debug):
         # tornado logs a traceback for every connection closed during shutdown (CommClosedError)
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
+        logging.getLogger("tornado.application").setLevel(logging.CRITICAL)  # distributed sets it to ERROR
         logging.getLogger("distributed.comm").setLevel(logging.ERROR)
         logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # "still alive after 4 s, killing" at close

@@ -366,6 +366,20 @@ def _vendor_format_without_plugin(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, src, m.m2d, names=[str(src)])
 
 
+def _bad_progress_interval(tmp: Path, m: Models) -> Setup:
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--progress-interval", "0",
+                    names=["'0'"])
+
+
+def _tensorboard_missing(tmp: Path, m: Models) -> Setup:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+        return _train(tmp, src, "--tensorboard", names=["n2v-chunked[tensorboard]"])
+    pytest.skip("tensorboard is installed")
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -397,6 +411,8 @@ CASES: list[Case] = [
     Case("unreachable-scheduler", _unreachable_scheduler, ("cannot reach the dask scheduler",), max_seconds=5.0),
     Case("http-server-as-scheduler", _http_server_as_scheduler, ("is not a dask scheduler", "8786"), max_seconds=15.0),
     Case("negative-chunks", _negative_chunks, ("chunks must be positive",)),
+    Case("bad-progress-interval", _bad_progress_interval, ("--progress-interval must be seconds",)),
+    Case("tensorboard-missing", _tensorboard_missing, ("--tensorboard needs the tensorboard package",)),
     Case("vendor-format-without-plugin", _vendor_format_without_plugin,
          ("no bioio reader", "n2v-chunked[formats]", "bioio-czi")),
 ]
