@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, TextIO
 
@@ -129,6 +130,7 @@ class Progress:
         self.last_n = initial
         self.bar: Any = None
         self.lines = 0
+        self.lock = threading.Lock()
         if enabled and (interactive(self.stream) if tty is None else tty):
             from tqdm.auto import tqdm
 
@@ -136,7 +138,11 @@ class Progress:
                             dynamic_ncols=True, smoothing=0.1)
 
     def update(self, n: int = 1, extra: str | dict[str, Any] | None = None) -> None:
-        """Count ``n`` more units; ``extra`` (text or a dict) follows the numbers."""
+        """Count ``n`` more units; ``extra`` (text or a dict) follows the numbers.  Thread-safe."""
+        with self.lock:  # dask's threads report blocks concurrently
+            self._update(n, extra)
+
+    def _update(self, n: int, extra: str | dict[str, Any] | None) -> None:
         self.n += n
         if extra is not None:
             self.extra = extra if isinstance(extra, str) else ", ".join(f"{k} {v}" for k, v in extra.items())
@@ -164,11 +170,16 @@ class Progress:
         print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
-        """End the bar; in a log, a last line when work was done since the previous one."""
+        """End the bar; in a log, a last line when work was done since the previous line.
+
+        No last line for work shorter than one interval (no line yet: the
+        caller's result line says it), nor from a ``finally`` while an error
+        propagates (the error's one line is what the user must see last).
+        """
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.enabled and self.n > self.last_n:
+        elif self.enabled and self.lines and self.n > self.last_n and sys.exc_info()[0] is None:
             self._line(self.clock())
             self.enabled = False
 

@@ -297,3 +297,14 @@ def test_cluster_client_link_under_jupyterhub(local_cluster, monkeypatch, caplog
         with cluster_client(local_cluster.scheduler_address) as client:
             assert client.dashboard_link == f"/user/alice/proxy/{port}/status"  # what a notebook prints
     assert f"dask dashboard: /user/alice/proxy/{port}/status" in caplog.text
+
+
+def test_convert_prints_progress_lines_without_a_terminal(small, tmp_path):
+    _, tif = small
+    res = cli("convert", str(tif), str(tmp_path / "c.ome.zarr"), "--axes", "yx", "--chunks", "32,32",
+              "--progress-interval", "50%", "--no-pyramid")
+    assert res.returncode == 0, res.stderr
+    lines = [ln.split(" (")[0] for ln in res.stderr.splitlines()]
+    assert lines and all(ln.startswith("writing level 0: ") for ln in lines), res.stderr
+    done, total = lines[-1].split(": ")[1].split(" ")[0].split("/")
+    assert done == total  # blocks are written several chunks at a time: their count depends on the layout
