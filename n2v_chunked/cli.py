@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
+import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -42,6 +44,13 @@ AXES_HELP = ("axis letters from tczyx in the order the axes are STORED (the orde
 # ``handler``; the handler imports its library module lazily so that
 # ``n2v-chunked --help`` starts in well under a second.
 # ----------------------------------------------------------------------------
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress-interval", metavar="SECONDS|PERCENT",
+                   help="without a terminal (batch jobs), print a progress line this often: seconds (default 30) "
+                   "or a share of the work, e.g. 10%%")
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -132,13 +141,20 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--buffer-mb", type=float, default=256, help="decoded-block buffer per stream in MiB (default 256)")
     g.add_argument("--min-std", type=float, help="foreground filter: skip patches with a lower std (input units)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events to MODEL_DIR/tensorboard (pip install 'n2v-chunked[tensorboard]'); "
+                   "training.png, training.csv and preview.png are always written")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement
         from .convert import parse_int_list
         from .train import fit
 
+        if args.tensorboard:  # before any work
+            from .plots import require_tensorboard
+
+            require_tensorboard()
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels)
         mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
@@ -151,7 +167,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
-                  min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from)
+                  min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from,
+                  tensorboard=args.tensorboard)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
             print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
@@ -211,15 +228,17 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    "integers are rounded and clipped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr output")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         import os
 
         import zarr
 
-        from .convert import convert, parse_int_list
+        from .convert import convert, human_bytes, info, parse_int_list
         from .ome import MAX_THREADS
+
+        t0 = time.perf_counter()
 
         # dask already runs one block per thread; zarr's own default pool
         # (cpu + 4 threads) would only add buffers, so match it to dask's.
@@ -237,7 +256,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
             pyramid=not args.no_pyramid,
             progress=not args.no_progress,
         )
-        log.info("wrote %s", out)
+        d = info(out)
+        print(f"n2v-chunked: wrote {out}: axes {d['axes']}, shape {' x '.join(map(str, d['shape']))}, {d['dtype']}, "
+              f"{len(d['levels'])} level(s), {human_bytes(d['bytes_on_disk'])} on disk, "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
         return 0
 
     _add_storage_options(p)
@@ -308,7 +330,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-blocks", type=int, help="blocks per submitted dask graph (default: 512)")
     p.add_argument("--device", help="torch device of the workers (default: cuda when available, else cpu)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--preview", action="store_true",
+                   help="also write OUTPUT.preview.png: the middle slice, noisy | denoised")
+    _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
         from .predict import predict
@@ -338,6 +362,13 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             halo=_int_list(args.halo, "--halo"),
             normalize=args.normalize,
         )
+        if args.preview:
+            from .plots import write_predict_preview
+            from .sources import open_image
+
+            shown = write_predict_preview(args.output, open_image(args.input, axes=args.axes, level=args.level), out)
+            if shown is not None:
+                print(f"n2v-chunked: preview (noisy | denoised, middle slice): {shown}", flush=True)
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
               f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "
@@ -412,9 +443,45 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add
 # ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors instead of a usage dump."""
+
+    def error(self, message: str) -> Any:  # argparse's signature; never returns
+        raise N2VError(f"{message} (see {self.prog} --help)")
+
+
+def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--chunks -8,32,32`` -> ``--chunks=-8,32,32``.
+
+    argparse takes a value starting with ``-`` for an option unless it is a
+    plain number, so a negative size in a list would give "expected one
+    argument"; glued, it reaches the option's own check, which says what is wrong.
+    """
+    takes_value = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.option_strings and action.nargs != 0:
+                takes_value.update(action.option_strings)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes_value and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one sub-parser per command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="n2v-chunked",
         description="Noise2Void denoising of terabyte-scale microscopy volumes.",
     )
@@ -511,16 +578,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = next((a for a in argv if stores.protocol(a)), "the object store")
     try:
         top = _apply_config_file(parser, argv)
-        args = parser.parse_args(argv)
-        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        args = parser.parse_args(_glue_negative_values(parser, argv))
+        from .logs import setup_logging
+        from .progress import set_interval
+
+        setup_logging(verbose=args.verbose, debug=args.debug)
         stores.install_log_redaction()
+        set_interval(getattr(args, "progress_interval", None))
         _configure_stores(args, top)
         return int(args.handler(args) or 0)
     except N2VError as exc:
         if debug:
             raise
-        print(f"n2v-chunked: error: {stores.redact(str(exc))}", file=sys.stderr)
+        what = "" if exc.exit_code == 130 else "error: "  # 130: interrupted, not a mistake
+        print(f"n2v-chunked: {what}{stores.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("n2v-chunked: interrupted", file=sys.stderr)

@@ -18,7 +18,9 @@ exception or Ctrl-C (for SLURM that cancels the worker jobs).
     settings come from a ``jobqueue: slurm:`` YAML file (``jobqueue_config``;
     default: the packaged copy of ``cluster/jobqueue.yaml``).
 
-The dashboard link is logged at WARNING level as soon as the client connects.
+The dashboard link is logged at INFO level on the ``n2v_chunked.announce`` logger
+(shown by the command line by default) as soon as the client connects; under
+JupyterHub it goes through the hub's proxy (:func:`dashboard_link_template`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -192,9 +195,73 @@ def _quiet_port_fallback() -> Iterator[None]:
         yield
 
 
+#: Logs the dashboard link; shown by default (see :mod:`n2v_chunked.logs`).
+announce = logging.getLogger("n2v_chunked.announce")
+
+#: ``distributed.dashboard.link`` under JupyterHub: through the hub's proxy (jupyter-server-proxy).
+JUPYTERHUB_LINK = "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status"
+
+
+def dashboard_link_template(environ: Mapping[str, str] | None = None) -> str | None:
+    """The dashboard link template to use here, or None for dask's own.
+
+    In JupyterHub (``JUPYTERHUB_SERVICE_PREFIX`` set), ``http://127.0.0.1:8787``
+    is the compute node's address, which the user's browser cannot open; the
+    hub's proxy (``pip install n2v-chunked[jupyter]``, i.e. jupyter-server-proxy)
+    forwards ``<prefix>proxy/<port>/status`` to it.
+    """
+    env = os.environ if environ is None else environ
+    return JUPYTERHUB_LINK if env.get("JUPYTERHUB_SERVICE_PREFIX") else None
+
+
+@contextlib.contextmanager
+def _hub_link() -> Iterator[None]:
+    """Use the JupyterHub proxy link template while a client exists (unless the user set one)."""
+    import dask
+
+    template = dashboard_link_template()
+    if template is None or dask.config.get("distributed.dashboard.link", None) not in (
+        None, "{scheme}://{host}:{port}/status"
+    ):
+        yield
+        return
+    with dask.config.set({"distributed.dashboard.link": template}):
+        yield
+
+
+def _main_guard_message() -> str:
+    mains = (sys.modules.get(name) for name in ("__main__", "__mp_main__"))  # the latter in a spawned worker
+    script = next((m.__file__ for m in mains if getattr(m, "__file__", None)), "your script")
+    return (f"the local dask cluster's worker processes import {script} again, which calls predict() again: "
+            "put the script's work under `if __name__ == \"__main__\":` (see the README, Python)")
+
+
+def check_not_spawn_reimport() -> None:
+    """Stop a worker process that is re-importing the user's script from starting a cluster of its own.
+
+    Worker processes start with the ``spawn`` method, which imports the
+    parent's ``__main__`` script again; a script without the
+    ``if __name__ == "__main__":`` guard then runs ``predict`` in every worker.
+    The worker says why in one line and exits; the parent, whose workers did
+    not start, says it too (:func:`_start_local`).
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False) or (
+        multiprocessing.parent_process() is not None
+        and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__"
+    ):
+        print(f"n2v-chunked: error: {_main_guard_message()}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
 def _announce(client: Any, what: str) -> None:
     link = getattr(client, "dashboard_link", None)
-    log.warning("%s; dask dashboard: %s", what, link or "(not available: install bokeh)")
+    msg = f"{what}; dask dashboard: {link or '(not available: install bokeh)'}"
+    if logging.getLogger().handlers or announce.handlers:
+        announce.info("%s", msg)
+    else:  # a script or notebook that set up no logging would never see an INFO line
+        print(f"n2v-chunked: {msg}", file=sys.stderr, flush=True)
 
 
 def _safe_close(obj: Any, what: str, **kwargs: Any) -> None:
@@ -370,10 +437,12 @@ def cluster_client(
         Unknown scheduler, unreachable address, invalid jobqueue config, no
         ``sbatch`` on PATH, a worker job SLURM rejects, no worker within ``worker_timeout``.
     """
+    check_not_spawn_reimport()
     kind, target = _classify(scheduler)
     if kind != "local" and (n_workers is not None or threads_per_worker is not None):
         log.warning("n_workers/threads_per_worker apply to a local cluster only; ignored for %r", scheduler)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_hub_link())  # the link printed and the client's widget both go through the hub
         if kind == "local":
             client = _start_local(stack, n_workers, threads_per_worker, memory_limit, dashboard_address)
         elif kind in ("address", "file"):
@@ -397,14 +466,23 @@ def _start_local(
     for name, v in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise N2VError(f"{name} must be a positive integer, got {v!r}")
-    with _quiet_port_fallback():
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            memory_limit=memory_limit,
-            dashboard_address=dashboard_address or _dashboard_address(),
-        )
+    try:
+        with _quiet_port_fallback():
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address or _dashboard_address(),
+                preload=["n2v_chunked.worker_setup"],  # workers ignore Ctrl-C; this process stops them
+            )
+    except RuntimeError as exc:
+        main = sys.modules.get("__main__")
+        if "Nanny failed to start" in str(exc) and getattr(main, "__file__", None) and not getattr(
+            main, "__package__", None
+        ):  # a script run as `python script.py`, whose workers failed at the re-import
+            raise N2VError(_main_guard_message()) from None
+        raise
     stack.callback(_safe_close, cluster, "local dask cluster")
     client = Client(cluster)
     stack.callback(_safe_close, client, "dask client")
@@ -434,12 +512,32 @@ def _probe(address: str, timeout: float, via: str = "") -> None:
     if scheme not in ("tcp", "tls"):
         return
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            greeting = _greeting(sock, timeout) if scheme == "tcp" else b"-"
     except socket.timeout:
         raise N2VError(f"cannot reach the dask scheduler at {address}{via}: no answer within {timeout:g} s") from None
     except OSError as exc:  # refused, unknown host, no route
         raise N2VError(f"cannot reach the dask scheduler at {address}{via}: {exc.strerror or exc}") from None
+    if not greeting:
+        raise N2VError(
+            f"{address}{via} is not a dask scheduler: it accepts connections but does not greet like one within "
+            f"{timeout:g} s (an HTTP server such as the dashboard port? the scheduler's port is usually 8786)"
+        )
+
+
+def _greeting(sock: socket.socket, timeout: float) -> bytes:
+    """The first bytes a server sends unasked, or b"" when it sends none in ``timeout`` s.
+
+    A dask scheduler writes its comm handshake as soon as a connection opens
+    (``distributed.comm.core``); an HTTP server (the dashboard port: an easy
+    mistake) waits for a request, and ``Client`` would wait with it for minutes.
+    """
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(8)
+    except socket.timeout:
+        return b""
+    return b"" if data.startswith((b"HTTP", b"SSH-")) else data
 
 
 def _scheduler_file_address(path: str) -> str | None:

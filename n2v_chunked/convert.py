@@ -94,6 +94,22 @@ def _stored_note(d: dict[str, Any]) -> str:
     """Where the stored order differs, say so: ``--axes`` is read in that order."""
     stored = d.get("stored_axes") or d["axes"]
     return "" if stored == d["axes"] else f"  (stored as {stored}: the order --axes refers to)"
+def written_chunks(source: str, level: int = 0) -> tuple[int, int] | None:
+    """(stored, total) chunks (shards when sharded) of one level of an OME-Zarr; None if unknown.
+
+    An unfinished output is mostly empty, so its size on disk says nothing
+    about the image; the share of chunks written says how far it got.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(store=source, mode="r")
+        attrs = group.attrs.asdict()
+        ms = (attrs.get("ome", attrs)).get("multiscales")[0]
+        arr = group[ms["datasets"][level]["path"]]
+        return int(arr.nchunks_initialized), int(arr.nchunks)
+    except Exception:  # not an OME-Zarr layout we know: say nothing rather than guess
+        return None
 
 
 def format_info(d: dict[str, Any]) -> str:
@@ -122,7 +138,14 @@ def format_info(d: dict[str, Any]) -> str:
         lines.append(f"translation:  {trans}")
     lines.append(f"in memory:    {human_bytes(d['bytes_in_memory'])}")
     on_disk = human_bytes(d["bytes_on_disk"])
-    if d["bytes_on_disk"]:
+    if d.get("complete") is False:
+        written = written_chunks(d["source"], d["level"])
+        if written is not None:
+            share = 100.0 * written[0] / max(written[1], 1)
+            on_disk += f" (INCOMPLETE: {written[0]} of {written[1]} chunks of level {d['level']} written, {share:.0f}%)"
+        else:
+            on_disk += " (INCOMPLETE)"
+    elif d["bytes_on_disk"]:
         ratio = d["bytes_in_memory"] / d["bytes_on_disk"]
         on_disk += f" (all levels; level {d['level']} is {ratio:.1f}x that in memory)"
     lines.append(f"on disk:      {on_disk}")

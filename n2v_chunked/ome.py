@@ -439,12 +439,12 @@ def store_blocks(data: da.Array, arr: Any, progress: bool = True, desc: str = "w
     arr : zarr.Array
         Destination.
     progress : bool
-        Show a tqdm bar (on a terminal; dask's distributed dashboard shows
-        progress when a distributed client is active).
+        Show progress (a bar on a terminal, lines in a log; dask's distributed
+        dashboard shows progress when a distributed client is active).
     desc : str
         Bar label.
     """
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
     if tuple(data.shape) != tuple(arr.shape):
         raise N2VError(f"data shape {tuple(data.shape)} does not match output shape {tuple(arr.shape)}")
@@ -457,7 +457,7 @@ def store_blocks(data: da.Array, arr: Any, progress: bool = True, desc: str = "w
         data = data.map_blocks(cast_block, arr.dtype, dtype=arr.dtype)
     nblocks = math.prod(data.numblocks)
     client = _distributed_client()
-    bar = tqdm(total=nblocks, desc=desc, unit="block", disable=None if (progress and client is None) else True)
+    bar = Progress(nblocks, desc, "block", enabled=progress and client is None)  # lines in a batch log too
     target = arr if client is not None else _ProgressTarget(arr, bar)
     # Pass along the outermost axis that has several blocks.
     ax = next((i for i, n in enumerate(data.numblocks) if n > 1), 0)

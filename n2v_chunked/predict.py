@@ -187,10 +187,8 @@ def _chunk_list(chunks: Any, dims: Sequence[str], spatial: Sequence[str]) -> dic
         elif len(values) == len(spatial):
             out = dict(zip(spatial, values))
         else:
-            raise ConfigError(
-                f"chunks {values} must give {len(dims)} sizes (axes {''.join(dims)}) "
-                f"or {len(spatial)} (axes {''.join(spatial)})"
-            )
+            also = f" or {len(spatial)} (axes {''.join(spatial)})" if len(spatial) != len(dims) else ""
+            raise ConfigError(f"chunks {values} must give {len(dims)} sizes, one per axis {''.join(dims)}{also}")
     try:
         out = {k: int(v) for k, v in out.items()}
     except (TypeError, ValueError):
@@ -809,12 +807,12 @@ def _write_task(
 
 
 class _Bar:
-    """tqdm over blocks with the output rate in MPix/s."""
+    """Progress over blocks with the output rate in MPix/s (a bar, or log lines without a terminal)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
-        self.bar = tqdm(total=total, unit="block", desc="predicting", disable=not enabled or None, smoothing=0.1)
+        self.bar = Progress(total, "predicting", "block", enabled=enabled)
         self.t0 = time.perf_counter()
         self.pixels = 0
         self.blocks = 0
@@ -822,8 +820,7 @@ class _Bar:
     def done(self, pixels: int) -> None:
         self.pixels += pixels
         self.blocks += 1
-        self.bar.update(1)
-        self.bar.set_postfix_str(f"{self.mpix_per_s:.2f} MPix/s", refresh=False)
+        self.bar.update(1, f"{self.mpix_per_s:.2f} MPix/s")
 
     @property
     def mpix_per_s(self) -> float:
@@ -1131,6 +1128,9 @@ def predict(
     from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
     from .sources import open_image
 
+    from .cluster import check_not_spawn_reimport
+
+    check_not_spawn_reimport()  # a worker re-importing a script without the __main__ guard: stop here
     ngff_version = str(ngff_version)
     _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
     if model_dir is None:
@@ -1205,7 +1205,8 @@ def predict(
             log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
                      tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
         t0 = time.perf_counter()
-        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs, device=device) as sched:
+        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs, device=device) as sched, \
+                _interrupted(out):
             if stored is None or not _has_level0(out):  # a kill before level 0 existed: nothing to keep
                 create_ome_zarr(
                     out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
@@ -1231,6 +1232,16 @@ def predict(
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
         return _result(out, stats)
+
+
+@contextlib.contextmanager
+def _interrupted(out: str) -> Iterator[None]:
+    """Ctrl-C: one line that says what became of the output (exit status 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise N2VError(f"interrupted; {out} stays marked incomplete, rerun with --resume to finish it",
+                       exit_code=130) from None
 
 
 def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:

@@ -440,7 +440,9 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
         return _open_tiff(str(path), level)
     if path.name in ZARR_MARKERS:  # e.g. img.zarr/zarr.json: the node it describes
         return _open_zarr(str(path.parent), level, storage_options, url=False)
-    raise UnreadableDataError(f"unsupported input file {path}: expected OME-Zarr, Zarr or TIFF")
+    from .formats import open_with_bioio  # PNG, JPEG, vendor formats: the optional [formats] extra
+
+    return open_with_bioio(str(path), level)
 
 
 def _natural_key(s: str) -> list[Any]:

@@ -26,7 +26,6 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
@@ -37,6 +36,8 @@ from .lock import output_lock
 from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
+from .plots import TrainingPictures
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ def train(
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
     init_weights: dict[str, torch.Tensor] | None = None,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train an N2V U-Net.
 
@@ -256,6 +258,8 @@ def train(
         Show a progress bar (rank 0 only).
     init_weights : dict, optional
         State dict to start a new model from (``fit(init_from=...)``).
+    tensorboard : bool
+        Also write TensorBoard events to ``model_dir/tensorboard`` (needs tensorboard).
 
     Returns
     -------
@@ -269,14 +273,14 @@ def train(
             held.enter_context(output_lock(str(model_dir), "a training run"))
         return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
                       device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info,
-                      init_weights=init_weights)
+                      init_weights=init_weights, tensorboard=tensorboard)
 
 
 def _train(
     batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
     model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
     resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
-    progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None,
+    progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False,
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock is held."""
     mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
@@ -335,6 +339,9 @@ def _train(
     if channels_last:
         val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
+    # the plot, CSV and preview in the model directory, redrawn at each validation (plots.py)
+    pictures = TrainingPictures(model_dir, norm(_to_tensor(val_patches, device)), tensorboard) \
+        if info.is_main else None
     step, best, history = 0, math.inf, []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -398,13 +405,12 @@ def _train(
             ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
             record["best"] = {"step": step, "mse": per_channel}
         ckpt.write_meta(model_dir, meta)
+        if pictures is not None:
+            pictures.update(history, model)
         return val_loss
 
     it: Iterator[Any] = iter(batches)
-    bar = tqdm(
-        total=train_cfg.steps, initial=step, desc="train", unit="step",
-        disable=not (progress and info.is_main), dynamic_ncols=True,
-    )
+    bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main)
     start_time = time.perf_counter()
     wait_time, patches, local_patches = 0.0, 0, 0
     last_loss = float("nan")
@@ -449,8 +455,7 @@ def _train(
                        "patch/s": f"{patches / elapsed:.0f}"}
             if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
                 postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
+            bar.update(1, postfix)
             if step % train_cfg.checkpoint_interval == 0:
                 save()
     finally:
@@ -459,6 +464,8 @@ def _train(
         # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
         evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
     save()
+    if pictures is not None:
+        pictures.close()
     seconds = time.perf_counter() - start_time
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
@@ -505,6 +512,7 @@ def fit(
     min_std: float | None = None,
     progress: bool = True,
     init_from: str | Path | None = None,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train from any source the data layer opens, streaming patches.
 
@@ -546,6 +554,8 @@ def fit(
         Start from the weights, architecture, masking and normalisation of
         another model: a Zoo package written by ``n2v-chunked export`` or a
         model directory (:func:`n2v_chunked.zoo_import.init_source`).
+    tensorboard : bool
+        Also write TensorBoard events (see :func:`train`).
 
     Returns
     -------
@@ -627,7 +637,7 @@ def fit(
     label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
     return train(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
-        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress,
+        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
         extra_meta={"input": label,
                     "spatial_dims": list(spatial), "world_size": info.world_size,
                     **({"init_from": redact(str(init_from))} if init else {})},

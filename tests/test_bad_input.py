@@ -448,6 +448,45 @@ def _http_output(tmp: Path, m: Models) -> Setup:
     return s
 
 
+def _http_server_as_scheduler(tmp: Path, m: Models) -> Setup:
+    import http.server
+    import threading
+
+    # an HTTP server (like the dashboard port) accepts the connection but never greets like a scheduler;
+    # a daemon thread: it lives as long as the test process
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    address = f"tcp://127.0.0.1:{srv.server_address[1]}"
+    s = _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, names=[address])
+    s.argv[s.argv.index("sync")] = address
+    return s
+
+
+def _negative_chunks(tmp: Path, m: Models) -> Setup:
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--chunks", "-8,32",
+                    names=["[-8, 32]"])
+
+
+def _vendor_format_without_plugin(tmp: Path, m: Models) -> Setup:
+    src = tmp / "scan.czi"
+    src.write_bytes(b"ZISRAWFILE" + bytes(200))  # the CZI magic; no CZI plugin is installed
+    return _predict(tmp, src, m.m2d, names=[str(src)])
+
+
+def _bad_progress_interval(tmp: Path, m: Models) -> Setup:
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--progress-interval", "0",
+                    names=["'0'"])
+
+
+def _tensorboard_missing(tmp: Path, m: Models) -> Setup:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+        return _train(tmp, src, "--tensorboard", names=["n2v-chunked[tensorboard]"])
+    pytest.skip("tensorboard is installed")
+
+
 CASES: list[Case] = [
     Case("missing-input", _missing_input, ("input not found",)),
     Case("missing-model-dir", _missing_model, ("model directory not found",)),
@@ -493,6 +532,12 @@ CASES: list[Case] = [
                                                      "--halo 3,3")),
     Case("init-from-foreign-zoo-model", _init_from_foreign, ("not an N2V model of n2v_chunked",)),
     Case("http-output", _http_output, ("http(s) URLs are read-only",), max_seconds=5.0),
+    Case("http-server-as-scheduler", _http_server_as_scheduler, ("is not a dask scheduler", "8786"), max_seconds=15.0),
+    Case("negative-chunks", _negative_chunks, ("chunks must be positive",)),
+    Case("bad-progress-interval", _bad_progress_interval, ("--progress-interval must be seconds",)),
+    Case("tensorboard-missing", _tensorboard_missing, ("--tensorboard needs the tensorboard package",)),
+    Case("vendor-format-without-plugin", _vendor_format_without_plugin,
+         ("no bioio reader", "n2v-chunked[formats]", "bioio-czi")),
 ]
 
 

@@ -42,7 +42,7 @@ def _array() -> tuple[da.Array, np.ndarray]:
 @pytest.mark.timeout(120)
 def test_local_cluster_computes_and_logs_dashboard(caplog: pytest.LogCaptureFixture) -> None:
     d, x = _array()
-    with caplog.at_level(logging.WARNING, logger="n2v_chunked.cluster"):
+    with caplog.at_level(logging.INFO, logger="n2v_chunked.announce"):
         with cluster_client("local", n_workers=2, threads_per_worker=1) as client:
             cluster = client.cluster
             assert len(client.scheduler_info()["workers"]) == 2

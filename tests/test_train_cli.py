@@ -13,6 +13,7 @@ import yaml
 import zarr
 
 from n2v_chunked import checkpoint as ckpt
+from n2v_chunked import plots
 from n2v_chunked.cli import main
 from n2v_chunked.config import ModelConfig
 from n2v_chunked.train import fit_patch_shape
@@ -114,7 +115,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert state["step"] == 3
     # checkpoints only from rank 0: no stray temporary files from a second writer
     assert sorted(p.name for p in model.iterdir()) == sorted(
-        [ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST, ckpt.STATE])
+        [ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST, ckpt.STATE, plots.CSV, plots.PLOT, plots.PREVIEW])
     weights = torch.load(model / ckpt.WEIGHTS_LAST, weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
