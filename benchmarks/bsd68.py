@@ -13,7 +13,7 @@ predict MPix/s.
 Examples
 --------
 python benchmarks/bsd68.py --steps 100                  # the 100-step figure
-python benchmarks/bsd68.py --steps 100 --replacement median  # with N2V2's replacement
+python benchmarks/bsd68.py --steps 100 --paper  # the paper's uniform replacement
 python benchmarks/bsd68.py --minutes 15 --steps 100000  # the 15-minute figure
 python benchmarks/bsd68.py --steps 200000 --features 96 # the paper's full run (GPU)
 """
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from n2v_chunked.checkpoint import load_model
-    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig, default_replacement
+    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.inference import denoise
     from n2v_chunked.sources import open_image
     from n2v_chunked.train import fit
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     train_noisy = np.stack(noisy[: len(train_clean)])  # (400, 180, 180): axes t, y, x
     test_noisy = noisy[len(train_clean):]
 
-    replacement = args.replacement or default_replacement(args.n2v2)
+    replacement = args.replacement or ("uniform" if args.paper else MaskConfig.replacement)
     work = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="bsd68_"))
     if work.exists() and not args.model_dir:
         shutil.rmtree(work)
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
         checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
         schedule=args.schedule, warmup=args.warmup,
+        stop_patience=args.stop_patience if args.stop_patience is not None else 0 if args.paper else TrainConfig.stop_patience,
     )
     # one image per chunk: blocks of whole images, some held out for validation
     source = open_image(train_noisy, axes="tyx", chunks={"t": 1})
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n2v2", action="store_true", help="N2V2: no top skip, blur-pool, median replacement")
     p.add_argument("--mask-density", type=float, default=1 / 64, help="masked fraction (default: the paper's 1/64)")
     p.add_argument("--replacement", choices=["uniform", "median"],
-                   help="masked pixel's value (default: the paper's uniform draw; median with --n2v2)")
+                   help="masked pixel's value (default: N2V2's median; uniform is the paper's)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's uniform replacement and no early stopping (as train --paper)")
+    p.add_argument("--stop-patience", type=int, help="validations without improvement before an early stop")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
     p.add_argument("--tta", action="store_true", help="predict with the 8 rotations/flips averaged")

@@ -113,6 +113,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="plateau: halve the rate when validation stalls (paper, default); cosine: warm up, "
                    "then decay to 0 at the end of --steps or --minutes")
     g.add_argument("--val-interval", type=int, default=100, help="steps between validations (default 100)")
+    g.add_argument("--stop-patience", type=int,
+                   help="stop early after this many validations without a better validation loss, keeping the best "
+                   "weights (default 10; 0: train all --steps)")
     g.add_argument("--checkpoint-interval", type=int, default=200, help="steps between checkpoints (default 200)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware supports it (default)")
@@ -132,8 +135,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("masking")
     g.add_argument("--mask-density", type=float, default=1 / 64, help="fraction of masked pixels (paper: 1/64)")
     g.add_argument("--replacement", choices=["uniform", "median"],
-                   help="value put into a masked pixel: uniform, a random other pixel of its 5x5 neighbourhood "
-                   "(N2V paper, default), or median, the neighbourhood's median without the centre (default with --n2v2)")
+                   help="value put into a masked pixel: median, the 5x5 neighbourhood's median without the centre "
+                   "(N2V2's; default, measured better: see README Benchmarks), or uniform, a random other pixel "
+                   "of the neighbourhood (the N2V paper's)")
+    g.add_argument("--paper", action="store_true",
+                   help="the N2V paper's settings where ours differ: uniform replacement, joint channels, no early "
+                   "stopping (explicit --replacement/--stop-patience still win)")
     g.add_argument("--struct-span", type=int, default=0, help="structN2V: length of the masked line (odd; 0 off)")
     g.add_argument("--struct-axes", default="x", help="structN2V line axes, e.g. x or yx (default x)")
     g = p.add_argument_group("sampler")
@@ -147,7 +154,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
-        from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement
+        from .config import MaskConfig, ModelConfig, TrainConfig
         from .convert import parse_int_list
         from .train import fit
 
@@ -156,14 +163,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
             require_tensorboard()
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
-                                n2v2=args.n2v2, independent_channels=args.independent_channels)
-        mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span,
-                              struct_axes=list(args.struct_axes), replacement=args.replacement or default_replacement(args.n2v2))
+                                n2v2=args.n2v2, independent_channels=args.independent_channels and not args.paper)
+        paper = {"replacement": "uniform", "stop_patience": 0} if args.paper else {}
+        mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span, struct_axes=list(args.struct_axes),
+                              replacement=args.replacement or paper.get("replacement", MaskConfig.replacement))
+        stop = args.stop_patience if args.stop_patience is not None else paper.get("stop_patience",
+                                                                                   TrainConfig.stop_patience)
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
                                 lr=args.lr, schedule=args.schedule, val_interval=args.val_interval,
                                 precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
-                                time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers)
+                                time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
+                                stop_patience=stop)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),

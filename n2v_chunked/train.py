@@ -21,7 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
-from .config import MaskConfig, ModelConfig, TrainConfig, default_replacement, to_dict
+from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
 from .errors import N2VError
 from .inference import autocast_context
 from .lock import output_lock
@@ -283,7 +283,7 @@ def _train(
     progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False,
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock is held."""
-    mask_cfg = mask_cfg or MaskConfig(replacement=default_replacement(model_cfg.n2v2))
+    mask_cfg = mask_cfg or MaskConfig()
     train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
@@ -291,8 +291,9 @@ def _train(
     if resume:
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
-        # the step budget and time budget may be extended on resume; the rest is fixed
-        train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
+        # the step and time budgets and early stopping may change on resume; the rest is fixed
+        train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
+                                        stop_patience=train_cfg.stop_patience)
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
         model_id = meta.get("model_id")
@@ -453,11 +454,17 @@ def _train(
             elapsed = time.perf_counter() - start_time
             postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
                        "patch/s": f"{patches / elapsed:.0f}"}
-            if step % train_cfg.val_interval == 0 or step == train_cfg.steps:
+            validated = step % train_cfg.val_interval == 0 or step == train_cfg.steps
+            if validated:
                 postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
             bar.update(1, postfix)
             if step % train_cfg.checkpoint_interval == 0:
                 save()
+            if validated and stalled(history, train_cfg.stop_patience):
+                log.info("early stop at step %d: no better validation loss in the last %d validations (best %.5g); "
+                         "the best weights are kept (--stop-patience 0 trains all %d steps)",
+                         step, train_cfg.stop_patience, best, train_cfg.steps)
+                break
     finally:
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
@@ -470,6 +477,29 @@ def _train(
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
     return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0)
+
+
+def stalled(history: Sequence[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` validations all failed to beat the best one before them.
+
+    Parameters
+    ----------
+    history : sequence of dict
+        Validation records in order, each with a ``"val_loss"``.
+    patience : int
+        Validations without a new best that stop training; 0 never stops.
+
+    Examples
+    --------
+    >>> stalled([{"val_loss": v} for v in (3.0, 2.0, 2.5, 2.1)], 2)
+    True
+    >>> stalled([{"val_loss": v} for v in (3.0, 2.0, 2.5, 1.9)], 2)
+    False
+    """
+    if patience <= 0 or len(history) <= patience:
+        return False
+    before = min(h["val_loss"] for h in history[:-patience])
+    return min(h["val_loss"] for h in history[-patience:]) >= before
 
 
 def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: ModelConfig,
@@ -536,8 +566,8 @@ def fit(
         ``z`` becomes a sample axis.
     model_cfg, mask_cfg, train_cfg : config dataclasses, optional
         ``dims`` and ``in_channels`` of ``model_cfg`` are set from the data.
-        Without ``mask_cfg`` the replacement follows the model: N2V2's median
-        for ``n2v2``, else the paper's uniform draw.
+        Without ``mask_cfg``, :class:`MaskConfig`'s defaults (N2V2's median
+        replacement; ``MaskConfig(replacement="uniform")`` is the paper's).
     resume : bool
         Continue the model in ``model_dir``.
     device : optional

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig, default_replacement
+from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.model import UNet
 
 
@@ -35,7 +35,7 @@ def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, se
                 mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
     mean, std = np.linspace(90, 110, channels), np.linspace(15, 25, channels)
     noise = std * np.sqrt(np.linspace(0.3, 0.5, channels)) if blend else None
-    mask = MaskConfig(replacement=default_replacement(n2v2))
+    mask = MaskConfig(replacement="median" if n2v2 else "uniform")  # blend warns only for median-trained models
     meta = ckpt.write_config(path, cfg, mask, TrainConfig(), mean, std, noise_std=noise)
     if blend:  # noise variance / validation MSE, in normalised units: the weight
         meta["validation"] = {"best": {"step": 1, "mse": [1.0] * channels}}

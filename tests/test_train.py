@@ -1,5 +1,6 @@
 """Training loop, checkpoints, resume, and bad model directories."""
 
+import dataclasses
 import itertools
 import os
 import pickle
@@ -14,7 +15,8 @@ from n2v_chunked import checkpoint as ckpt
 from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
 from n2v_chunked.inference import denoise
-from n2v_chunked.train import cosine_factor, train
+from n2v_chunked import train as train_module
+from n2v_chunked.train import cosine_factor, stalled, train
 
 
 class RandomCrops:
@@ -130,15 +132,40 @@ def test_blend_weight_from_noise_level_and_validation(tmp_path, steps):
     assert np.mean((blend - clean) ** 2) < np.mean((plain - clean) ** 2)
 
 
-@pytest.mark.parametrize("n2v2, replacement", [(False, "uniform"), (True, "median")])
-def test_default_replacement_follows_the_model(tmp_path, n2v2, replacement):
+@pytest.mark.parametrize("n2v2", [False, True])
+def test_default_replacement_is_the_median(tmp_path, n2v2):
     _, noisy = _noisy_image()
     img = noisy[None]
     cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=1, val_interval=1, precision="fp32")
     train(RandomCrops(img, 32, 4), np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)),
           tmp_path / "m", ModelConfig(features=4, n2v2=n2v2), None, cfg, progress=False, device="cpu")
     meta = yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())
-    assert meta["mask"]["replacement"] == replacement
+    assert meta["mask"]["replacement"] == "median"
+
+
+def test_stalled_counts_validations_since_the_best():
+    h = [{"val_loss": v} for v in (5.0, 4.0, 4.5, 4.2, 4.1)]
+    assert stalled(h, 3) and not stalled(h, 4) and not stalled(h, 0)
+    assert not stalled(h[:3], 3)  # too few validations to judge
+    assert not stalled(h + [{"val_loss": 3.9}], 3)
+
+
+def test_early_stop_ends_a_stalled_run_and_keeps_the_best(tmp_path, caplog, monkeypatch):
+    _, noisy = _noisy_image()
+    img = noisy[None]
+    losses = iter([1.0, 0.5] + [0.6 + 0.01 * i for i in range(100)])  # best at the 2nd validation, then worse
+    monkeypatch.setattr(train_module, "_validate", lambda *a, **k: (next(losses), [0.5]))
+    cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=50, val_interval=2, precision="fp32",
+                      stop_patience=3, checkpoint_interval=100)
+    with caplog.at_level("INFO", logger="n2v_chunked"):
+        res = train(RandomCrops(img, 32, 4), np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)),
+                    tmp_path / "m", ModelConfig(features=4), None, cfg, progress=False, device="cpu")
+    assert res.step == 10 and "early stop at step 10" in caplog.text  # validations at 2, 4 (best), 6, 8, 10
+    assert (tmp_path / "m" / ckpt.WEIGHTS_BEST).exists() and ckpt.load_training_state(tmp_path / "m")["step"] == res.step
+    off = dataclasses.replace(cfg, stop_patience=0, steps=12)
+    res = train(RandomCrops(img, 32, 4), np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)),
+                tmp_path / "m0", ModelConfig(features=4), None, off, progress=False, device="cpu")
+    assert res.step == 12  # 0: the paper's fixed schedule
 
 
 def test_refuses_to_overwrite_a_model_dir(tmp_path):

@@ -35,7 +35,8 @@ def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
     assert meta["model"]["dims"] == 2 and meta["axes"] == "tyx"
     assert meta["train"]["patch_size"] == [32, 32]
-    assert meta["mask"]["replacement"] == "uniform" and meta["mask"]["density"] == 1 / 64  # the paper's
+    assert meta["mask"]["replacement"] == "median" and meta["mask"]["density"] == 1 / 64  # N2V2's; the paper's density
+    assert meta["train"]["stop_patience"] == 10 and meta["model"]["independent_channels"] is True
     assert ckpt.load_training_state(model)["step"] == 3
     # a second train into the same directory is refused; --resume continues it
     assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), *FAST]) == 2
@@ -47,17 +48,18 @@ def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags, n2v2, replacement",
-    [(["--n2v2"], True, "median"), (["--n2v2", "--replacement", "uniform"], True, "uniform"),
-     (["--replacement", "median"], False, "median")],
+    "flags, replacement, joint, stop",
+    [([], "median", False, 10), (["--paper"], "uniform", True, 0), (["--paper", "--replacement", "median"], "median", True, 0),
+     (["--replacement", "uniform", "--stop-patience", "3"], "uniform", False, 3), (["--n2v2"], "median", False, 10)],
 )
-def test_replacement_follows_n2v2_unless_given(tmp_path, flags, n2v2, replacement):
+def test_measured_defaults_and_the_paper_preset(tmp_path, flags, replacement, joint, stop):
     src = _zarr_stack(tmp_path / "in.zarr")
     model = tmp_path / "model"
     assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32",
                  *FAST, "--steps", "1", *flags]) == 0
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
-    assert meta["model"]["n2v2"] is n2v2 and meta["mask"]["replacement"] == replacement
+    assert meta["mask"]["replacement"] == replacement and meta["train"]["stop_patience"] == stop
+    assert meta["model"]["independent_channels"] is not joint and meta["model"]["n2v2"] is ("--n2v2" in flags)
 
 
 def test_3d_stack_with_few_slices_and_odd_sizes(tmp_path):
