@@ -53,7 +53,7 @@ from .errors import N2VError
 log = logging.getLogger(__name__)
 
 BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
 # Default working chunk: the extended block's activations, estimated at
@@ -397,6 +397,7 @@ def predict_block(
     blend: bool = False,
     device: str | None = None,
     token: str = "",
+    runtime: str = "torch",
     threads: int | None = None,
     max_pixels: int | None = None,
 ) -> np.ndarray:
@@ -413,7 +414,7 @@ def predict_block(
         Axis names of ``block``.
     halo : sequence of int
         Halo per axis (0 on non-spatial axes).
-    precision, tta, blend, max_pixels
+    precision, tta, blend, max_pixels, runtime
         See :func:`n2v_chunked.inference.run_network`.
     device : str, optional
         Torch device; CUDA when available, else CPU.
@@ -449,7 +450,8 @@ def predict_block(
     xt = xt.reshape((math.prod(lead), c) + xt.shape[len(samples) + 1 :])
     shape = (1, -1) + (1,) * len(spatial)
     mean, std = trained.mean.reshape(shape), trained.std.reshape(shape)
-    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels)
+    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels,
+                    runtime=runtime)
     crop = tuple(slice(halo[i], y.shape[2 + k] - halo[i]) for k, i in enumerate(sp))
     y = y[(slice(None), slice(None), *crop)] * std + mean
     y = y.reshape(lead + (c,) + y.shape[2:]).transpose(np.argsort(order))
@@ -635,6 +637,7 @@ def batch_prediction(
     blend: bool = False,
     device: str | None = None,
     threads: Any = None,
+    runtime: str = "torch",
 ) -> da.Array:
     """Lazy prediction of blocks ``lo..hi`` (exclusive) of the plan's grid.
 
@@ -652,7 +655,7 @@ def batch_prediction(
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
         model_dir=str(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
-        device=device, model_token=model_token(model_dir), token="n2v-predict",
+        device=device, model_token=model_token(model_dir), runtime=runtime, token="n2v-predict",
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
     crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
@@ -965,6 +968,15 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     return None
 
 
+def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[str, str]:
+    """``auto`` made concrete once, on the client: workers run it and the provenance records it."""
+    from .runtime import describe, resolve
+
+    runtime, precision = resolve(runtime, precision, device)
+    log.info("network runtime: %s", describe(runtime, precision))
+    return runtime, precision
+
+
 def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
     diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
     sp, np_ = stored.get("parameters", {}), now["parameters"]
@@ -984,6 +996,7 @@ def predict(
     tta: bool = False,
     blend: bool = False,
     precision: str = "fp32",
+    runtime: str = "torch",
     resume: bool = False,
     overwrite: bool = False,
     scheduler: Any = None,
@@ -1018,8 +1031,11 @@ def predict(
         Mix the prediction with the noisy input with the model's weight
         (:func:`n2v_chunked.checkpoint.blend_weight`): higher PSNR under
         pixel-independent noise, at the price of some visible grain.
-    precision : {"fp32", "bf16", "auto"}
-        Arithmetic of the network.
+    precision : {"fp32", "bf16", "fp16", "auto"}
+        Arithmetic of the network (the CLI's default is ``auto``; here fp32,
+        which ``denoise`` shares, so chunked == whole image by default).
+    runtime : {"torch", "openvino", "onnxruntime", "auto"}
+        Engine of the network (:mod:`n2v_chunked.runtime`; the CLI's default is ``auto``).
     resume : bool
         Finish an interrupted run into ``output``: blocks already written are skipped.
     overwrite : bool
@@ -1054,12 +1070,14 @@ def predict(
         blocks computed and skipped), or the lazy prediction when ``output`` is None.
     """
     from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
+    from .runtime import describe as describe_runtime
     from .sources import open_image
 
     ngff_version = str(ngff_version)
     _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
     if model_dir is None:
         raise N2VError("predict needs a model directory (--model-dir)")
+    runtime, precision = _resolve_runtime(runtime, precision, device)
     trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
     data = open_image(source, axes=axes, level=level)
     p = plan(trained, data, chunks)
@@ -1073,7 +1091,7 @@ def predict(
             log.warning("--blend: this model was trained with median replacement, which already lets part of each "
                         "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
     kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
-              device=device)
+              device=device, runtime=runtime)
     if output is None:
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
@@ -1093,9 +1111,11 @@ def predict(
             "model_id": trained.model_id,
             "model_dir": model_dir,
             "input": str(data.attrs.get("source")),
+            "engine": describe_runtime(runtime, precision),  # with the package version; not compared on resume
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
                 "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,
+                "runtime": runtime,
                 "dtype": str(out_dtype), "level": int(level),
             },
         }
@@ -1128,6 +1148,7 @@ def predict(
         with contextlib.suppress(FileNotFoundError):
             fs.rm(mdir, recursive=True)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
+        stats["runtime"] = f"{runtime} {precision}"
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
         return _result(out, stats)
