@@ -979,7 +979,8 @@ def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[
 
 def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
     diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
-    sp, np_ = stored.get("parameters", {}), now["parameters"]
+    # outputs started before runtimes existed ran torch: resumable with --runtime torch
+    sp, np_ = {"runtime": "torch", **stored.get("parameters", {})}, now["parameters"]
     diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)

@@ -179,7 +179,7 @@ def _torch_runner(model: torch.nn.Module, device: torch.device, precision: str) 
     net = copy.deepcopy(model).eval()  # its own copy: the memory format is a property of the weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a few fixed block shapes: autotune once per shape
-    # 2D only: channels-last-3d measured no faster for the 3D U-Net on CPU (benchmarks/predict.py)
+    # 2D only: channels-last-3d is not measured yet for the 3D U-Net, so 3D keeps the default layout
     net = net.to(memory_format=torch.channels_last) if _is_2d(net) else net
     dtype = _DTYPE.get(precision)
 

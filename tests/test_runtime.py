@@ -152,3 +152,21 @@ def test_provenance_and_summary_record_the_runtime(tmp_path, monkeypatch):
     assert meta["parameters"]["runtime"] == want_rt and meta["parameters"]["precision"] == want_pr == "fp32"
     assert meta["engine"].startswith(want_rt)
     assert res.attrs["predict_stats"]["runtime"] == f"{want_rt} {want_pr}"
+
+
+def test_an_output_started_before_runtimes_resumes_with_torch(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((40, 56))
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, arr)
+    out = tmp_path / "out.ome.zarr"
+    kw = dict(scheduler="sync", progress=False, axes="yx", precision="fp32", chunks=(24, 32))
+    P.predict(str(src), str(out), md, runtime="torch", **kw)
+    group = zarr.open_group(str(out), mode="r+")
+    meta = dict(group.attrs["n2v_chunked"])
+    del meta["parameters"]["runtime"]  # as written by the version before runtime.py
+    group.attrs["n2v_chunked"] = {**meta, "complete": False}
+    with pytest.raises(N2VError, match="runtime: 'torch' -> 'onnxruntime'"):
+        P.predict(str(src), str(out), md, runtime="onnxruntime", resume=True, **kw)
+    P.predict(str(src), str(out), md, runtime="torch", resume=True, **kw)
+    assert zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]["complete"] is True
