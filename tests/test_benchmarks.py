@@ -45,3 +45,12 @@ def test_replacement_smoke():
     assert uniform["steps"] == median["steps"] == 2 and uniform["batch_size"] == 16
     assert uniform["psnr_noisy"] == median["psnr_noisy"]  # the same noisy input for both
     assert diff["median_minus_uniform_db"] == pytest.approx(median["psnr"] - uniform["psnr"], abs=2e-3)
+
+
+def test_precision_smoke():
+    proc, rows = run_benchmark("precision.py", "--skip", "bsd68", "--steps", "2", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rows[0]["runtime"] == "torch" and rows[0]["precision"] == "fp32" and rows[0]["delta_db"] == 0
+    assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("torch", "bf16")}
+    for r in rows:
+        assert r["data"] == "nuclei" and math.isfinite(r["psnr"]) and r["passes"] == (abs(r["delta_db"]) < 0.05)
