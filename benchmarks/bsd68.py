@@ -76,6 +76,48 @@ def centre_weight(trained, images: list[np.ndarray], delta: float = 10.0) -> flo
     return float(np.mean(np.concatenate(gains)))
 
 
+# (name, channels-last, autocast bf16): the bare train step's candidates for the ceiling
+STEP_CONFIGS = [("fp32 NCHW", False, False), ("fp32 channels-last", True, False), ("bf16 channels-last", True, True)]
+
+
+def train_step_ceiling(args: argparse.Namespace, steps: int = 5) -> dict[str, float]:
+    """Patches/s of the bare train step (mask, forward, masked loss, backward, Adam) on one fixed batch.
+
+    No sampler, augmentation, validation or checkpoints: what the network
+    alone allows, per layout and precision; the loop's patches/s over the best
+    of these is the training ratio (a regression in the loop shows up there).
+    """
+    import torch
+
+    from n2v_chunked.config import MaskConfig, ModelConfig
+    from n2v_chunked.masking import mask_batch, masked_mse
+    from n2v_chunked.model import UNet
+
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 1, args.patch, args.patch, generator=gen)
+    for name, channels_last, bf16 in STEP_CONFIGS:
+        torch.manual_seed(0)
+        net = UNet(ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2)).train()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        times = []
+        for _ in range(steps + 1):  # the first is warm-up
+            t0 = time.perf_counter()
+            masked = mask_batch(x, MaskConfig(density=args.mask_density), gen)
+            inp = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = net(inp)
+            loss = masked_mse(pred, masked)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(args.batch_size / float(np.median(times[1:])), 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train on noisy Train400, evaluate on noisy BSD68; return the figures."""
     import torch
@@ -117,11 +159,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     trained = load_model(work, which=args.weights)
     start = time.perf_counter()
-    restored = [denoise(trained, im[None, None], precision=args.predict_precision, tta=args.tta)[0, 0]
-                for im in test_noisy]
+    kw = dict(precision=args.predict_precision, runtime=args.predict_runtime, tta=args.tta)
+    restored = [denoise(trained, im[None, None], **kw)[0, 0] for im in test_noisy]
     predict_s = time.perf_counter() - start
-    blended = [denoise(trained, im[None, None], precision=args.predict_precision, tta=args.tta, blend=True)[0, 0]
-               for im in test_noisy]
+    blended = [denoise(trained, im[None, None], blend=True, **kw)[0, 0] for im in test_noisy]
     pixels = sum(im.size for im in test_noisy)
     out = {
         "benchmark": "bsd68",
@@ -148,6 +189,11 @@ def run(args: argparse.Namespace) -> dict:
         "tta": args.tta,
         "torch_threads": torch.get_num_threads(),
     }
+    if args.train_ceiling:
+        ceiling = train_step_ceiling(args)
+        best = max(ceiling, key=ceiling.get)
+        out.update(train_step_patches_per_second=ceiling, train_ceiling=best,
+                   train_ratio=round(result.patches_per_second / ceiling[best], 3))
     if not args.model_dir:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -174,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's uniform replacement and no early stopping (as train --paper)")
     p.add_argument("--stop-patience", type=int, help="validations without improvement before an early stop")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--predict-runtime", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"])
     p.add_argument("--tta", action="store_true", help="predict with the 8 rotations/flips averaged")
     p.add_argument("--val-interval", type=int, default=50)
     p.add_argument("--weights", default="last", choices=["best", "last"])
@@ -185,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model-dir", help="keep the model here (default: a temporary directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--train-ceiling", action="store_true",
+                   help="also time the bare train step per layout/precision; report the loop's ratio to the best")
     args = p.parse_args(argv)
     from n2v_chunked.errors import N2VError
 

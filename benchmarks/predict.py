@@ -2,11 +2,16 @@
 
 Prints one JSON line per measurement:
 
-* ``bare``: MPix/s of the network alone (``run_network`` on the same pixels,
-  in pieces of the working chunk, no halo, no I/O), fp32 and bf16;
-* ``pipeline``: MPix/s of the whole pipeline (read, halo, inference, write,
-  default chunking; cluster start excluded) and its ``efficiency`` =
-  pipeline / bare, fp32 and bf16 (target >= 0.8);
+* ``ceiling``: MPix/s of the bare network on one in-memory ``--tile`` x
+  ``--tile`` tile (no padding, no I/O) in every runtime, layout and precision
+  side by side: torch NCHW fp32 (the old default), torch channels-last fp32
+  and bf16, ONNX Runtime fp32, OpenVINO f32 and bf16 (those installed);
+* ``pipeline``: MPix/s of the whole pipeline (``predict`` reading and writing
+  OME-Zarr, default chunking, LocalCluster start excluded) with the CLI's
+  defaults (``auto``/``auto``), with ``--precision fp32`` and with
+  ``--runtime torch``, each with its ``ratio`` to its ceiling: the best
+  configuration overall (target >= 0.5), the best exact (fp32) runtime
+  (target >= 0.7) and the best torch eager configuration (target >= 0.7);
 * ``scale``: wall time per pixel and peak RSS (this process and all its
   children, sampled) of predicting a small and a large volume in a fresh
   process each, and their ratios (target <= 1.2 each);
@@ -23,6 +28,9 @@ Usage::
     python benchmarks/predict.py                  # 1 GB vs 16 GB (hours on 2 cores)
     python benchmarks/predict.py --quick          # a smoke run of a few seconds
     python benchmarks/predict.py --small-gb 0.03 --large-gb 0.5 --efficiency-gb 0.06
+    python benchmarks/predict.py --efficiency-gb 0.067 --skip-scale   # ceiling vs pipeline (README table)
+    # on a GPU machine: ceiling in fp32/bf16/fp16, pipeline on the GPU, its utilisation
+    python benchmarks/predict.py --device cuda --efficiency-gb 1 --tile 2048 --skip-scale
 """
 
 from __future__ import annotations
@@ -78,43 +86,137 @@ def frames_for(gb: float, frame: int) -> int:
     return max(1, round(gb * 1e9 / (frame * frame * 4)))
 
 
-def bare_rate(model_dir: Path, volume: Path, precision: str, max_frames: int) -> float:
-    """MPix/s of run_network alone on the volume's pixels, in working-chunk pieces, no halo."""
+# (name, runtime, precision, exact): the ceiling's candidates; "torch-nchw" is the bare module as it was
+# called before runtime.py (NCHW, no autocast)
+CONFIGS = [
+    ("torch NCHW fp32", "torch-nchw", "fp32", True),
+    ("torch channels-last fp32", "torch", "fp32", True),
+    ("torch channels-last bf16", "torch", "bf16", False),
+    ("onnxruntime fp32", "onnxruntime", "fp32", True),
+    ("openvino f32", "openvino", "fp32", True),
+    ("openvino bf16", "openvino", "bf16", False),
+    ("torch channels-last fp16", "torch", "fp16", False),  # CUDA only
+]
+
+
+def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
+    """MPix/s of the bare network on one in-memory tile, per runtime/layout/precision (best of ``repeats``).
+
+    On CUDA the tile lives on the GPU (no copies) and only torch runs, in fp32, bf16 and fp16.
+    """
     import torch
 
     from n2v_chunked import checkpoint as ckpt
-    from n2v_chunked.inference import run_network
-    from n2v_chunked.predict import plan
-    from n2v_chunked.sources import open_image
+    from n2v_chunked.runtime import get_runner, installed
 
+    cuda = device.startswith("cuda")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    trained = ckpt.load_model(model_dir, "cpu")
-    data = open_image(str(volume))
-    p = plan(trained, data)
-    arr = data.data[:max_frames].compute()
-    xn = (arr - trained.mean[0]) / trained.std[0]
-    cy, cx = p.chunks[1], p.chunks[2]
-    pieces = [xn[:, y : y + cy, x : x + cx] for y in range(0, xn.shape[1], cy) for x in range(0, xn.shape[2], cx)]
-    run_network(trained, pieces[0][:1, None], precision=precision)  # warm-up
-    t0 = time.perf_counter()
-    for piece in pieces:
-        run_network(trained, piece[:, None], precision=precision)
-    return arr.size / (time.perf_counter() - t0) / 1e6
+    trained = ckpt.load_model(model_dir, device)
+    x = torch.randn(1, 1, tile, tile, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    for name, runtime, precision, exact in CONFIGS:
+        if not installed(runtime.split("-")[0]) or (cuda and not runtime.startswith("torch")):
+            continue
+        if precision == "fp16" and not cuda:
+            continue
+        if runtime == "torch-nchw":
+            run = trained.model
+        else:
+            run = get_runner(trained.model, trained.device, runtime, precision)
+        with torch.inference_mode():
+            run(x)  # warm-up: export, compile, oneDNN primitive creation, cuDNN autotuning
+            sync()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run(x)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        rows.append({"config": name, "runtime": runtime, "precision": precision, "exact": exact,
+                     "mpix_per_s": round(x.numel() / best / 1e6, 4)})
+    return rows
 
 
-def pipeline_rate(model_dir: Path, volume: Path, out: Path, precision: str, scheduler: Any,
-                  warmup: Path | None = None) -> dict[str, Any]:
+def pipeline_rate(model_dir: Path, volume: Path, out: Path, scheduler: Any, warmup: Path | None = None,
+                  **options: Any) -> dict[str, Any]:
     from n2v_chunked.predict import predict
 
-    if warmup is not None:  # load the model and warm up oneDNN in every worker, untimed
-        predict(str(warmup), str(out), str(model_dir), precision=precision, scheduler=scheduler,
-                overwrite=True, progress=False, pyramid=False)
+    if warmup is not None:  # load the model, export/compile it in every worker, untimed
+        predict(str(warmup), str(out), str(model_dir), scheduler=scheduler, overwrite=True, progress=False,
+                pyramid=False, **options)
     t0 = time.perf_counter()
-    res = predict(str(volume), str(out), str(model_dir), precision=precision, scheduler=scheduler,
-                  overwrite=True, progress=False, pyramid=False)
+    res = predict(str(volume), str(out), str(model_dir), scheduler=scheduler, overwrite=True, progress=False,
+                  pyramid=False, **options)
     dt = time.perf_counter() - t0
-    return {"mpix_per_s": res.size / dt / 1e6, "seconds": dt, "blocks": res.attrs["predict_stats"]["blocks_total"],
-            "chunks": list(res.data.chunksize)}
+    return {"mpix_per_s": round(res.size / dt / 1e6, 4), "seconds": round(dt, 3),
+            "blocks": res.attrs["predict_stats"]["blocks_total"], "chunks": list(res.data.chunksize),
+            "used": res.attrs["predict_stats"].get("runtime")}
+
+
+class GPUUtilisation:
+    """Mean GPU utilisation while inside (``torch.cuda.utilization``, which needs pynvml); nothing on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.samples = device, []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "GPUUtilisation":
+        if self.device.startswith("cuda"):
+            threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.wait(0.2):
+            try:
+                self.samples.append(torch.cuda.utilization(torch.device(self.device)))
+            except Exception:  # no pynvml / NVML: no figure
+                return
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+
+# (label, predict options, which ceiling the ratio is taken against)
+PIPELINES = [
+    ("default (auto runtime, auto precision)", {"runtime": "auto", "precision": "auto"}, "best"),
+    ("--precision fp32", {"runtime": "auto", "precision": "fp32"}, "best exact"),
+    ("--runtime torch", {"runtime": "torch", "precision": "auto"}, "best torch"),
+]
+
+
+def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argparse.Namespace) -> None:
+    """The ceiling and the pipeline in one run: ratios side by side are what a busy machine can still compare."""
+    from n2v_chunked.cluster import cluster_client
+    from n2v_chunked.predict import local_layout
+
+    rows = ceiling(model_dir, args.tile, args.repeats, args.device)
+    for r in rows:
+        emit(measure="ceiling", tile=args.tile, **r)
+    ceilings = {
+        "best": max(rows, key=lambda r: r["mpix_per_s"]),
+        "best exact": max((r for r in rows if r["exact"]), key=lambda r: r["mpix_per_s"]),
+        "best torch": max((r for r in rows if r["runtime"].startswith("torch")), key=lambda r: r["mpix_per_s"]),
+    }
+    frames = frames_for(args.efficiency_gb, args.frame)
+    workers, threads = local_layout(None if args.device == "cpu" else args.device)  # predict's own layout
+    with (cluster_client("local", n_workers=args.workers or workers, threads_per_worker=threads)
+          if args.scheduler == "local" else contextlib.nullcontext("threads")) as client:
+        for label, options, against in PIPELINES:
+            if args.pipelines and label.split(" ")[0] not in args.pipelines.split(","):
+                continue
+            if args.device != "cpu":
+                options = {**options, "device": args.device}
+            with GPUUtilisation(args.device) as gpu:
+                pipe = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", client, warm, **options)
+            if gpu.samples:
+                pipe["gpu_utilisation_percent"] = round(float(np.mean(gpu.samples)), 1)
+            top = ceilings[against]
+            emit(measure="pipeline", options=label, frames=frames, **pipe, ceiling=against,
+                 ceiling_config=top["config"], ceiling_mpix_per_s=top["mpix_per_s"],
+                 ratio=round(pipe["mpix_per_s"] / top["mpix_per_s"], 3))
 
 
 class PeakRSS:
@@ -195,7 +297,12 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=32,
                     help="initial features of the U-Net (default 32, the paper's); a narrower network makes the "
                     "16 GB scale run feasible on a few cores and leaves I/O a larger share of the time")
-    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated (default fp32,bf16)")
+    ap.add_argument("--tile", type=int, default=1024, help="side of the ceiling's in-memory tile (default 1024)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per ceiling configuration (default 3)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: the ceiling in torch fp32/bf16/fp16 on the GPU, the pipeline "
+                    "with --device, and the GPU's mean utilisation while it runs")
+    ap.add_argument("--pipelines", help="comma-separated subset of default,--precision,--runtime (default: all)")
     ap.add_argument("--workers", type=int, help="LocalCluster workers (default: n2v_chunked's default)")
     ap.add_argument("--scheduler", choices=["local", "threads"], default="local",
                     help="LocalCluster (default; its start is not timed) or in-process threads")
@@ -211,6 +318,7 @@ def main() -> None:
         return scale_child(args)
     if args.quick:
         args.frame, args.efficiency_gb, args.small_gb, args.large_gb = 128, 0.0002, 0.0002, 0.0008
+        args.tile, args.repeats = 128, 1
         args.scheduler = "threads"
     cores = len(os.sched_getaffinity(0))
     emit(measure="setup", cores=cores, frame=args.frame, quick=args.quick,
@@ -222,7 +330,6 @@ def main() -> None:
         make_model(model_dir, features=args.features)
         if not args.skip_efficiency or args.compare_schedulers:
             from n2v_chunked.cluster import cluster_client
-            from n2v_chunked.predict import LOCAL_WORKERS
 
             volume = tmp / "eff.ome.zarr"
             frames = frames_for(args.efficiency_gb, args.frame)
@@ -230,25 +337,18 @@ def main() -> None:
             warm = tmp / "warm.ome.zarr"
             make_volume(warm, 2, min(args.frame, 256))
             if not args.skip_efficiency:
-                with (cluster_client("local", n_workers=args.workers or LOCAL_WORKERS, threads_per_worker=1)
-                      if args.scheduler == "local" else contextlib.nullcontext("threads")) as client:
-                    for prec in args.precisions.split(","):
-                        bare = bare_rate(model_dir, volume, prec, frames)
-                        emit(measure="bare", precision=prec, frames=frames, mpix_per_s=round(bare, 4))
-                        pipe = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", prec, client, warm)
-                        emit(measure="pipeline", precision=prec, frames=frames, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in pipe.items()},
-                             efficiency=round(pipe["mpix_per_s"] / bare, 3))
+                efficiency(tmp, model_dir, volume, warm, args)
             if args.compare_schedulers:
                 import n2v_chunked.predict as P
 
                 for threads in (1, cores):
                     P.LOCAL_DASK_THREADS = threads
-                    r = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", "fp32", "threads", warm)
+                    r = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", "threads", warm)
                     emit(measure="scheduler", layout=f"threads: {threads} dask x {cores // threads} torch",
                          mpix_per_s=round(r["mpix_per_s"], 4))
                 for workers in (1, cores):
                     with cluster_client("local", n_workers=workers, threads_per_worker=1) as client:
-                        r = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", "fp32", client, warm)
+                        r = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", client, warm)
                     emit(measure="scheduler", layout=f"LocalCluster: {workers} worker(s) x 1 thread x "
                          f"{max(1, cores // workers)} torch", mpix_per_s=round(r["mpix_per_s"], 4))
         if not args.skip_scale:

@@ -332,8 +332,14 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="output data type (default: float32); integers are rounded and clipped")
     p.add_argument("--boundary", choices=["reflect", "nearest", "periodic", "constant"], default="reflect",
                    help="how to extend the image at its borders (default: reflect)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="network arithmetic (default: fp32; bf16 is faster on recent CPUs and GPUs)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="network arithmetic (default auto: bf16 on CPUs with AVX-512 BF16/AMX and on GPUs "
+                   "with bf16, else fp32; bf16 is within 0.01 dB of fp32 on BSD68 and nuclei; fp32 for "
+                   "bit-for-bit needs)")
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino", "onnxruntime"], default="auto",
+                   help="engine of the network (default auto: OpenVINO on CPU when installed, else ONNX Runtime "
+                   "for fp32, else PyTorch; PyTorch on GPUs); OpenVINO installs with n2v-chunked, ONNX Runtime "
+                   "with pip install 'n2v-chunked[cpu]'")
     p.add_argument("--normalize", choices=["model", "data"], default="model",
                    help="model: normalise with the training data's statistics (default; a warning when the input's "
                    "are far from them); data: with the input's own, sampled once per run, for data whose noise is "
@@ -357,6 +363,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             tta=args.tta,
             blend=args.blend,
             precision=args.precision,
+            runtime=args.runtime,
             resume=args.resume,
             overwrite=args.overwrite,
             scheduler=args.scheduler,
@@ -383,7 +390,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         s = out.attrs.get("predict_stats", {})
         print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
               f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "
-              f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s", flush=True)
+              f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s"
+              f"{' (' + s['runtime'] + ')' if s.get('runtime') else ''}", flush=True)
         return 0
 
     _add_storage_options(p)

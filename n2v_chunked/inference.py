@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .checkpoint import Trained
 from .errors import N2VError
 from .model import receptive_field, size_multiple
+from .runtime import cpu_has_bf16, get_runner, resolve
 
 # dask's boundary names -> numpy.pad modes (dask's "reflect" repeats the edge)
 NUMPY_PAD_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap", "constant": "constant"}
@@ -59,7 +60,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "auto":
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
         if not ok:
             return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -108,12 +109,6 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
                 setting(_IEEE_USERS[1])
 
 
-def _cpu_has_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((check and check()) or (amx and amx()))
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Pad the spatial axes of ``(N, C, *spatial)`` at their ends to a multiple.
 
@@ -147,6 +142,7 @@ def run_network(
     precision: str = "fp32",
     tta: bool = False,
     blend: bool = False,
+    runtime: str = "torch",
 ) -> np.ndarray:
     """Predict normalised ``(N, C, *spatial)`` data, any spatial size.
 
@@ -158,25 +154,29 @@ def run_network(
         Normalised input, float32.
     max_pixels : int, optional
         Pixel budget per forward pass (default: :func:`pixel_budget`).
-    precision : {"fp32", "bf16", "auto"}
-        Arithmetic of the forward pass.
+    precision : {"fp32", "bf16", "fp16", "auto"}
+        Arithmetic of the forward pass (see :func:`n2v_chunked.runtime.resolve`).
     tta : bool
         Average the 8 rotations/flips of the YX plane.
     blend : bool
         Mix the prediction with the noisy input, pixel by pixel, with the
         model's per-channel weight (:func:`n2v_chunked.checkpoint.blend_weight`):
         the minimum-MSE estimate when the noise is pixel-independent.
+    runtime : {"torch", "openvino", "onnxruntime", "auto"}
+        Engine of the forward pass (:mod:`n2v_chunked.runtime`).
 
     Returns
     -------
     numpy.ndarray
         Float32 prediction, same shape as ``x``.
     """
-    model, device = trained.model, trained.device
+    device = trained.device
     weight = blend_tensor(trained) if blend else None
+    runtime, precision = resolve(runtime, precision, device)
+    runner = get_runner(trained.model, device, runtime, precision)
     strict = ieee_fp32(device) if precision == "fp32" else _NO_OP
     with device_lock(device), strict:  # threads sharing a GPU take turns: each sizes its batch from the free memory
-        return _run(trained, model, device, x, max_pixels, precision, tta, weight)
+        return _run(trained, runner, device, x, max_pixels, tta, weight)
 
 
 def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
@@ -187,14 +187,17 @@ def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
 
 
-def _run(trained: Trained, model: torch.nn.Module, device: torch.device, x: np.ndarray | torch.Tensor,
-         max_pixels: int | None, precision: str, tta: bool, weight: torch.Tensor | None) -> np.ndarray:
+def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+         x: np.ndarray | torch.Tensor, max_pixels: int | None, tta: bool, weight: torch.Tensor | None) -> np.ndarray:
     """The body of :func:`run_network`: batches within the pixel budget, TTA, blending."""
     xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
+    cuda = device.type == "cuda" and xt.device.type == "cpu"
+    if cuda:  # page-locked host buffers: copies run asynchronously, the next batch's overlapping this one's compute
+        xt = xt.pin_memory()
     n = xt.shape[0]
     per_item = math.prod(xt.shape[1:]) // xt.shape[1]
     step = max(1, (max_pixels or pixel_budget(trained, device)) // max(per_item, 1))
-    out = torch.empty_like(xt)
+    out = torch.empty_like(xt, pin_memory=cuda)
     ks = range(8) if tta else range(1)
     m = size_multiple(trained.config)
     for start in range(0, n, step):
@@ -205,14 +208,15 @@ def _run(trained: Trained, model: torch.nn.Module, device: torch.device, x: np.n
         padded, crop = pad_to_multiple(part, m)
         acc = torch.zeros_like(padded, dtype=torch.float32)
         for k in ks:
-            with autocast_context(device, precision):
-                y = model(_dihedral(padded, k) if tta else padded)
+            y = runner(_dihedral(padded, k) if tta else padded).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
             acc += _dihedral(y.float(), k, inverse=True) if tta else y.float()
         y = acc[(slice(None), slice(None), *crop)] / len(ks)
         if weight is not None:
             w = weight.to(device)
             y = w * y + (1.0 - w) * part
-        out[start : start + step] = y.cpu()
+        out[start : start + step].copy_(y, non_blocking=cuda)
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()  # the last non-blocking copy back
     return out.numpy()
 
 
@@ -242,6 +246,7 @@ def denoise(
     tta: bool = False,
     blend: bool = False,
     max_pixels: int | None = None,
+    runtime: str = "torch",
 ) -> np.ndarray:
     """Denoise in-memory data of shape ``(N, C, *spatial)`` in input units.
 
@@ -257,7 +262,7 @@ def denoise(
         Noisy data ``(N, C, *spatial)``.
     boundary : {"reflect", "nearest", "periodic", "constant"}
         How to extend the image beyond its borders.
-    precision, tta, blend, max_pixels
+    precision, tta, blend, max_pixels, runtime
         See :func:`run_network`.
 
     Returns
@@ -277,6 +282,7 @@ def denoise(
     halo = halo_width(trained)
     xn = (np.asarray(x, dtype=np.float32) - mean) / std
     padded = np.pad(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], mode=NUMPY_PAD_MODE[boundary])
-    y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta, blend=blend)
+    y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta, blend=blend,
+                    runtime=runtime)
     y = y[(slice(None), slice(None), *[slice(h, h + s) for h, s in zip(halo, x.shape[2:])])]
     return (y * std + mean).astype(np.float32)

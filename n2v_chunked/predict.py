@@ -56,7 +56,7 @@ from .errors import (
 log = logging.getLogger(__name__)
 
 BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
 DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): durable.py
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
@@ -407,6 +407,7 @@ def predict_block(
     blend: bool = False,
     device: str | None = None,
     token: str = "",
+    runtime: str = "torch",
     threads: int | None = None,
     max_pixels: int | None = None,
     norm: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -424,7 +425,7 @@ def predict_block(
         Axis names of ``block``.
     halo : sequence of int
         Halo per axis (0 on non-spatial axes).
-    precision, tta, blend, max_pixels
+    precision, tta, blend, max_pixels, runtime
         See :func:`n2v_chunked.inference.run_network`.
     device : str, optional
         Torch device; CUDA when available, else CPU.
@@ -464,7 +465,8 @@ def predict_block(
     shape = (1, -1) + (1,) * len(spatial)
     mean, std = (trained.mean, trained.std) if norm is None else (np.asarray(v, np.float32) for v in norm)
     mean, std = mean.reshape(shape), std.reshape(shape)
-    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels)
+    y = run_network(trained, (xt - mean) / std, precision=precision, tta=tta, blend=blend, max_pixels=max_pixels,
+                    runtime=runtime)
     crop = tuple(slice(halo[i], y.shape[2 + k] - halo[i]) for k, i in enumerate(sp))
     y = y[(slice(None), slice(None), *crop)] * std + mean
     y = y.reshape(lead + (c,) + y.shape[2:]).transpose(np.argsort(order))
@@ -661,6 +663,7 @@ def batch_prediction(
     device: str | None = None,
     threads: Any = None,
     norm: tuple[Sequence[float], Sequence[float]] | None = None,
+    runtime: str = "torch",
 ) -> da.Array:
     """Lazy prediction of blocks ``lo..hi`` (exclusive) of the plan's grid.
 
@@ -680,7 +683,7 @@ def batch_prediction(
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
         model_dir=os.fspath(model_dir) if isinstance(model_dir, os.PathLike) else model_dir, dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
-        device=device, model_token=model_token(model_dir), token="n2v-predict", norm=norm,
+        device=device, model_token=model_token(model_dir), token="n2v-predict", norm=norm, runtime=runtime,
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)
     crop = tuple(slice(p.halo[ax], -p.halo[ax]) if ax in depth else slice(None) for ax in range(y.ndim))
@@ -1026,9 +1029,19 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     return None
 
 
+def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[str, str]:
+    """``auto`` made concrete once, on the client: workers run it and the provenance records it."""
+    from .runtime import describe, resolve
+
+    runtime, precision = resolve(runtime, precision, device)
+    log.info("network runtime: %s", describe(runtime, precision))
+    return runtime, precision
+
+
 def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
     diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
-    sp, np_ = {"normalize": "model", **stored.get("parameters", {})}, now["parameters"]  # older outputs: model
+    # older outputs: model normalisation; started before runtimes existed: torch (resumable with --runtime torch)
+    sp, np_ = {"normalize": "model", "runtime": "torch", **stored.get("parameters", {})}, now["parameters"]
     diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)
@@ -1045,6 +1058,7 @@ def predict(
     tta: bool = False,
     blend: bool = False,
     precision: str = "fp32",
+    runtime: str = "torch",
     resume: bool = False,
     overwrite: bool = False,
     scheduler: Any = None,
@@ -1082,8 +1096,11 @@ def predict(
         Mix the prediction with the noisy input with the model's weight
         (:func:`n2v_chunked.checkpoint.blend_weight`): higher PSNR under
         pixel-independent noise, at the price of some visible grain.
-    precision : {"fp32", "bf16", "auto"}
-        Arithmetic of the network.
+    precision : {"fp32", "bf16", "fp16", "auto"}
+        Arithmetic of the network (the CLI's default is ``auto``; here fp32,
+        which ``denoise`` shares, so chunked == whole image by default).
+    runtime : {"torch", "openvino", "onnxruntime", "auto"}
+        Engine of the network (:mod:`n2v_chunked.runtime`; the CLI's default is ``auto``).
     resume : bool
         Finish an interrupted run into ``output``: blocks already written are skipped.
     overwrite : bool
@@ -1126,6 +1143,7 @@ def predict(
     """
     from .intensity import choose_normalization
     from .ome import build_pyramid, check_not_input, create_ome_zarr, mark_complete
+    from .runtime import describe as describe_runtime
     from .sources import open_image
 
     from .cluster import check_not_spawn_reimport
@@ -1142,6 +1160,13 @@ def predict(
         model_dir = prepare(model_dir, data, halo=halo)
     elif halo is not None:
         raise ConfigError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
+    if isinstance(model_dir, (str, os.PathLike)):
+        runtime, precision = _resolve_runtime(runtime, precision, device)
+    elif runtime in ("auto", "torch") and precision in ("auto", "fp32"):
+        runtime, precision = "torch", "fp32"  # bioimageio.core's own pipeline runs a Zoo model, in float32
+    else:
+        raise ConfigError(f"a Zoo model runs through bioimageio.core's pipeline in fp32; --runtime {runtime} "
+                          f"--precision {precision} is for n2v_chunked models")
     trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
     if isinstance(model_dir, (str, os.PathLike)):
         data = open_image(source, axes=axes, level=level)
@@ -1163,7 +1188,7 @@ def predict(
             log.warning("--blend: this model was trained with median replacement, which already lets part of each "
                         "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
     kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
-              device=device, norm=norm)
+              device=device, norm=norm, runtime=runtime)
     if output is None:
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
@@ -1185,9 +1210,11 @@ def predict(
             "model_dir": str(model_dir),
             **({} if isinstance(model_dir, str) else {"zoo": model_dir.provenance()}),
             "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
+            "engine": describe_runtime(runtime, precision),  # with the package version; not compared on resume
             "parameters": {
                 "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
                 "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,
+                "runtime": runtime,
                 "dtype": str(out_dtype), "level": int(level), "normalize": normalize,
             },
             "normalization": norm_record,
@@ -1229,6 +1256,7 @@ def predict(
             _sync_output(out, recursive=False)  # the flag itself
         _remove_markers(out)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
+        stats["runtime"] = f"{runtime} {precision}"
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
         return _result(out, stats)

@@ -310,6 +310,11 @@ def _blend_without_record(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, src, m.m2c, "--blend")
 
 
+def _runtime_without_precision(tmp: Path, m: Models) -> Setup:
+    src = _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx")
+    return _predict(tmp, src, m.m2d, "--runtime", "onnxruntime", "--precision", "bf16")
+
+
 def _copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -514,6 +519,8 @@ CASES: list[Case] = [
     Case("model-3d-on-2d-data", _model_3d_on_2d, ("no z axis",)),
     Case("model-other-channel-count", _model_other_channels, ("trained for",)),
     Case("blend-without-noise-record", _blend_without_record, ("cannot blend", "--blend")),
+    Case("runtime-without-precision", _runtime_without_precision,
+         ("runtime onnxruntime cannot run precision bf16", "--precision fp32")),
     Case("truncated-checkpoint", _truncated_checkpoint, ("corrupt or truncated checkpoint",)),
     Case("config-unknown-key", _config_unknown_key, ("unknown option(s) for 'predict'",)),
     Case("config-wrong-type", _config_wrong_type, ("'batch_blocks' = '8' is a string, expected an integer",)),

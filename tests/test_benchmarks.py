@@ -12,7 +12,8 @@ DATA = bsd68_data()
 @pytest.mark.parametrize("flags, replacement", [([], "median"), (["--paper"], "uniform"), (["--n2v2"], "median")])
 def test_bsd68_smoke(flags, replacement):
     proc, rows = run_benchmark("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
-                      "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet", *flags)
+                      "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet",
+                      "--train-ceiling", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = rows
     assert row["steps"] == 2 and row["replacement"] == replacement and row["n2v2"] is ("--n2v2" in flags)
@@ -20,6 +21,9 @@ def test_bsd68_smoke(flags, replacement):
     for key in ("psnr", "psnr_blend", "centre_weight", "patches_per_second"):
         assert math.isfinite(row[key]), key
     assert -1 < row["centre_weight"] < 1
+    # the loop against the bare train step in its best layout/precision
+    assert set(row["train_step_patches_per_second"]) == {"fp32 NCHW", "fp32 channels-last", "bf16 channels-last"}
+    assert row["train_ceiling"] in row["train_step_patches_per_second"] and row["train_ratio"] > 0
 
 
 def test_bsd68_bad_option_is_one_line(tmp_path):
@@ -54,3 +58,12 @@ def test_channels_smoke():
     assert summary["summary"] and len(summary["independent"]["psnr"]) == 2
     for r in runs:
         assert all(math.isfinite(v) for v in r["psnr"] + r["bleed"])
+
+
+def test_precision_smoke():
+    proc, rows = run_benchmark("precision.py", "--skip", "bsd68", "--steps", "2", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rows[0]["runtime"] == "torch" and rows[0]["precision"] == "fp32" and rows[0]["delta_db"] == 0
+    assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("torch", "bf16")}
+    for r in rows:
+        assert r["data"] == "nuclei" and math.isfinite(r["psnr"]) and r["passes"] == (abs(r["delta_db"]) < 0.05)

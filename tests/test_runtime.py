@@ -1,0 +1,172 @@
+"""Runtimes and precisions: chunked == whole image in each, auto choices, provenance, fallbacks."""
+
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from n2v_chunked import checkpoint as ckpt
+from n2v_chunked import predict as P
+from n2v_chunked import runtime as R
+from n2v_chunked.errors import N2VError
+from n2v_chunked.inference import denoise
+from tests.helpers import make_model_dir, noisy
+from tests.test_predict import TOL, chunked, whole_image
+
+COMBOS = [(rt, pr) for rt in ("torch", "openvino", "onnxruntime") for pr in R.SUPPORTED[rt] if pr != "fp16"]
+# Tolerance: the float32 one of the other chunked == whole tests (1e-4 of the range), in every precision.
+# A bf16 network could in principle differ between a block and the whole image (other tile shapes inside
+# oneDNN/OpenVINO, other summation order, a bf16 rounding flipped); measured on these models and on the
+# 32-feature one: 0 in bf16 (each output pixel's sums do not depend on the tiling), 5e-8 in fp32.
+
+
+def _skip_missing(runtime):
+    if not R.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+
+
+# (dims, model options, array shape, seed, working chunks): odd sizes; 2D at the paper's width (the
+# runtimes' real kernels), 3D N2V2 with every axis shorter than twice the halo
+CASES = {
+    "2d": ("tyx", dict(features=32), (2, 77, 131), 0, (1, 32, 48)),
+    "3d": ("zyx", dict(dims=3, depth=2, n2v2=True, features=2), (13, 45, 37), 1, (16, 24, 24)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("runtime, precision", COMBOS)
+def test_chunked_equals_whole_in_every_runtime_and_precision(tmp_path, runtime, precision, case):
+    _skip_missing(runtime)
+    dims, model, shape, seed, chunks = CASES[case]
+    md = make_model_dir(tmp_path / "m", **model)
+    arr = noisy(shape, seed=seed)
+    kw = dict(runtime=runtime, precision=precision)
+    got = chunked(md, arr, dims, chunks, **kw)
+    err = np.abs(got - whole_image(md, arr, dims, **kw)).max() / np.ptp(arr)
+    print(f"chunked vs whole {case} {runtime} {precision}: {err:.2e} of the range")
+    assert err <= TOL
+    if precision == "bf16":  # the option reached the network
+        assert np.abs(got - whole_image(md, arr, dims, precision="fp32")).max() / np.ptp(arr) > 1e-6
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_fp32_runtimes_match_torch_and_tta_blend_work(tmp_path, runtime):
+    """The exported network computes what torch computes; TTA and blending wrap any runtime."""
+    _skip_missing(runtime)
+    md = make_model_dir(tmp_path / "m", features=8, blend=True)
+    trained = ckpt.load_model(md, "cpu")
+    x = noisy((1, 1, 45, 61))
+    for kw in ({}, {"tta": True}, {"blend": True}):
+        ref = denoise(trained, x, precision="fp32", runtime="torch", **kw)
+        got = denoise(trained, x, precision="fp32", runtime=runtime, **kw)
+        assert np.abs(got - ref).max() / np.ptp(x) <= TOL, kw
+    tta = denoise(trained, x, precision="fp32", runtime=runtime, tta=True)
+    assert np.abs(tta - denoise(trained, x, precision="fp32", runtime=runtime)).max() > 1e-3  # TTA did something
+
+
+def test_bf16_is_close_to_fp32(tmp_path):
+    md = make_model_dir(tmp_path / "m", features=8)
+    trained = ckpt.load_model(md, "cpu")
+    x = noisy((1, 1, 64, 64))
+    ref = denoise(trained, x, precision="fp32", runtime="torch")
+    for runtime in [rt for rt in ("torch", "openvino") if R.installed(rt)]:
+        got = denoise(trained, x, precision="bf16", runtime=runtime)
+        assert 0 < np.abs(got - ref).max() / np.ptp(x) < 0.05, runtime
+
+
+def test_resolve_auto(monkeypatch):
+    monkeypatch.setattr(R, "installed", lambda rt: rt in ("torch", "openvino", "onnxruntime"))
+    monkeypatch.setattr(R, "cpu_has_bf16", lambda: True)
+    assert R.resolve("auto", "auto", "cpu") == ("openvino", "bf16")
+    assert R.resolve("auto", "fp32", "cpu") == ("openvino", "fp32")
+    assert R.resolve("torch", "auto", "cpu") == ("torch", "bf16")
+    monkeypatch.setattr(R, "cpu_has_bf16", lambda: False)
+    assert R.resolve("auto", "auto", "cpu") == ("openvino", "fp32")
+    monkeypatch.setattr(R, "installed", lambda rt: rt in ("torch", "onnxruntime"))
+    assert R.resolve("auto", "auto", "cpu") == ("onnxruntime", "fp32")
+    assert R.resolve("auto", "bf16", "cpu") == ("torch", "bf16")  # ONNX Runtime has no bf16
+    monkeypatch.setattr(R, "installed", lambda rt: rt == "torch")
+    assert R.resolve("auto", "auto", "cpu") == ("torch", "fp32")
+
+
+def test_named_runtime_not_installed_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(R, "installed", lambda rt: rt == "torch")
+    monkeypatch.setattr(R, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="n2v_chunked.runtime"):
+        assert R.resolve("openvino", "fp32", "cpu") == ("torch", "fp32")
+        assert R.resolve("openvino", "fp32", "cpu") == ("torch", "fp32")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "openvino" in caplog.text
+
+
+def test_impossible_combinations_are_one_line(monkeypatch):
+    with pytest.raises(N2VError, match="cannot run precision bf16"):
+        R.resolve("onnxruntime", "bf16", "cpu")
+    with pytest.raises(N2VError, match="unknown runtime"):
+        R.resolve("tensorrt", "fp32", "cpu")
+    with pytest.raises(N2VError, match="CPU only"):
+        R.resolve("openvino", "fp32", "cuda")
+
+
+def test_a_runtime_that_cannot_load_the_network_is_one_line(monkeypatch):
+    def broken(model):
+        raise RuntimeError("exporter exploded\nsecond line")
+
+    monkeypatch.setattr(R, "export_onnx", broken)
+    monkeypatch.setattr(R, "_RUNNERS", {})
+    net = torch.nn.Conv2d(1, 1, 3)
+    with pytest.raises(N2VError, match=r"runtime onnxruntime could not load the network \(exporter exploded\)"):
+        R.get_runner(net, torch.device("cpu"), "onnxruntime", "fp32")
+
+
+def test_runner_threads_follow_the_worker_share(monkeypatch):
+    """One compiled model per thread count: dask threads x runtime threads never exceed the cores."""
+    _skip_missing("onnxruntime")
+    seen = []
+    monkeypatch.setattr(R, "_onnxruntime_runner", lambda onnx, threads: seen.append(threads) or (lambda x: x))
+    monkeypatch.setattr(R, "_RUNNERS", {})
+    net = torch.nn.Conv2d(1, 1, 3)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            R.get_runner(net, torch.device("cpu"), "onnxruntime", "fp32")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2, 1]
+
+
+def test_provenance_and_summary_record_the_runtime(tmp_path, monkeypatch):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((40, 56))
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, arr)
+    out = tmp_path / "out.ome.zarr"
+    monkeypatch.setattr(R, "cpu_has_bf16", lambda: False)
+    res = P.predict(str(src), str(out), md, scheduler="sync", progress=False, runtime="auto", precision="auto",
+                    axes="yx")
+    want_rt, want_pr = R.resolve("auto", "auto", "cpu")
+    meta = zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]
+    assert meta["parameters"]["runtime"] == want_rt and meta["parameters"]["precision"] == want_pr == "fp32"
+    assert meta["engine"].startswith(want_rt)
+    assert res.attrs["predict_stats"]["runtime"] == f"{want_rt} {want_pr}"
+
+
+def test_an_output_started_before_runtimes_resumes_with_torch(tmp_path):
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((40, 56))
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, arr)
+    out = tmp_path / "out.ome.zarr"
+    kw = dict(scheduler="sync", progress=False, axes="yx", precision="fp32", chunks=(24, 32))
+    P.predict(str(src), str(out), md, runtime="torch", **kw)
+    group = zarr.open_group(str(out), mode="r+")
+    meta = dict(group.attrs["n2v_chunked"])
+    del meta["parameters"]["runtime"]  # as written by the version before runtime.py
+    group.attrs["n2v_chunked"] = {**meta, "complete": False}
+    with pytest.raises(N2VError, match="runtime: 'torch' -> 'onnxruntime'"):
+        P.predict(str(src), str(out), md, runtime="onnxruntime", resume=True, **kw)
+    P.predict(str(src), str(out), md, runtime="torch", resume=True, **kw)
+    assert zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]["complete"] is True
