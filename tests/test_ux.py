@@ -204,7 +204,7 @@ def test_argparse_errors_are_one_line(capfd):
     rc = main(["predict", "in.tif"])
     err = capfd.readouterr().err
     assert rc == 2 and "usage:" not in err
-    assert err.strip() == ("n2v-chunked: error: the following arguments are required: output, --model-dir "
+    assert err.strip() == ("n2v-chunked: error: the following arguments are required: output, --model/--model-dir "
                            "(see n2v-chunked predict --help)")
 
 
