@@ -63,9 +63,10 @@ def centre_weight(trained, images: list[np.ndarray], delta: float = 10.0) -> flo
     apart, so each output change comes from one pixel only.  About 0 for a
     blind-spot network; 1 for the identity.
     """
-    from n2v_chunked.inference import denoise, halo_width
+    from n2v_chunked.inference import denoise
+    from n2v_chunked.model import halo_width
 
-    r = max(halo_width(trained))
+    r = max(halo_width(trained.config))
     gains = []
     for im in images:
         bump = np.zeros_like(im)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     from n2v_chunked.checkpoint import load_model
     from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.inference import denoise
-    from n2v_chunked.sources import open_image
+    from n2v_chunked.io.sources import open_image
     from n2v_chunked.train import fit
 
     if args.threads:

@@ -40,7 +40,8 @@ def main() -> None:
 
     from helpers import make_model_dir, noisy
     from n2v_chunked import predict as P
-    from n2v_chunked.ome import write_ome_zarr
+    from n2v_chunked.predict import writer
+    from n2v_chunked.io.ome import write_ome_zarr
 
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         tmp = Path(tmp)
@@ -55,7 +56,7 @@ def main() -> None:
             rates: dict[bool, list[float]] = {True: [], False: []}
             for rep in range(args.repeats):
                 for durable in (True, False):
-                    P.DURABLE = durable
+                    writer.DURABLE = durable
                     out = tmp / "out.zarr"
                     shutil.rmtree(out, ignore_errors=True)
                     res = P.predict(str(src), str(out), model, chunks=(1, side, side), scheduler="threads",
@@ -67,7 +68,7 @@ def main() -> None:
             on, off = statistics.median(rates[True]), statistics.median(rates[False])
             print(json.dumps({"chunk": side, "median_mpix_per_s_durable": on, "median_mpix_per_s_not_durable": off,
                               "slowdown": round(1 - on / off, 4)}), flush=True)
-        P.DURABLE = True
+        writer.DURABLE = True
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def make_volume(path: Path, frames: int, frame: int) -> None:
     import dask.array as da
     import xarray as xr
 
-    from n2v_chunked.ome import write_ome_zarr
+    from n2v_chunked.io.ome import write_ome_zarr
 
     rs = da.random.RandomState(0)
     x = (100 + 20 * rs.standard_normal((frames, frame, frame), chunks=(1, frame, frame))).astype(np.float32)
@@ -189,8 +189,7 @@ PIPELINES = [
 
 def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argparse.Namespace) -> None:
     """The ceiling and the pipeline in one run: ratios side by side are what a busy machine can still compare."""
-    from n2v_chunked.cluster import cluster_client
-    from n2v_chunked.predict import local_layout
+    from n2v_chunked.cluster import cluster_client, local_layout
 
     rows = ceiling(model_dir, args.tile, args.repeats, args.device)
     for r in rows:
@@ -339,10 +338,10 @@ def main() -> None:
             if not args.skip_efficiency:
                 efficiency(tmp, model_dir, volume, warm, args)
             if args.compare_schedulers:
-                import n2v_chunked.predict as P
+                from n2v_chunked.cluster import scheduling
 
                 for threads in (1, cores):
-                    P.LOCAL_DASK_THREADS = threads
+                    scheduling.LOCAL_DASK_THREADS = threads
                     r = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", "threads", warm)
                     emit(measure="scheduler", layout=f"threads: {threads} dask x {cores // threads} torch",
                          mpix_per_s=round(r["mpix_per_s"], 4))

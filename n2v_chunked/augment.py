@@ -1,4 +1,4 @@
-"""Dihedral augmentation of a batch, on its device.
+"""The dihedral group of the YX plane: training augmentation of a batch, on its device, and TTA's symmetries.
 
 The paper augments by 90-degree rotations and flips in the YX plane; in 3D
 the Z axis is also flipped.  Each patch gets one of the 8 YX symmetries (only
@@ -11,11 +11,28 @@ from __future__ import annotations
 import torch
 
 
-def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Symmetry ``k`` (0..7) of the last two axes: rotate by ``k % 4`` quarter turns, flip if ``k >= 4``."""
-    if k >= 4:
-        x = torch.flip(x, dims=(-1,))
-    return torch.rot90(x, k % 4, dims=(-2, -1))
+def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Symmetry ``k`` (0..7) of the last two axes: flip X if ``k >= 4``, then rotate by ``k % 4`` quarter turns.
+
+    The one dihedral group of the package: training augments with it
+    (:func:`augment_batch`), test-time augmentation maps predictions back with
+    ``inverse=True`` (:func:`n2v_chunked.inference.run_network`).
+
+    Examples
+    --------
+    >>> x = torch.arange(6).reshape(2, 3)
+    >>> dihedral(x, 5)
+    tensor([[0, 3],
+            [1, 4],
+            [2, 5]])
+    >>> all(torch.equal(dihedral(dihedral(x, k), k, inverse=True), x) for k in range(8))
+    True
+    """
+    if not inverse:
+        x = torch.flip(x, dims=(-1,)) if k >= 4 else x
+        return torch.rot90(x, k % 4, dims=(-2, -1))
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, keep_axes: bool = False) -> torch.Tensor:
@@ -46,7 +63,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, keep_axes: bool =
     for sym in choices.tolist():
         sel = (k == sym).nonzero().squeeze(1)
         if len(sel):
-            out[sel] = _dihedral(x[sel], sym)
+            out[sel] = dihedral(x[sel], sym)
     if x.ndim == 5:  # 3D: flip Z for half of the patches
         flip = (torch.rand(b, generator=generator, device=x.device) < 0.5).nonzero().squeeze(1)
         out[flip] = torch.flip(out[flip], dims=(2,))

@@ -86,9 +86,3 @@ def first_line(exc: BaseException) -> str:
 def rephrased(exc: N2VError, message: str) -> N2VError:
     """The same kind of error as ``exc`` with another message (e.g. a prefix naming the block)."""
     return type(exc)(message, exc.exit_code)
-
-
-def check(condition: bool, message: str) -> None:
-    """Raise :class:`N2VError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise N2VError(message)

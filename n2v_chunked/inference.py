@@ -19,17 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import dihedral
 from .checkpoint import Trained
 from .errors import N2VError
-from .model import receptive_field, size_multiple
-from .runtime import cpu_has_bf16, get_runner, resolve
-
-# dask's boundary names -> numpy.pad modes (dask's "reflect" repeats the edge)
-NUMPY_PAD_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap", "constant": "constant"}
-
-# Bytes of activations per input pixel and feature of the top level, measured
-# for the depth-2 U-Net in float32 inference (peak, with cuDNN/oneDNN workspaces).
-BYTES_PER_PIXEL_FEATURE = 48
+from .model import BYTES_PER_PIXEL_FEATURE, halo_width, size_multiple
+from .padding import NUMPY_PAD_MODE, pad_border
+from .runtime import get_runner, resolve
 
 
 def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
@@ -53,17 +48,6 @@ def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(0.5 * free) // per_pixel)
     return max(1, (1 << 30) // per_pixel)  # CPU: about 1 GiB of activations
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for (and supported), else a no-op context."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-        if not ok:
-            return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 _NO_OP = contextlib.nullcontext()
@@ -123,14 +107,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         pad += [0, e]
     mode = "replicate" if all(e < s for e, s in zip(extra, spatial)) else "constant"
     return F.pad(x, pad, mode=mode), tuple(slice(0, s) for s in spatial)
-
-
-def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
-    if not inverse:
-        x = torch.flip(x, dims=(-1,)) if k >= 4 else x
-        return torch.rot90(x, k % 4, dims=(-2, -1))
-    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 @torch.inference_mode()
@@ -208,8 +184,8 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
         padded, crop = pad_to_multiple(part, m)
         acc = torch.zeros_like(padded, dtype=torch.float32)
         for k in ks:
-            y = runner(_dihedral(padded, k) if tta else padded).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
-            acc += _dihedral(y.float(), k, inverse=True) if tta else y.float()
+            y = runner(dihedral(padded, k) if tta else padded).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
+            acc += dihedral(y.float(), k, inverse=True) if tta else y.float()
         y = acc[(slice(None), slice(None), *crop)] / len(ks)
         if weight is not None:
             w = weight.to(device)
@@ -229,12 +205,6 @@ def blend_tensor(trained: Trained) -> torch.Tensor:
         )
     w = torch.as_tensor(np.asarray(trained.blend_weight, np.float32))
     return w.reshape(1, -1, *([1] * trained.config.dims))
-
-
-def halo_width(trained: Trained) -> tuple[int, ...]:
-    """Receptive-field half-width rounded up to a multiple of ``2**depth`` per spatial axis."""
-    m = size_multiple(trained.config)
-    return tuple(-(-r // m) * m for r in receptive_field(trained.config))
 
 
 def denoise(
@@ -279,9 +249,9 @@ def denoise(
         raise N2VError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
     mean = trained.mean.reshape(1, -1, *([1] * cfg.dims))
     std = trained.std.reshape(1, -1, *([1] * cfg.dims))
-    halo = halo_width(trained)
+    halo = halo_width(cfg)
     xn = (np.asarray(x, dtype=np.float32) - mean) / std
-    padded = np.pad(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], mode=NUMPY_PAD_MODE[boundary])
+    padded = pad_border(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], boundary)
     y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta, blend=blend,
                     runtime=runtime)
     y = y[(slice(None), slice(None), *[slice(h, h + s) for h, s in zip(halo, x.shape[2:])])]

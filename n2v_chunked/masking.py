@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 import torch
 
@@ -138,6 +137,22 @@ def mask_batch(x: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> 
     -------
     MaskedBatch
         Masked inputs, the index of the chosen pixels and their original values.
+
+    Examples
+    --------
+    One pixel per 8x8 cell (density 1/64) of each patch and channel is chosen
+    and replaced by the median of its neighbourhood:
+
+    >>> import torch
+    >>> from n2v_chunked.config import MaskConfig
+    >>> x = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32)
+    >>> batch = mask_batch(x, MaskConfig(), torch.Generator().manual_seed(0))
+    >>> batch.inputs.shape, batch.targets.shape
+    (torch.Size([2, 1, 32, 32]), torch.Size([32]))
+    >>> bool((batch.targets == x[batch.index]).all())
+    True
+    >>> int((batch.inputs != x).sum())
+    32
     """
     b, c, *spatial = x.shape
     shape = tuple(spatial)
@@ -194,9 +209,3 @@ def mask_batch(x: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> 
 def masked_mse(prediction: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
     """Mean squared error at the chosen pixels only, in float32."""
     return torch.mean((prediction[batch.index].float() - batch.targets.float()) ** 2)
-
-
-def expected_count(shape: tuple[int, ...], cfg: MaskConfig) -> int:
-    """Number of chosen pixels per patch and channel for a patch of ``shape``."""
-    cell = grid_cell(cfg.density, len(shape))
-    return math.prod(math.ceil(s / min(cell, s)) for s in shape)

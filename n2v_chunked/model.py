@@ -14,12 +14,15 @@ autograd).
 from __future__ import annotations
 
 import dataclasses
-import math
-
-from torch import nn
 
 from .config import ModelConfig
 from .unet_arch import N2VUNet
+
+
+# Bytes of activations per input pixel and feature of the top level, measured
+# for the depth-2 U-Net in float32 inference (peak, with cuDNN/oneDNN workspaces):
+# the unit of inference.pixel_budget and of the prediction plan's block size.
+BYTES_PER_PIXEL_FEATURE = 48
 
 
 def size_multiple(cfg: ModelConfig) -> int:
@@ -86,6 +89,35 @@ def receptive_field(cfg: ModelConfig) -> tuple[int, ...]:
     return (half,) * cfg.dims
 
 
+def halo_width(cfg: ModelConfig) -> tuple[int, ...]:
+    """The halo of chunked prediction: :func:`receptive_field` rounded up to a multiple of ``2**depth``.
+
+    A block extended by this much on each side holds all the input its output
+    pixels depend on, and its extended extent starts on the pooling grid of
+    the padded whole image, so chunked prediction equals whole-image
+    prediction.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The architecture.
+
+    Returns
+    -------
+    tuple of int
+        One halo width per spatial axis.
+
+    Examples
+    --------
+    >>> from n2v_chunked.config import ModelConfig
+    >>> cfg = ModelConfig(dims=2, depth=2, kernel_size=3)
+    >>> receptive_field(cfg), halo_width(cfg)
+    ((23, 23), (24, 24))
+    """
+    m = size_multiple(cfg)
+    return tuple(-(-r // m) * m for r in receptive_field(cfg))
+
+
 class UNet(N2VUNet):
     """U-Net for 2D or 3D N2V (:class:`n2v_chunked.unet_arch.N2VUNet` built from a config).
 
@@ -104,34 +136,3 @@ class UNet(N2VUNet):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(**dataclasses.asdict(cfg))
         self.cfg = cfg
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def forward_flops(cfg: ModelConfig, spatial: tuple[int, ...]) -> float:
-    """Approximate multiply-add FLOPs (x2) of one forward pass on one patch."""
-    k = cfg.kernel_size**cfg.dims
-    f = cfg.features
-    cin = 1 if cfg.independent_channels else cfg.in_channels
-    pixels = math.prod(spatial)
-    total = 0.0
-    c = cin
-    for level in range(cfg.depth):
-        px = pixels / (2**cfg.dims) ** level
-        co = f * 2**level
-        total += px * k * (c * co + co * co)
-        c = co
-    px = pixels / (2**cfg.dims) ** cfg.depth
-    co = f * 2**cfg.depth
-    total += px * k * (c * co + co * co)
-    c = co
-    for level in reversed(range(cfg.depth)):
-        px = pixels / (2**cfg.dims) ** level
-        co = f * 2**level
-        skip = 0 if (cfg.n2v2 and level == 0) else co
-        total += px * k * ((c + skip) * co + co * co)
-        c = co
-    return 2.0 * total

@@ -297,27 +297,3 @@ def noise_std(patches: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)
         var = [[estimate_sigma(x[n, c]) ** 2 for n in range(x.shape[0])] for c in range(x.shape[1])]
     return np.sqrt(np.mean(np.nan_to_num(var, nan=0.0), axis=1)).astype(np.float32)
-
-
-def normalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
-    """``(x - mean) / std`` per channel, for numpy arrays or torch tensors."""
-    shape = [1] * x.ndim
-    shape[channel_axis] = -1
-    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
-    return (x - m) / s
-
-
-def denormalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
-    """Inverse of :func:`normalize`."""
-    shape = [1] * x.ndim
-    shape[channel_axis] = -1
-    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
-    return x * s + m
-
-
-def _like(x: Any, v: np.ndarray) -> Any:
-    if isinstance(x, np.ndarray):
-        return np.asarray(v, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
-    import torch
-
-    return torch.as_tensor(np.asarray(v), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)

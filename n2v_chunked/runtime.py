@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import N2VError
+from .errors import N2VError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ def cpu_has_bf16() -> bool:
         flags = Path("/proc/cpuinfo").read_text().split()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for (and supported), else a no-op context (training's mixed precision)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        if not ok:
+            return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def installed(runtime: str) -> bool:
@@ -140,7 +151,7 @@ def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, preci
     """A cached runner for ``model`` with a concrete runtime and precision (see :func:`resolve`).
 
     The cache key holds the model object itself (a retrained model is a new
-    object, see ``predict.get_model``) and the process's torch thread count,
+    object, see ``predict.blocks.get_model``) and the process's torch thread count,
     which the ONNX runtimes copy at compile time so that dask threads and the
     runtime's threads do not oversubscribe the cores.
     """
@@ -169,7 +180,7 @@ def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision
             return _openvino_runner(onnx, precision, threads)
         return _onnxruntime_runner(onnx, threads)
     except Exception as exc:  # a runtime that imports but cannot load this network
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise N2VError(f"runtime {runtime} could not load the network ({first}); "
                        "rerun with --runtime torch") from exc
 

@@ -30,14 +30,17 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .augment import augment_batch
 from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
-from .errors import N2VError
-from .inference import autocast_context
+from .errors import N2VError, first_line
+from .io.sources import open_image
+from .io.stores import REMOTE_IO_THREADS, protocol, redact
 from .lock import output_lock
 from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
 from .plots import TrainingPictures
 from .progress import Progress
+from .sampling.dataset import DEFAULT_BUFFER_BYTES, ZarrPatchDataset, batches
+from .runtime import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +328,7 @@ def _train(
         try:
             model.load_state_dict(init_weights)
         except (RuntimeError, TypeError) as exc:
-            raise N2VError(f"--init-from: weights do not match their configuration: {str(exc).splitlines()[0][:160]}") from None
+            raise N2VError(f"--init-from: weights do not match their configuration: {first_line(exc)[:160]}") from None
     model = model.to(device)
     channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
     if channels_last:
@@ -547,9 +550,9 @@ def fit(
     """Train from any source the data layer opens, streaming patches.
 
     ``source -> sampler -> masking -> model -> loss``: the image is opened
-    lazily (:func:`~n2v_chunked.sources.open_image`), normalisation statistics
+    lazily (:func:`~n2v_chunked.io.sources.open_image`), normalisation statistics
     come from a sample of blocks, and patches stream from a bounded buffer of
-    chunk-aligned blocks (:class:`~n2v_chunked.sampler.ZarrPatchDataset`).
+    chunk-aligned blocks (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`).
 
     Parameters
     ----------
@@ -594,8 +597,6 @@ def fit(
     from torch.utils.data import DataLoader
 
     from .normalize import channel_stats
-    from .sampler import DEFAULT_BUFFER_BYTES, ZarrPatchDataset, batches
-    from .sources import open_image
 
     info = init_distributed()  # before the sampler, so it shards by rank
     data = open_image(source, axes=axes, level=level)
@@ -629,7 +630,6 @@ def fit(
         grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
     patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
-    from .stores import REMOTE_IO_THREADS, protocol, redact
 
     # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
     io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2

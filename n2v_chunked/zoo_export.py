@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG, Trained, load_model
-from .errors import N2VError
-from .inference import halo_width, run_network
-from .model import size_multiple
+from .errors import N2VError, first_line
+from .inference import run_network
+from .model import halo_width, size_multiple
 from . import unet_arch
 
 N2V_DOI = "10.1109/CVPR.2019.00223"
@@ -58,7 +58,7 @@ def min_size(trained: Trained) -> int:
     from both sides of the smallest block.
     """
     m = size_multiple(trained.config)
-    h = max(halo_width(trained))
+    h = max(halo_width(trained.config))
     return (2 * h // m + 1) * m
 
 
@@ -170,7 +170,7 @@ def build_description(
 
     cfg = trained.config
     m = size_multiple(cfg)
-    halo = halo_width(trained)
+    halo = halo_width(trained.config)
     smallest = min_size(trained)
     size = max(smallest, -(-(test_size or (64 if cfg.dims == 2 else 32)) // m) * m)
     x = sample_input(trained, size)
@@ -312,4 +312,4 @@ def _first_error(exc: Exception) -> str:
     if callable(errors):
         e = errors()[0]
         return f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-    return str(exc).splitlines()[0]
+    return first_line(exc)

@@ -9,7 +9,7 @@ input and one image output on the same spatial grid, 2D or 3D, and
 
 :func:`prepare` reads and checks the description once, on the client, and
 returns a :class:`ZooRef`: a small picklable value that the dask workers load
-with :func:`load` (once per process, through ``predict.get_model``).  The
+with :func:`load` (once per process, through ``predict.blocks.get_model``).  The
 loaded :class:`ZooTrained` looks like a model directory's
 :class:`~n2v_chunked.checkpoint.Trained` whose normalisation is the identity
 and whose network is the Zoo model with its own pre- and post-processing,
@@ -41,7 +41,7 @@ import yaml
 
 from .checkpoint import Trained
 from .config import ModelConfig
-from .errors import N2VError
+from .errors import N2VError, first_line
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript")
@@ -72,7 +72,7 @@ def _raw_rdf(path: Path) -> dict[str, Any]:
             text = next((path / n) for n in RDF_NAMES if (path / n).is_file()).read_text()
         rdf = yaml.safe_load(text)
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise N2VError(f"cannot read Zoo package {path}: {str(exc).splitlines()[0]}") from None
+        raise N2VError(f"cannot read Zoo package {path}: {first_line(exc)}") from None
     if not isinstance(rdf, dict):
         raise N2VError(f"cannot read Zoo package {path}: its RDF is not a mapping")
     return rdf
@@ -479,7 +479,7 @@ def load(ref: ZooRef, device: str | torch.device | None = None) -> ZooTrained:
     try:
         pipeline = create_prediction_pipeline(descr, devices=[str(dev)], weights_format=ref.weight_format)
     except Exception as exc:  # the package's own architecture code or weights failed to load
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise N2VError(f"cannot load Zoo model {Path(ref.path).name} ({ref.weight_format}): {first[:200]}") from None
     c = spec.channels
     cfg = ModelConfig(dims=len(spec.spatial), in_channels=c, depth=0)
@@ -563,5 +563,5 @@ def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     try:
         state = torch.load(io.BytesIO(_package_file(path, name)), map_location="cpu", weights_only=True)
     except Exception as exc:  # a missing member, a truncated file, a pickle that is more than tensors
-        raise N2VError(f"cannot read the weights {name} of Zoo package {path.name}: {str(exc).splitlines()[0][:160]}") from None
+        raise N2VError(f"cannot read the weights {name} of Zoo package {path.name}: {first_line(exc)[:160]}") from None
     return meta, state

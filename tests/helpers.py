@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from n2v_chunked import checkpoint as ckpt
 from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.masking import grid_cell
 from n2v_chunked.model import UNet
 
 
@@ -69,3 +72,60 @@ def run_benchmark(script: str, *args: str, timeout: float = 300) -> tuple[subpro
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=repo, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+# Reference formulas the tests check the library against.
+
+
+def forward_flops(cfg: ModelConfig, spatial: tuple[int, ...]) -> float:
+    """Approximate multiply-add FLOPs (x2) of one forward pass on one patch."""
+    k = cfg.kernel_size**cfg.dims
+    f = cfg.features
+    cin = 1 if cfg.independent_channels else cfg.in_channels
+    pixels = math.prod(spatial)
+    total = 0.0
+    c = cin
+    for level in range(cfg.depth):
+        px = pixels / (2**cfg.dims) ** level
+        co = f * 2**level
+        total += px * k * (c * co + co * co)
+        c = co
+    px = pixels / (2**cfg.dims) ** cfg.depth
+    co = f * 2**cfg.depth
+    total += px * k * (c * co + co * co)
+    c = co
+    for level in reversed(range(cfg.depth)):
+        px = pixels / (2**cfg.dims) ** level
+        co = f * 2**level
+        skip = 0 if (cfg.n2v2 and level == 0) else co
+        total += px * k * ((c + skip) * co + co * co)
+        c = co
+    return 2.0 * total
+
+
+def expected_count(shape: tuple[int, ...], cfg: MaskConfig) -> int:
+    """Number of chosen pixels per patch and channel for a patch of ``shape``."""
+    cell = grid_cell(cfg.density, len(shape))
+    return math.prod(math.ceil(s / min(cell, s)) for s in shape)
+
+
+def normalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
+    """``(x - mean) / std`` per channel, for numpy arrays or torch tensors."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
+    return (x - m) / s
+
+
+def denormalize(x: Any, mean: np.ndarray, std: np.ndarray, channel_axis: int = 1) -> Any:
+    """Inverse of :func:`normalize`."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    m, s = _like(x, mean).reshape(shape), _like(x, std).reshape(shape)
+    return x * s + m
+
+
+def _like(x: Any, v: np.ndarray) -> Any:
+    if isinstance(x, np.ndarray):
+        return np.asarray(v, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
+    return torch.as_tensor(np.asarray(v), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)

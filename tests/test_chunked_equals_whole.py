@@ -25,6 +25,7 @@ import xarray as xr
 
 from n2v_chunked import checkpoint as ckpt
 from n2v_chunked import predict as P
+from n2v_chunked.predict import blocks
 
 from helpers import make_model_dir, noisy
 from test_predict import assert_close, chunked, whole_image
@@ -120,7 +121,7 @@ def test_nearest_halo_is_one_segment_per_side():
     One piece per position made a 3D block's padded input (2h+1)**3 dask slices
     (9261 for h=10) and the 3D rows above minutes slower.
     """
-    segs = P._segments(50, 0, 50, 10, "nearest")
+    segs = blocks._segments(50, 0, 50, 10, "nearest")
     assert segs == [(0, 1, 1, 10), (0, 50, 1), (49, 50, 1, 10)]
-    assert [P._seg_len(s) for s in segs] == [10, 50, 10]
-    assert P._segments(50, 0, 20, 10, "reflect") == [(9, -1, -1), (0, 30, 1)]  # other modes unchanged
+    assert [blocks._seg_len(s) for s in segs] == [10, 50, 10]
+    assert blocks._segments(50, 0, 20, 10, "reflect") == [(9, -1, -1), (0, 30, 1)]  # other modes unchanged

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from n2v_chunked import cluster as cluster_mod
+from n2v_chunked.cluster import slurm as cluster_mod
 from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG, cluster_client, read_jobqueue_config
 from n2v_chunked.errors import N2VError
 

@@ -20,8 +20,9 @@ from n2v_chunked.errors import (
     INTERNAL_ERROR_EXIT, AxesError, ConfigError, IncompatibleModelError, InputNotFoundError, LockHeldError, N2VError,
     OutputExistsError, UnreadableDataError,
 )
-from n2v_chunked.ome import is_complete, write_ome_zarr
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ome import is_complete, write_ome_zarr
+from n2v_chunked.io.sources import open_image
+from n2v_chunked.predict import blocks
 
 from helpers import make_model_dir
 
@@ -78,7 +79,7 @@ def test_a_bug_in_a_block_keeps_its_traceback_and_asks_for_a_report(tmp_path, mo
     def broken(*args, **kwargs):
         return {}["missing"]  # a deliberate bug: KeyError inside the block function
 
-    monkeypatch.setattr(predict_mod, "predict_block", broken)
+    monkeypatch.setattr(blocks, "predict_block", broken)
     capfd.readouterr()
     assert main(_predict_argv(src, out, model)) == INTERNAL_ERROR_EXIT == 70
     err = capfd.readouterr().err
@@ -99,7 +100,7 @@ def test_machine_failures_and_user_errors_stay_one_line(tmp_path, model, monkeyp
     def no_memory(*args, **kwargs):
         raise MemoryError("cannot allocate 64 GiB")
 
-    monkeypatch.setattr(predict_mod, "predict_block", no_memory)
+    monkeypatch.setattr(blocks, "predict_block", no_memory)
     capfd.readouterr()
     assert main(_predict_argv(src, tmp_path / "out.ome.zarr", model)) == 2
     err = capfd.readouterr().err

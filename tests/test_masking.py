@@ -7,7 +7,9 @@ import torch
 
 from n2v_chunked.augment import augment_batch
 from n2v_chunked.config import MaskConfig
-from n2v_chunked.masking import expected_count, grid_cell, mask_batch, masked_mse
+from n2v_chunked.masking import grid_cell, mask_batch, masked_mse
+
+from helpers import expected_count
 
 
 def _unique_values(shape, seed=0):

@@ -6,7 +6,9 @@ import torch
 
 from n2v_chunked.config import ModelConfig
 from n2v_chunked.errors import N2VError
-from n2v_chunked.model import UNet, forward_flops, receptive_field, size_multiple
+from n2v_chunked.model import UNet, receptive_field, size_multiple
+
+from helpers import forward_flops
 
 
 def _positive_net(cfg: ModelConfig) -> UNet:

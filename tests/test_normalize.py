@@ -10,7 +10,9 @@ import xarray as xr
 import zarr
 
 from n2v_chunked.errors import N2VError
-from n2v_chunked.normalize import channel_stats, denormalize, noise_std, normalize, stats_dask, stats_numpy
+from n2v_chunked.normalize import channel_stats, noise_std, stats_dask, stats_numpy
+
+from helpers import denormalize, normalize
 
 
 def image(shape=(3, 96, 80), seed=0):

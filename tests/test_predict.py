@@ -17,13 +17,16 @@ import zarr
 
 from n2v_chunked import checkpoint as ckpt
 from n2v_chunked import predict as P
+from n2v_chunked.cluster import scheduling
 from n2v_chunked.cli import main
 from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
 from n2v_chunked.inference import denoise
 from n2v_chunked.masking import mask_batch, masked_mse
 from n2v_chunked.model import UNet
-from n2v_chunked.ome import is_complete, write_ome_zarr
+from n2v_chunked.io.ome import is_complete, write_ome_zarr
+from n2v_chunked.predict import blocks
+from n2v_chunked.predict.plan import batches
 
 from helpers import make_model_dir, noisy, run_benchmark
 
@@ -108,7 +111,7 @@ def test_plan_halo_chunks_and_grid(tmp_path):
     assert p.chunks[1] == 1 and all(c % 4 == 0 and c % 256 == 0 for c in p.chunks[2:])
     # batches of at most N blocks cover the grid exactly once
     for n in (1, 5, 7, 10**6):
-        sizes = [int(np.prod(np.subtract(hi, lo))) for lo, hi in P._batches(p.numblocks, n)]
+        sizes = [int(np.prod(np.subtract(hi, lo))) for lo, hi in batches(p.numblocks, n)]
         assert sum(sizes) == p.nblocks and max(sizes) <= n
 
 
@@ -326,7 +329,7 @@ def test_distributed_local_cluster_writes_the_same(tmp_path, local_cluster):
     assert is_complete(tmp_path / "dist.zarr")
     with Client(local_cluster) as client:
         # the model was loaded once per worker process, not shipped with the tasks
-        loaded = client.run(lambda: sorted(k[0] for k in P._MODELS))
+        loaded = client.run(lambda: sorted(k[0] for k in blocks._MODELS))
         assert all(v == [str(md.absolute())] for v in loaded.values())
 
 
@@ -436,12 +439,12 @@ def test_benchmark_quick_scale():
 
 def test_usable_cpus_honours_the_slurm_allocation(monkeypatch):
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    n = P.usable_cpus()
+    n = scheduling.usable_cpus()
     assert n == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    assert P.usable_cpus() == 1
+    assert scheduling.usable_cpus() == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(n + 8))  # never more than the mask allows
-    assert P.usable_cpus() == n
+    assert scheduling.usable_cpus() == n
 
 
 def test_gpu_layout_one_process_per_gpu_with_threads(monkeypatch):
@@ -452,18 +455,18 @@ def test_gpu_layout_one_process_per_gpu_with_threads(monkeypatch):
 
     from n2v_chunked.inference import device_lock
 
-    monkeypatch.setattr(P, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(scheduling, "usable_cpus", lambda: 16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert P.local_layout(None) == (P.LOCAL_WORKERS, 1)  # CPU: one single-threaded process per core
+    assert scheduling.local_layout(None) == (scheduling.LOCAL_WORKERS, 1)  # CPU: one single-threaded process per core
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert P.local_layout(None) == (1, 16) and P.local_layout("cuda") == (1, 16)
-    assert P.local_layout("cpu") == (P.LOCAL_WORKERS, 1)
+    assert scheduling.local_layout(None) == (1, 16) and scheduling.local_layout("cuda") == (1, 16)
+    assert scheduling.local_layout("cpu") == (scheduling.LOCAL_WORKERS, 1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert P.local_layout(None) == (2, 8) and P.local_layout("cuda:1") == (1, 16)
-    assert P.worker_device(None) is None  # not in a dask worker
+    assert scheduling.local_layout(None) == (2, 8) and scheduling.local_layout("cuda:1") == (1, 16)
+    assert scheduling.worker_device(None) is None  # not in a dask worker
     monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=3))
-    assert P.worker_device(None) == "cuda:1" and P.worker_device("cuda:0") == "cuda:0"
+    assert scheduling.worker_device(None) == "cuda:1" and scheduling.worker_device("cuda:0") == "cuda:0"
     # threads sharing a GPU take turns on it; CPU threads do not wait for each other
     assert device_lock(torch.device("cuda:0")) is device_lock(torch.device("cuda:0"))
     assert device_lock(torch.device("cuda:0")) is not device_lock(torch.device("cuda:1"))

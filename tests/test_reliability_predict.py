@@ -26,8 +26,10 @@ import zarr
 from n2v_chunked import lock as L
 from n2v_chunked import predict as P
 from n2v_chunked.errors import N2VError
-from n2v_chunked.ome import is_complete, read_multiscales, write_ome_zarr
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ngff import read_multiscales
+from n2v_chunked.io.ome import is_complete, write_ome_zarr
+from n2v_chunked.io.sources import open_image
+from n2v_chunked.predict import blocks, run, writer
 
 from helpers import make_model_dir, noisy
 
@@ -311,7 +313,7 @@ def test_a_run_whose_lock_is_taken_over_stops_and_leaves_the_output_incomplete(t
         lock.write_text(json.dumps(thief))
         return real_block(*args, **kwargs)
 
-    monkeypatch.setattr(P, "predict_block", steal)
+    monkeypatch.setattr(blocks, "predict_block", steal)
     with pytest.raises(N2VError) as err:
         P.predict(str(src), str(out), model, chunks=(1, 32, 32), scheduler="sync", progress=False, batch_blocks=4)
     msg = str(err.value)
@@ -333,22 +335,20 @@ def test_each_block_is_fsynced_before_its_marker(tmp_path, monkeypatch):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    from n2v_chunked import durable
-
-    real_marker = durable.write_marker
-    monkeypatch.setattr(durable, "write_marker",
+    real_marker = writer.write_marker
+    monkeypatch.setattr(writer, "write_marker",
                         lambda fs, path: synced.append(f"marker {path}") or real_marker(fs, path))
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(P, "_remove_markers", lambda path: None)  # keep them, to compare
+    monkeypatch.setattr(run, "remove_markers", lambda path: None)  # keep them, to compare
     P.predict(str(src), str(out), model, chunks=(1, 64, 64), scheduler="sync", progress=False)
     meta = zarr.open_array(store=str(out / "0"), mode="r").metadata
     markers = sorted(P.done_blocks(out))
     assert len(markers) == 25
-    first_marker = min(synced.index(f"marker {out / P.MARKER_DIR / P._marker_name(b)}") for b in markers)
+    first_marker = min(synced.index(f"marker {out / P.MARKER_DIR / writer._marker_name(b)}") for b in markers)
     assert {str(out / "zarr.json"), str(out / "0" / "zarr.json")} <= set(synced[:first_marker])
     for block in markers:
         chunk = out / "0" / meta.encode_chunk_key(block)
-        marker = out / P.MARKER_DIR / P._marker_name(block)
+        marker = out / P.MARKER_DIR / writer._marker_name(block)
         assert chunk.exists()
         at = synced.index(f"marker {marker}")
         assert str(chunk) in synced[:at] and str(chunk.parent) in synced[:at]  # data durable before its marker
@@ -429,7 +429,7 @@ def _kill_at(monkeypatch, phase: str) -> None:
     """Make the first call of ``phase`` die, as a kill at that point would."""
     import zarr.core.group as zg
 
-    from n2v_chunked import ome
+    from n2v_chunked.io import pyramid
 
     def once(obj, name, when=lambda *a, **k: True):
         real = getattr(obj, name)
@@ -450,13 +450,13 @@ def _kill_at(monkeypatch, phase: str) -> None:
                 arr[(slice(0, 1),) * arr.ndim] = 1.0
                 return True
             return False
-        once(ome, "store_blocks", half_written)
+        once(pyramid, "store_blocks", half_written)
     elif phase == "pyramid metadata":
-        once(ome, "_write_multiscales")
+        once(pyramid, "write_multiscales")
     elif phase == "complete flag":
-        once(ome, "mark_complete")
+        once(run, "mark_complete")
     elif phase == "marker removal":
-        once(P, "_remove_markers")
+        once(run, "remove_markers")
 
 
 @pytest.fixture(scope="module")
@@ -479,7 +479,7 @@ def test_a_kill_at_any_phase_resumes_without_recomputing(pyramid_case, monkeypat
     kw = dict(chunks=(1, 136, 136), scheduler="sync", progress=False)
     calls = []
     real_block = P.predict_block
-    monkeypatch.setattr(P, "predict_block", lambda *a, **k: calls.append(1) or real_block(*a, **k))
+    monkeypatch.setattr(blocks, "predict_block", lambda *a, **k: calls.append(1) or real_block(*a, **k))
     _kill_at(monkeypatch, phase)
     with pytest.raises(_Killed):
         P.predict(str(src), str(out), model, **kw)

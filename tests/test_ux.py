@@ -209,7 +209,7 @@ def test_argparse_errors_are_one_line(capfd):
 
 
 def test_info_on_an_incomplete_output_says_how_much_is_written(tmp_path, capfd):
-    from n2v_chunked.ome import create_ome_zarr
+    from n2v_chunked.io.ome import create_ome_zarr
 
     out = str(tmp_path / "o.ome.zarr")
     arr = create_ome_zarr(out, (64, 64), ("y", "x"), dtype="float32", chunks=(32, 32),
@@ -242,7 +242,7 @@ def test_dashboard_link_goes_through_the_jupyterhub_proxy(monkeypatch):
     import dask
     from distributed.utils import format_dashboard_link
 
-    from n2v_chunked.cluster import _hub_link, dashboard_link_template
+    from n2v_chunked.cluster.common import _hub_link, dashboard_link_template
 
     assert dashboard_link_template({}) is None
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")

@@ -61,10 +61,10 @@ def test_export_description(exported):
     assert all(s["step"] == 4 and s["min"] % 4 == 0 for s in sizes)  # 2**depth
     assert "fixed_zero_mean_unit_variance" in [op["id"] for op in inp["preprocessing"]]
     assert "scale_linear" in [op["id"] for op in out["postprocessing"]]
-    from n2v_chunked.inference import halo_width
+    from n2v_chunked.model import halo_width
 
     trained = ckpt.load_model(exported["2d"], "cpu")
-    assert [a["halo"] for a in out["axes"][2:]] == list(halo_width(trained))
+    assert [a["halo"] for a in out["axes"][2:]] == list(halo_width(trained.config))
     assert rdf["config"]["n2v_chunked"]["model"] == ckpt.read_config(exported["2d"])["model"]
     assert any(c.get("doi") == "10.1109/CVPR.2019.00223" for c in rdf["cite"])
     with zipfile.ZipFile(exported["2dzip"]) as zf:
@@ -182,8 +182,8 @@ def test_export_of_n2v2_with_independent_channels_passes_the_model_test(tmp_path
 
 
 def test_predict_cli_with_zoo_package_writes_complete_ome_zarr(tmp_path, capsys):
-    from n2v_chunked.ome import write_ome_zarr
-    from n2v_chunked.sources import open_image
+    from n2v_chunked.io.ome import write_ome_zarr
+    from n2v_chunked.io.sources import open_image
 
     pkg = foreign_package(tmp_path / "f")
     src = tmp_path / "in.ome.zarr"
@@ -221,7 +221,7 @@ def test_probe_measures_the_reach_of_a_foreign_network(tmp_path):
 
 
 def test_train_init_from_our_package_starts_from_its_weights(exported, tmp_path):
-    from n2v_chunked.ome import write_ome_zarr
+    from n2v_chunked.io.ome import write_ome_zarr
 
     src = tmp_path / "in.ome.zarr"
     write_ome_zarr(src, xr.DataArray(_image((4, 64, 64)), dims=("t", "y", "x")), dtype=None, pyramid=False,
