@@ -40,7 +40,7 @@ def emit(**record: Any) -> None:
 
 
 def sampler_rate(data: Any, n: int, io_threads: int) -> float:
-    from n2v_chunked.sampler import ZarrPatchDataset
+    from n2v_chunked.sampling.dataset import ZarrPatchDataset
 
     ds = ZarrPatchDataset(data, PATCH, ("y", "x"), io_threads=io_threads, seed=0)
     with ds.stream() as s:
@@ -76,9 +76,9 @@ def main() -> None:
     import xarray as xr
 
     from helpers import make_model_dir
-    from n2v_chunked import stores
-    from n2v_chunked.ome import write_ome_zarr
-    from n2v_chunked.sources import open_image
+    from n2v_chunked.io import stores
+    from n2v_chunked.io.ome import write_ome_zarr
+    from n2v_chunked.io.sources import open_image
     from s3server import FaultProxy, start_moto
 
     tmp = Path(tempfile.mkdtemp(prefix="n2v-remote-"))

@@ -74,7 +74,7 @@ def crop_rate(arr: Any, n: int, seed: int = 0) -> float:
 
 def sampler_rate(z: Any, n: int, **kw: Any) -> tuple[float, float, dict]:
     """Steady-state patches/s of the sampler (after the buffer is first filled) and the start-up time."""
-    from n2v_chunked.sampler import ZarrPatchDataset
+    from n2v_chunked.sampling.dataset import ZarrPatchDataset
 
     t0 = time.perf_counter()
     ds = ZarrPatchDataset(z, PATCH, dims=("y", "x"), **kw)
@@ -128,7 +128,7 @@ def memory_child(path: str, patches: int, buffer_mb: int) -> None:
     """Run in the child: stream ``patches`` patches and report ru_maxrss."""
     import zarr
 
-    from n2v_chunked.sampler import ZarrPatchDataset
+    from n2v_chunked.sampling.dataset import ZarrPatchDataset
 
     z = zarr.open_array(path, mode="r")
     ds = ZarrPatchDataset(z, PATCH, ("y", "x"), dims=("z", "y", "x"), buffer_bytes=buffer_mb * 2**20)
@@ -210,7 +210,7 @@ def starvation(args: argparse.Namespace) -> None:
     import torch
     import zarr
 
-    from n2v_chunked.sampler import ZarrPatchDataset, batches
+    from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches
 
     path = Path(args.workdir) / f"tp_{args.tp_side}.zarr"
     z = zarr.open_array(str(path), mode="r")

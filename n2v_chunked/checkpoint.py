@@ -33,7 +33,7 @@ import yaml
 
 from . import __version__
 from .config import MaskConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .errors import IncompatibleModelError, InputNotFoundError, N2VError, rephrased
+from .errors import IncompatibleModelError, InputNotFoundError, N2VError, first_line, rephrased
 from .model import UNet
 
 CONFIG = "config.yaml"
@@ -216,7 +216,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     try:
         meta = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise IncompatibleModelError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
+        raise IncompatibleModelError(f"corrupt {path}: {first_line(exc)}") from None
     if not isinstance(meta, dict) or "model" not in meta or "normalization" not in meta:
         raise IncompatibleModelError(f"corrupt {path}: missing 'model' or 'normalization' section")
     return meta
@@ -241,10 +241,10 @@ def safe_torch_load(path: Path, device: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         raise IncompatibleModelError(f"refusing to load {path}: not a plain tensor checkpoint ({first[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise IncompatibleModelError(f"corrupt or truncated checkpoint {path}: {first[:160]}") from None
 
 
@@ -319,7 +319,7 @@ def load_model(
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise IncompatibleModelError(f"weights in {model_dir / name} do not match config.yaml: {str(exc).splitlines()[0][:160]}") from None
+        raise IncompatibleModelError(f"weights in {model_dir / name} do not match config.yaml: {first_line(exc)[:160]}") from None
     model.to(device).eval()
     weight = blend_weight(meta, "best" if name == WEIGHTS_BEST else "last")
     return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta, blend_weight=weight)

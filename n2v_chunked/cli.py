@@ -247,7 +247,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         import zarr
 
         from .convert import convert, human_bytes, info, parse_int_list
-        from .ome import MAX_THREADS
+        from .io.pyramid import MAX_THREADS
 
         t0 = time.perf_counter()
 
@@ -382,7 +382,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         )
         if args.preview:
             from .plots import write_predict_preview
-            from .sources import open_image
+            from .io.sources import open_image
 
             shown = write_predict_preview(args.output, open_image(args.input, axes=args.axes, level=args.level), out)
             if shown is not None:
@@ -441,7 +441,7 @@ def _add_storage_options(p: argparse.ArgumentParser) -> None:
 
 def _configure_stores(args: argparse.Namespace, top: Any) -> None:
     """Storage options (YAML ``storage_options:`` then ``--storage-options``) for the run's URLs."""
-    from . import stores
+    from .io import stores
 
     urls = [str(getattr(args, k)) for k in ("input", "output") if isinstance(getattr(args, k, None), str)]
     for url in urls:
@@ -540,7 +540,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     if not isinstance(section, dict):
         raise ConfigError(f"config file {known.config}: section '{command}' must be a mapping")
     if isinstance(section.get("storage_options"), dict):  # a mapping here, KEY=VALUE items on the command line
-        from .stores import parse_storage_options
+        from .io.stores import parse_storage_options
 
         top = {**(top or {}), **parse_storage_options(section.pop("storage_options"))}
     dests = {a.dest for a in sp._actions}
@@ -591,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    from . import stores
+    from .io import stores
 
     stores.remember_secrets()
     url = next((a for a in argv if stores.protocol(a)), "the object store")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError, InputNotFoundError
+from .errors import ConfigError, InputNotFoundError, first_line
 from .typecheck import BAD, conform, kind_of, mismatch
 
 T = TypeVar("T")
@@ -269,7 +269,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ConfigError(f"cannot parse config file {path}: {first}") from None
     if data is None:
         return {}

@@ -1,8 +1,8 @@
 """``info`` and ``convert``: describe any readable source, or turn it into OME-Zarr.
 
-Conversion is lazy end to end: :func:`~n2v_chunked.sources.open_image` gives a
+Conversion is lazy end to end: :func:`~n2v_chunked.io.sources.open_image` gives a
 dask array over the store's chunks (TIFF strips/tiles through tifffile's Zarr
-store) and :func:`~n2v_chunked.ome.write_ome_zarr` streams it block by block,
+store) and :func:`~n2v_chunked.io.ome.write_ome_zarr` streams it block by block,
 so memory stays at a few blocks per thread whatever the file size.
 """
 
@@ -54,7 +54,7 @@ def info(
         level), ``bytes_on_disk`` (all levels; None if unknown) and
         ``complete`` (an n2v-chunked output's flag; None for other sources).
     """
-    from .sources import open_image_info
+    from .io.sources import open_image_info
 
     arr, si = open_image_info(source, axes, level, storage_options=storage_options)
     return {
@@ -175,7 +175,7 @@ def convert(
     Parameters
     ----------
     source : path, URL or array
-        Anything :func:`~n2v_chunked.sources.open_image` reads.
+        Anything :func:`~n2v_chunked.io.sources.open_image` reads.
     out : str
         Output OME-Zarr location; must not be (inside) the input.
     axes, level
@@ -201,8 +201,9 @@ def convert(
     str
         The output location.
     """
-    from .ome import check_dtype, check_shape_list, default_chunks, write_block_shape, write_ome_zarr
-    from .sources import open_image
+    from .io.ome import check_dtype, check_shape_list, default_chunks, write_ome_zarr
+    from .io.pyramid import write_block_shape
+    from .io.sources import open_image
 
     probe = open_image(source, axes, level, storage_options=storage_options)
     dims, shape = tuple(probe.dims), tuple(probe.shape)

@@ -126,7 +126,7 @@ def run_demo(
     print("denoising chunk by chunk ...")
     predict(str(path), str(zarr_path), out / "model", axes=axes, overwrite=True, scheduler=scheduler)
     noisy = tifffile.imread(path).astype(np.float32)
-    from .sources import open_image
+    from .io.sources import open_image
 
     denoised = np.asarray(open_image(str(zarr_path)).values, np.float32).reshape(noisy.shape)
     summary: dict[str, Any] = {

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import N2VError
+from .errors import N2VError, first_line
 
 log = logging.getLogger("n2v_chunked")
 
@@ -86,7 +86,7 @@ def choose_normalization(data: Any, model_mean: np.ndarray, model_std: np.ndarra
     try:
         data_mean, data_std = channel_stats(data)
     except (N2VError, OSError) as exc:  # NaN, a constant channel, an unreadable chunk; other errors are bugs
-        what = str(exc).splitlines()[0] if isinstance(exc, N2VError) else f"{type(exc).__name__}: {exc}"
+        what = first_line(exc) if isinstance(exc, N2VError) else f"{type(exc).__name__}: {exc}"
         if mode == "data":
             raise N2VError(f"--normalize data: cannot sample the input's statistics: {what}") from exc
         # advisory only: a bad block stops the prediction itself, with the block named and --resume offered

@@ -244,7 +244,7 @@ class _Remote(_Local):
 
 
 def _files(path: str) -> _Local:
-    from .sources import is_url
+    from .io.stores import is_url
 
     if is_url(path) and not path.startswith("file://"):
         return _Remote(path)

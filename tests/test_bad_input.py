@@ -41,7 +41,7 @@ import zarr
 
 from n2v_chunked import checkpoint as ckpt
 from n2v_chunked.cli import main
-from n2v_chunked.ome import is_complete, write_ome_zarr
+from n2v_chunked.io.ome import is_complete, write_ome_zarr
 
 from helpers import make_model_dir
 

@@ -18,8 +18,8 @@ import zarr
 from n2v_chunked.cli import main
 from n2v_chunked.convert import convert, human_bytes, info, parse_int_list
 from n2v_chunked.errors import N2VError
-from n2v_chunked.ome import is_complete, write_ome_zarr
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ome import is_complete, write_ome_zarr
+from n2v_chunked.io.sources import open_image
 
 SHARED = Path(__file__).parents[2] / "shared" / "data" / "microscopy"
 
@@ -266,7 +266,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys
     import psutil
     import tifffile, tqdm.auto, zarr, zarr.codecs
-    import n2v_chunked.ome, n2v_chunked.sources
+    import n2v_chunked.io.ome, n2v_chunked.io.sources
     from n2v_chunked.convert import convert
     base = psutil.Process().memory_info().rss  # after imports: count the conversion only
     convert(sys.argv[1], sys.argv[2], axes="zyx", progress=False)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from n2v_chunked.cli import main
-from n2v_chunked.ome import is_complete
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ome import is_complete
+from n2v_chunked.io.sources import open_image
 
 
 @pytest.mark.parametrize("sample", ["nuclei", "paxillin"])

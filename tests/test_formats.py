@@ -8,8 +8,8 @@ import pytest
 import tifffile
 
 from n2v_chunked.errors import N2VError
-from n2v_chunked.formats import open_with_bioio, plugin_for
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.formats import open_with_bioio, plugin_for
+from n2v_chunked.io.sources import open_image
 
 pytest.importorskip("bioio")
 iio = pytest.importorskip("imageio.v3")
@@ -50,7 +50,7 @@ def test_ome_tiff_through_bioio_has_axes_and_pixel_sizes(tmp_path):
     path = tmp_path / "s.ome.tif"
     tifffile.imwrite(path, img, ome=True,
                      metadata={"axes": "ZCYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 1.5})
-    from n2v_chunked.sources import _canonical
+    from n2v_chunked.io.sources import _canonical
 
     a, _ = _canonical(open_with_bioio(str(path)), None)
     assert a.dims == ("c", "z", "y", "x")
@@ -90,7 +90,7 @@ def test_png_predicts_end_to_end(tmp_path):
 def test_without_bioio_png_names_the_extra(tmp_path, monkeypatch):
     import importlib.util
 
-    from n2v_chunked import formats
+    from n2v_chunked.io import formats
 
     real = importlib.util.find_spec
     monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None if name == "bioio" else real(name))

@@ -124,7 +124,7 @@ def test_notebooks_are_stripped() -> None:
 
 
 def test_quickstart(tmp_path: Path, nb_env: None) -> None:
-    from n2v_chunked.ome import is_complete
+    from n2v_chunked.io.ome import is_complete
 
     nb, s = run_notebook("01_quickstart.ipynb", {
         "STEPS": 3, "MINUTES": 1.0, "BATCH_SIZE": 16, "VAL_PATCHES": 16, "N_WORKERS": 1, "THREADS_PER_WORKER": 1,
@@ -141,7 +141,7 @@ def test_quickstart(tmp_path: Path, nb_env: None) -> None:
 
 
 def test_large_volume(tmp_path: Path, nb_env: None) -> None:
-    from n2v_chunked.ome import is_complete
+    from n2v_chunked.io.ome import is_complete
 
     nb, s = run_notebook("02_large_volume.ipynb", {
         # a 2D model with few features and a high learning rate: 30 steps already beat the noisy input by ~4 dB

@@ -19,16 +19,9 @@ import zarr
 
 from n2v_chunked import __version__
 from n2v_chunked.errors import N2VError
-from n2v_chunked.ome import (
-    build_pyramid,
-    cast_block,
-    create_ome_zarr,
-    default_chunks,
-    is_complete,
-    mark_complete,
-    write_ome_zarr,
-)
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ome import create_ome_zarr, default_chunks, is_complete, mark_complete, write_ome_zarr
+from n2v_chunked.io.pyramid import build_pyramid, cast_block
+from n2v_chunked.io.sources import open_image
 
 
 def ramp(shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:

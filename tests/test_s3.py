@@ -23,10 +23,10 @@ import tifffile
 import torch
 import xarray as xr
 
-from n2v_chunked import stores
+from n2v_chunked.io import stores
 from n2v_chunked.cli import main
-from n2v_chunked.ome import write_ome_zarr
-from n2v_chunked.sources import open_image
+from n2v_chunked.io.ome import write_ome_zarr
+from n2v_chunked.io.sources import open_image
 
 from helpers import make_model_dir, noisy
 from s3server import FaultProxy, serve_folder

@@ -1,4 +1,4 @@
-"""Tests of the chunk-aware streaming patch sampler (n2v_chunked.sampler).
+"""Tests of the chunk-aware streaming patch sampler (n2v_chunked.sampling).
 
 Most tests use "coordinate" volumes whose value is the linear index of the
 voxel, so every patch tells where it came from and can be compared with the
@@ -21,15 +21,9 @@ import zarr
 from helpers import run_benchmark
 
 from n2v_chunked.errors import N2VError
-from n2v_chunked.sampler import (
-    ZarrPatchDataset,
-    _subtract,
-    batches,
-    draw_origins,
-    make_block_grid,
-    origin_boxes,
-    split_validation,
-)
+from n2v_chunked.io.sources import open_image
+from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches
+from n2v_chunked.sampling.grid import _subtract, draw_origins, make_block_grid, origin_boxes, split_validation
 
 
 def coord_zarr(path: Path, shape, chunks, compress: bool = False) -> zarr.Array:
@@ -151,7 +145,8 @@ def test_validation_split_deterministic_and_at_least_one():
 )
 def test_patch_shapes_and_contents(tmp_path, dims, shape, chunks, spatial, patch):
     z = coord_zarr(tmp_path / "a.zarr", shape, chunks)
-    ds = ZarrPatchDataset(xr.DataArray(da.from_zarr(z), dims=dims), patch, spatial, epochs=1, min_block_bytes=0)
+    x = open_image(str(tmp_path / "a.zarr"), axes="".join(dims))  # hands over the zarr array it opened
+    ds = ZarrPatchDataset(x, patch, spatial, epochs=1, min_block_bytes=0)
     assert type(ds._source).__name__ == "_ZarrSource"  # read through zarr, not dask
     p, _ = take(ds, 400)
     C = shape[dims.index("c")] if "c" in dims else 1
@@ -455,20 +450,15 @@ def test_rank_from_torch_distributed(tmp_path, monkeypatch):
     assert ds._streams() == (0, 4)
 
 
-def test_zarr_found_behind_a_reader_object(tmp_path):
+def test_zarr_handed_over_by_open_image(tmp_path):
     z = coord_zarr(tmp_path / "a.zarr", (96, 96), (32, 32))
-
-    class Reader:  # the data layer's style: from_array over an object holding the zarr array
-        def __init__(self, array):
-            self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
-
-        def __getitem__(self, key):
-            return self.array[key]
-
-    x = xr.DataArray(da.from_array(Reader(z), chunks=(64, 64), asarray=False), dims=("y", "x"))
+    x = open_image(str(tmp_path / "a.zarr"), chunks=(64, 64))  # dask chunks other than the store's
     ds = ZarrPatchDataset(x, (16, 16), min_block_bytes=0, epochs=1)
     assert type(ds._source).__name__ == "_ZarrSource" and ds._source.chunks[0][0] == 32  # store chunks
     check_patches_match(ds, take(ds, 100)[0], z[...])
+    changed = ZarrPatchDataset(x + 0, (16, 16), min_block_bytes=0, epochs=1)  # no longer the stored values
+    assert type(changed._source).__name__ == "_DaskSource"
+    check_patches_match(changed, take(changed, 100)[0], z[...])
 
 
 @pytest.mark.timeout(60)

@@ -123,7 +123,7 @@ def _assert_no_jobs(name: str, timeout: float = 15.0) -> None:
 def _assert_same_output(got: Path, ref: Path) -> None:
     import zarr
 
-    from n2v_chunked.ome import is_complete
+    from n2v_chunked.io.ome import is_complete
 
     assert is_complete(got), f"{got} is not marked complete"
     a, b = zarr.open_group(str(got), mode="r"), zarr.open_group(str(ref), mode="r")
@@ -183,7 +183,7 @@ def model_dir(noisy: Path, workdir: Path) -> Path:
 def reference(noisy: Path, model_dir: Path, workdir: Path) -> Path:
     """The local prediction the SLURM runs must reproduce."""
     from n2v_chunked.cli import main
-    from n2v_chunked.ome import is_complete
+    from n2v_chunked.io.ome import is_complete
 
     out = workdir / "local.ome.zarr"
     rc = main(["predict", str(noisy), str(out), "--model-dir", str(model_dir), "--axes", "tyx",

@@ -13,7 +13,8 @@ import xarray as xr
 import zarr
 
 from n2v_chunked.errors import N2VError
-from n2v_chunked.sources import open_image, open_image_info, parse_axes
+from n2v_chunked.io.metadata_axes import parse_axes
+from n2v_chunked.io.sources import open_image, open_image_info
 
 SHARED = Path(__file__).parents[2] / "shared" / "data" / "microscopy"
 
@@ -323,7 +324,7 @@ def test_pyramidal_ome_tiff_levels(tmp_path):
 
 
 def test_incomplete_n2v_output_opens_with_a_warning(tmp_path, caplog):
-    from n2v_chunked.ome import create_ome_zarr
+    from n2v_chunked.io.ome import create_ome_zarr
 
     create_ome_zarr(tmp_path / "o.zarr", (8, 8), "yx")
     with caplog.at_level("WARNING", logger="n2v_chunked"):
@@ -441,7 +442,7 @@ def test_axes_must_agree_with_imagej_and_ome_tiff_axes(tmp_path, kind):
 
 
 def test_axes_must_agree_with_ome_zarr_axes(tmp_path):
-    from n2v_chunked.ome import write_ome_zarr
+    from n2v_chunked.io.ome import write_ome_zarr
 
     src = tmp_path / "in.ome.zarr"
     write_ome_zarr(src, xr.DataArray(ramp((2, 8, 12)), dims=("c", "y", "x")), pyramid=False, progress=False)

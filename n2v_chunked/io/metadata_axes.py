@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .errors import AxesError
+from ..errors import AxesError
 
 Stated = tuple[str | None, ...]
 
-CANONICAL = ("t", "c", "z", "y", "x")
+CANONICAL: tuple[str, ...] = ("t", "c", "z", "y", "x")
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}  # NGFF axis types
+ASK_AXES = "pass --axes (letters from tczyx, e.g. --axes zyx)"
 # tifffile series kinds whose axes are its own guesses, not the file's metadata
 _GUESSED_KINDS = ("generic", "uniform")
 
@@ -86,3 +88,31 @@ def check_axes_agree(given: Sequence[str], stated: Stated | None, source: str, s
         f"{said!r} (shape {' x '.join(map(str, shape))}); --axes names the axes in the order they are stored, "
         f"not the tczyx order that info prints: {fix}"
     )
+
+
+def parse_axes(axes: str | Sequence[str], ndim: int) -> tuple[str, ...]:
+    """Validate an axes string such as ``"zyx"`` against an array's ndim.
+
+    Parameters
+    ----------
+    axes : str or sequence of str
+        Letters from ``tczyx`` (any case), no repeats, one per dimension.
+    ndim : int
+        Number of dimensions of the array the axes describe.
+
+    Returns
+    -------
+    tuple of str
+        Lower-case axis names in the given (not canonical) order.
+    """
+    letters = tuple(a.lower() for a in (axes.replace(",", "").strip() if isinstance(axes, str) else axes))
+    bad = sorted({a for a in letters if a not in CANONICAL})
+    if bad:
+        raise AxesError(
+            f"unknown axis letter(s) {', '.join(map(repr, bad))} in axes {''.join(letters)!r}: use letters from tczyx"
+        )
+    if len(set(letters)) != len(letters):
+        raise AxesError(f"repeated axis letter in axes {''.join(letters)!r}")
+    if len(letters) != ndim:
+        raise AxesError(f"axes {''.join(letters)!r} has {len(letters)} letters but the data has {ndim} dimensions")
+    return letters

@@ -1,6 +1,6 @@
 """Image formats beyond Zarr and TIFF, read through bioio (the optional ``[formats]`` extra).
 
-:func:`~n2v_chunked.sources.open_image` reads OME-Zarr, Zarr and TIFF itself
+:func:`~n2v_chunked.io.sources.open_image` reads OME-Zarr, Zarr and TIFF itself
 (the fast paths).  Any other file comes here: PNG and JPEG (bioio-imageio),
 OME-TIFF through bioio-ome-tiff when asked directly, and the microscope
 vendors' formats (CZI, LIF, ND2, ...) when their bioio plugin is installed.
@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import N2VError
+from ..errors import N2VError, first_line
+from .readers import Raw, SourceInfo
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def _refusal(path: str) -> N2VError:
 
 
 def open_with_bioio(path: str, level: int = 0) -> Any:
-    """Open a file with bioio as a :class:`~n2v_chunked.sources._Raw` (native dims, lazy).
+    """Open a file with bioio as a :class:`~n2v_chunked.io.sources.Raw` (native dims, lazy).
 
     Singleton T, Z and C axes are dropped; RGB samples (``S``) become the
     channel axis.  Physical pixel sizes (bioio reports micrometres) become the
@@ -79,8 +80,6 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
     N2VError
         bioio or the plugin the file needs is missing, or no plugin can read it.
     """
-    from .sources import SourceInfo, _Raw
-
     if importlib.util.find_spec("bioio") is None:
         raise _refusal(path)
     from bioio import BioImage
@@ -91,8 +90,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
     except UnsupportedFileFormatError:
         raise _refusal(path) from None
     except Exception as exc:  # a plugin that chokes on a damaged file
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise N2VError(f"cannot read {path}: {type(exc).__name__}: {first}") from None
+        raise N2VError(f"cannot read {path}: {type(exc).__name__}: {first_line(exc)}") from None
     if len(img.scenes) > 1:
         log.warning("%s holds %d scenes (series); reading the first, %r", path, len(img.scenes), img.scenes[0])
     if level:
@@ -116,7 +114,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
         raise N2VError(f"cannot read {path}: bioio gives axes {''.join(letters)}; {', '.join(extra)} "
                        "is not one of t, c, z, y, x (convert it with another tool first)")
     dims = tuple(_DIMS[d] for d in letters)
-    raw = _Raw(data, dims, type(img.reader).__module__.split(".")[0].replace("_", "-"), path)
+    raw = Raw(data, dims, type(img.reader).__module__.split(".")[0].replace("_", "-"), path)
     sizes = img.physical_pixel_sizes
     for d, v in (("z", sizes.Z), ("y", sizes.Y), ("x", sizes.X)):
         if d in dims and v:

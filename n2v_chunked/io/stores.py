@@ -24,12 +24,14 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from .errors import N2VError
+from ..errors import N2VError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,44 @@ def require_client(url: str) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Paths, URLs and chunks.
+# ----------------------------------------------------------------------------
+
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+
+
+def is_url(s: str) -> bool:
+    """True for ``scheme://...`` strings (fsspec URLs)."""
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s))
+
+
+def local_path(path: str | os.PathLike[str]) -> Path | None:
+    """The absolute local path of ``path`` (``file://`` stripped), or None for an object-store URL."""
+    s = str(path)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return None if is_url(s) else Path(s).expanduser().absolute()
+
+
+def location(path: str | os.PathLike[str]) -> str:
+    """``path`` as the store location zarr and fsspec use: absolute for local paths, URLs unchanged."""
+    loc = local_path(path)
+    return str(loc) if loc is not None else str(path)
+
+
+def grow_chunks(shape: Sequence[int], chunks: Sequence[int], itemsize: int, target: int) -> tuple[int, ...]:
+    """Multiply store chunks, innermost dim first, until a chunk is about ``target`` bytes."""
+    out = [min(c, s) for c, s in zip(chunks, shape)]
+    for d in reversed(range(len(out))):
+        size = math.prod(out) * itemsize
+        if size >= target:
+            break
+        factor = max(1, target // size)
+        out[d] = min(shape[d], out[d] * factor)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------
 # Redaction.
 # ----------------------------------------------------------------------------
 
@@ -365,7 +405,7 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
         except Exception as exc:
             if isinstance(exc, RetriesExhausted) or not is_transient(exc):
                 raise
-            first = redact(str(exc).splitlines()[0] if str(exc) else "")
+            first = redact(first_line(exc))
             if attempt == retries:
                 raise RetriesExhausted(f"{what}: still failing after {retries + 1} attempts: {type(exc).__name__}: {first}") from exc
             wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
