@@ -430,6 +430,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict,
                                                                    add_export]
+
+
 def _add_storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-options", action="append", metavar="KEY=VALUE", default=None,
@@ -452,9 +454,6 @@ def _configure_stores(args: argparse.Namespace, top: Any) -> None:
     for key, val in stores.parse_storage_options(getattr(args, "storage_options", None)).items():
         options[key] = {**options[key], **val} if isinstance(val, dict) and isinstance(options.get(key), dict) else val
     stores.configure(options, urls)
-
-
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict]
 
 
 # ----------------------------------------------------------------------------

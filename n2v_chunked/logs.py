@@ -50,9 +50,12 @@ def setup_logging(verbose: bool = False, debug: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(_Formatter())
+    handler._n2v_chunked = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
+        # replace our own and plain console handlers; keep others (a log file, pytest's capture)
+        if getattr(h, "_n2v_chunked", False) or type(h) is logging.StreamHandler:
+            root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("n2v_chunked").setLevel(level)

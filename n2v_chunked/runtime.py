@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import N2VError, first_line
+from .unet_arch import N2VUNet
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,21 @@ def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
-    """Eager torch: channels-last in 2D (oneDNN/cuDNN's fast layout), autocast for bf16/fp16."""
-    net = copy.deepcopy(model).eval()  # its own copy: the memory format is a property of the weights
+    """Eager torch: channels-last in 2D (oneDNN/cuDNN's fast layout), autocast for bf16/fp16.
+
+    Only our U-Net changes layout; another network (a Zoo model's pipeline) runs as it is.
+    """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a few fixed block shapes: autotune once per shape
     # 2D only: channels-last-3d is not measured yet for the 3D U-Net, so 3D keeps the default layout
-    net = net.to(memory_format=torch.channels_last) if _is_2d(net) else net
+    ours_2d = isinstance(model, N2VUNet) and _is_2d(model)
+    net = model.eval()
+    if ours_2d:  # its own copy: the memory format is a property of the weights
+        net = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     dtype = _DTYPE.get(precision)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
+        if ours_2d:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             return net(x).float().contiguous()
