@@ -44,8 +44,11 @@ def _source(tmp: Path, shape=(4, 192, 192)) -> Path:
 
 
 def _cli(src: Path, out: Path, model: Path, *extra: str, chunks: str = "1,32,32") -> list[str]:
+    # the Python API's fp32 torch (the CLI's auto picks bf16 on AMX CPUs): outputs compare with P.predict's,
+    # and chunk sizes and run times stay those the kill and write-error tests are sized for
     return [sys.executable, "-m", "n2v_chunked.cli", "predict", str(src), str(out), "--model-dir", str(model),
-            "--chunks", chunks, "--scheduler", "sync", "--no-progress", *extra]
+            "--chunks", chunks, "--scheduler", "sync", "--no-progress", "--precision", "fp32", "--runtime", "torch",
+            *extra]
 
 
 def _level0(out: Path) -> np.ndarray:

@@ -26,7 +26,8 @@ def _stack(path: Path) -> Path:
 def _train_cmd(src: Path, model: Path, steps: int, resume: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "n2v_chunked.cli", "train", str(src), "--axes", "tyx", "--model-dir", str(model),
            "--steps", str(steps), "--batch-size", "4", "--features", "4", "--patch", "32,32",
-           "--val-interval", "1", "--checkpoint-interval", "1", "--no-progress", "--precision", "fp32"]
+           "--val-interval", "1", "--checkpoint-interval", "1", "--no-progress", "--precision", "fp32",
+           "--stop-patience", "0"]  # every step a validation: early stopping would end the run before ``steps``
     return cmd + (["--resume"] if resume else [])
 
 

@@ -235,7 +235,7 @@ def test_predict_api_slurm_equals_local_run(
     out = tmp_path / "slurm-api.ome.zarr"
     try:
         res = predict(str(noisy), str(out), str(model_dir), axes="tyx", chunks=(1, 48, 48), scheduler="slurm",
-                      jobqueue_config=str(jq), jobs=1, progress=False)
+                      jobqueue_config=str(jq), jobs=1, progress=False, precision="auto", runtime="auto")  # the CLI's
     finally:
         _assert_no_jobs(name)
     assert res.attrs["predict_stats"]["blocks_computed"] == 4 * 2 * 2

@@ -272,8 +272,8 @@ def test_bad_paths_are_one_line_errors(tmp_path):
     (tmp_path / "folder" / "x.txt").write_text("hi")
     with pytest.raises(N2VError, match="neither a Zarr store"):
         open_image(tmp_path / "folder")
-    (tmp_path / "a.png").write_bytes(b"\x89PNG")
-    with pytest.raises(N2VError, match="unsupported input file"):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")  # a cut-off PNG: bioio's reader refuses it, or bioio is absent
+    with pytest.raises(N2VError, match="unsupported input file|cannot read .*a.png"):
         open_image(tmp_path / "a.png")
     with pytest.raises(N2VError, match="no TIFF files match"):
         open_image(str(tmp_path / "*.tif"))

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import N2VError, first_line
+from ..errors import N2VError, UnreadableDataError, first_line
 from .readers import Raw, SourceInfo
 
 log = logging.getLogger(__name__)
@@ -54,18 +54,18 @@ def _installed(plugin: str) -> bool:
     return importlib.util.find_spec(plugin.replace("-", "_")) is not None
 
 
-def _refusal(path: str) -> N2VError:
+def _refusal(path: str) -> UnreadableDataError:
     """One line for a file no installed reader opens, naming what to install."""
     plugin = plugin_for(path)
     if plugin is None:
-        return N2VError(f"unsupported input file {path}: expected OME-Zarr, Zarr, TIFF, or an image format "
+        return UnreadableDataError(f"unsupported input file {path}: expected OME-Zarr, Zarr, TIFF, or an image format "
                         f"a bioio plugin reads ({EXTRA} for PNG and JPEG; CZI, LIF, ND2 need their own plugin)")
     install = EXTRA + ("" if plugin in IN_EXTRA else f" {plugin}")
     if importlib.util.find_spec("bioio") is None:
-        return N2VError(f"unsupported input file {path}: reading it needs bioio; {install}")
+        return UnreadableDataError(f"unsupported input file {path}: reading it needs bioio; {install}")
     if not _installed(plugin):
-        return N2VError(f"unsupported input file {path}: no bioio reader for it is installed; {install}")
-    return N2VError(f"cannot read {path}: {plugin} is installed but cannot read it (a damaged or truncated file?)")
+        return UnreadableDataError(f"unsupported input file {path}: no bioio reader for it is installed; {install}")
+    return UnreadableDataError(f"cannot read {path}: {plugin} is installed but cannot read it (a damaged or truncated file?)")
 
 
 def open_with_bioio(path: str, level: int = 0) -> Any:
@@ -90,7 +90,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
     except UnsupportedFileFormatError:
         raise _refusal(path) from None
     except Exception as exc:  # a plugin that chokes on a damaged file
-        raise N2VError(f"cannot read {path}: {type(exc).__name__}: {first_line(exc)}") from None
+        raise UnreadableDataError(f"cannot read {path}: {type(exc).__name__}: {first_line(exc)}") from None
     if len(img.scenes) > 1:
         log.warning("%s holds %d scenes (series); reading the first, %r", path, len(img.scenes), img.scenes[0])
     if level:
