@@ -2,7 +2,7 @@
 
 Every subcommand is a thin layer over a library function: parse, call, print.
 Options can also come from a YAML file (``--config``), one section per
-subcommand, e.g.::
+subcommand (:mod:`n2v_chunked.cli_config`), e.g.::
 
     predict:
       chunks: [1, 512, 512]
@@ -26,8 +26,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .cli_config import add_storage_options, apply_config_file, configure_stores
 from .errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, environment_problem, first_line
-from .typecheck import BAD, conform, mismatch
 
 log = logging.getLogger("n2v_chunked")
 
@@ -156,7 +156,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     def handler(args: argparse.Namespace) -> int:
         from .config import MaskConfig, ModelConfig, TrainConfig
         from .convert import parse_int_list
-        from .train import fit
+        from .fit import fit
 
         if args.tensorboard:  # before any work
             from .plots import require_tensorboard
@@ -185,7 +185,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
         return 0
 
-    _add_storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -210,7 +210,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
         print(format_info(info(args.path, axes=args.axes, level=args.level)))
         return 0
 
-    _add_storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -273,7 +273,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         return 0
 
-    _add_storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -394,7 +394,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
               f"{' (' + s['runtime'] + ')' if s.get('runtime') else ''}", flush=True)
         return 0
 
-    _add_storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=handler)
 
 
@@ -430,30 +430,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_train, add_info, add_convert, add_predict,
                                                                    add_export]
-
-
-def _add_storage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--storage-options", action="append", metavar="KEY=VALUE", default=None,
-        help="option for the object store's client (s3fs), repeatable: endpoint_url=..., anon=true, "
-        "profile=..., client_kwargs.region_name=...; credentials best come from the AWS environment "
-        "variables or ~/.aws (see README, Object stores)",
-    )
-
-
-def _configure_stores(args: argparse.Namespace, top: Any) -> None:
-    """Storage options (YAML ``storage_options:`` then ``--storage-options``) for the run's URLs."""
-    from .io import stores
-
-    urls = [str(getattr(args, k)) for k in ("input", "output") if isinstance(getattr(args, k, None), str)]
-    for url in urls:
-        stores.require_client(url)
-    if isinstance(getattr(args, "output", None), str):
-        stores.check_writable(args.output)
-    options = stores.parse_storage_options(top) if top else {}
-    for key, val in stores.parse_storage_options(getattr(args, "storage_options", None)).items():
-        options[key] = {**options[key], **val} if isinstance(val, dict) and isinstance(options.get(key), dict) else val
-    stores.configure(options, urls)
 
 
 # ----------------------------------------------------------------------------
@@ -514,77 +490,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Any:
-    """Use the ``--config`` YAML file's section for the chosen command as defaults.
-
-    Returns the file's top-level ``storage_options:`` mapping (None without one).
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-    if not known.config:
-        return None
-    from .config import read_config_file
-
-    data = read_config_file(known.config)
-    top = data.get("storage_options")
-    if top is not None and not isinstance(top, dict):
-        raise N2VError(f"config file {known.config}: 'storage_options' must be a mapping")
-    command = next((a for a in rest if not a.startswith("-")), None)
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if command not in subparsers.choices:
-        return top
-    sp = subparsers.choices[command]
-    section: dict[str, Any] = dict(data.get(command, {}) or {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {known.config}: section '{command}' must be a mapping")
-    if isinstance(section.get("storage_options"), dict):  # a mapping here, KEY=VALUE items on the command line
-        from .io.stores import parse_storage_options
-
-        top = {**(top or {}), **parse_storage_options(section.pop("storage_options"))}
-    dests = {a.dest for a in sp._actions}
-    unknown = sorted(k for k in section if k.replace("-", "_") not in dests)
-    if unknown:
-        raise ConfigError(f"config file {known.config}: unknown option(s) for '{command}': {', '.join(unknown)}")
-    actions = {a.dest: a for a in sp._actions}
-    where = f"config file {known.config}, section '{command}'"
-    sp.set_defaults(**{k.replace("-", "_"): _option_value(actions[k.replace("-", "_")], k, v, where)
-                       for k, v in section.items()})
-    # Positionals given in the file satisfy argparse only if they are optional there.
-    for action in sp._actions:
-        if action.dest in {k.replace("-", "_") for k in section} and not action.option_strings:
-            action.nargs = "?"
-    return top
-
-
-# String options that a config file may also give as a YAML list
-LIST_OPTIONS: dict[str, Any] = {"chunks": list[int], "shards": list[int], "patch": list[int], "struct_axes": list[str]}
-
-
-def _option_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
-    """A ``--config`` value checked like the command line would: type, then choices.
-
-    argparse converts only command-line strings; YAML values arrive typed and
-    must be of the option's type (``steps: 2.5`` or ``lr: "0.001"`` is refused).
-    """
-    if value is None and action.default is None:
-        return None  # ``device: null``: the option's own default
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        hint: Any = bool
-    elif action.type in (int, float):
-        hint = action.type
-    else:
-        hint = str | LIST_OPTIONS[action.dest] if action.dest in LIST_OPTIONS else str
-        if action.choices is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)  # ``ngff: 0.5`` is a number to YAML
-    out = conform(value, hint)
-    if out is BAD:
-        raise ConfigError(f"{where}: {mismatch(key, value, hint)}")
-    if action.choices is not None and out not in action.choices:
-        raise ConfigError(f"{where}: {key!r} = {value!r} must be one of {', '.join(map(str, action.choices))}")
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``n2v-chunked`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -595,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stores.remember_secrets()
     url = next((a for a in argv if stores.protocol(a)), "the object store")
     try:
-        top = _apply_config_file(parser, argv)
+        top = apply_config_file(parser, argv)
         args = parser.parse_args(_glue_negative_values(parser, argv))
         from .logs import setup_logging
         from .progress import set_interval
@@ -603,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(verbose=args.verbose, debug=args.debug)
         stores.install_log_redaction()
         set_interval(getattr(args, "progress_interval", None))
-        _configure_stores(args, top)
+        configure_stores(args, top)
         return int(args.handler(args) or 0)
     except N2VError as exc:
         if debug:

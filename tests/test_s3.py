@@ -285,12 +285,13 @@ def test_missing_client_names_the_extra(monkeypatch):
 
 
 def test_yaml_storage_options_top_level_and_per_command(tmp_path):
-    from n2v_chunked.cli import _apply_config_file, build_parser
+    from n2v_chunked.cli import build_parser
+    from n2v_chunked.cli_config import apply_config_file
 
     cfg = tmp_path / "n2v.yaml"
     cfg.write_text("storage_options:\n  anon: true\n  client_kwargs: {region_name: eu-west-1}\n"
                    "info:\n  storage_options: {endpoint_url: 'http://127.0.0.1:9'}\n")
-    top = _apply_config_file(build_parser(), ["--config", str(cfg), "info", "s3://b/x.zarr"])
+    top = apply_config_file(build_parser(), ["--config", str(cfg), "info", "s3://b/x.zarr"])
     assert top == {"anon": True, "client_kwargs": {"region_name": "eu-west-1"}, "endpoint_url": "http://127.0.0.1:9"}
 
 

@@ -211,7 +211,8 @@ def test_halo_option_when_the_package_declares_none(tmp_path):
 
 
 def test_probe_measures_the_reach_of_a_foreign_network(tmp_path):
-    from n2v_chunked.zoo_import import inspect_description, load, measure_reach, prepare, read_description
+    from n2v_chunked.zoo_import import load, measure_reach, prepare
+    from n2v_chunked.zoo_spec import inspect_description, read_description
 
     pkg = foreign_package(tmp_path / "f")
     ref = prepare(pkg, xr.DataArray(_image((64, 64)), dims=("y", "x")), check_reach=False)

@@ -55,7 +55,8 @@ from ..padding import BOUNDARIES
 from ..progress import Progress
 from ..runtime import describe as describe_runtime
 from ..runtime import resolve as resolve_runtime
-from ..zoo_import import is_zoo_package, prepare
+from ..zoo_import import prepare
+from ..zoo_spec import is_zoo_package
 from .blocks import batch_prediction, get_model, model_token
 from .plan import Plan, batches, plan
 from .writer import MARKER_DIR, done_blocks, has_level0, markers, remove_markers, sync_output, write_task
