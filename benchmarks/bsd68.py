@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
     from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.inference import denoise
     from n2v_chunked.io.sources import open_image
-    from n2v_chunked.train import fit
+    from n2v_chunked.fit import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -71,7 +71,7 @@ def run_one(clean: np.ndarray, noisy: np.ndarray, channels: str, steps: int, min
     """Train one configuration, predict the whole image, score it."""
     from n2v_chunked.config import ModelConfig, TrainConfig
     from n2v_chunked.predict import predict
-    from n2v_chunked.train import fit
+    from n2v_chunked.fit import fit
 
     model = work / f"{channels}-{seed}-{steps}-{minutes:.3f}"
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, patch_size=[args.patch, args.patch],

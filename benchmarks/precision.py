@@ -55,7 +55,7 @@ def train_bsd68(data: Path, steps: int, model_dir: Path) -> None:
 
 def train_nuclei(noisy: np.ndarray, steps: int, batch_size: int, model_dir: Path) -> None:
     from n2v_chunked.config import TrainConfig
-    from n2v_chunked.train import fit
+    from n2v_chunked.fit import fit
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, val_interval=25, checkpoint_interval=100, seed=0)
     fit(noisy, model_dir, axes="zyx", dims=2, train_cfg=cfg, progress=False)

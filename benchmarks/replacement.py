@@ -31,7 +31,7 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
 
     from n2v_chunked.config import MaskConfig, TrainConfig
     from n2v_chunked.predict import predict
-    from n2v_chunked.train import fit
+    from n2v_chunked.fit import fit
 
     model = work / replacement
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_interval=25, checkpoint_interval=100,

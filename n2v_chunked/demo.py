@@ -100,7 +100,7 @@ def run_demo(
     import tifffile
 
     from .predict import predict
-    from .train import fit
+    from .fit import fit
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

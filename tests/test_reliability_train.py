@@ -133,7 +133,7 @@ def test_training_killed_before_its_first_checkpoint_restarts_or_resumes(tmp_pat
 
 def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
     """Training writes its state before the first step, so a kill at any step leaves something to resume."""
-    from n2v_chunked import train as T
+    from n2v_chunked.fit import fit
 
     src = _stack(tmp_path / "in.zarr")
     saved = []
@@ -141,6 +141,6 @@ def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_training_state", lambda d, state: saved.append(state["step"]) or real(d, state))
     from n2v_chunked.config import ModelConfig, TrainConfig
 
-    T.fit(str(src), tmp_path / "m", axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
-          train_cfg=TrainConfig(steps=3, batch_size=4, patch_size=[32, 32], checkpoint_interval=200, val_interval=1))
+    fit(str(src), tmp_path / "m", axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
+        train_cfg=TrainConfig(steps=3, batch_size=4, patch_size=[32, 32], checkpoint_interval=200, val_interval=1))
     assert saved[0] == 0 and saved[-1] == 3

@@ -16,7 +16,8 @@ from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
 from n2v_chunked.inference import denoise
 from n2v_chunked import train as train_module
-from n2v_chunked.train import cosine_factor, stalled, train
+from n2v_chunked.train import cosine_factor, train
+from n2v_chunked.validation import stalled
 
 
 class RandomCrops:
@@ -154,7 +155,7 @@ def test_early_stop_ends_a_stalled_run_and_keeps_the_best(tmp_path, caplog, monk
     _, noisy = _noisy_image()
     img = noisy[None]
     losses = iter([1.0, 0.5] + [0.6 + 0.01 * i for i in range(100)])  # best at the 2nd validation, then worse
-    monkeypatch.setattr(train_module, "_validate", lambda *a, **k: (next(losses), [0.5]))
+    monkeypatch.setattr(train_module, "validate", lambda *a, **k: (next(losses), [0.5]))
     cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=50, val_interval=2, precision="fp32",
                       stop_patience=3, checkpoint_interval=100)
     with caplog.at_level("INFO", logger="n2v_chunked"):
