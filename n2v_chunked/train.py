@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .augment import augment_batch
 from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
 from .errors import N2VError, first_line
-from .lock import output_lock
+from .lock import HeldLock, output_lock
 from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
 from .normalize import noise_std
@@ -224,12 +224,13 @@ def train(
     """
     info = init_distributed()
     model_dir = Path(model_dir)
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as stack:
+        lock = None
         if info.is_main:  # one run per model directory: two would overwrite each other's checkpoints
-            held.enter_context(output_lock(str(model_dir), "a training run"))
+            lock = stack.enter_context(output_lock(str(model_dir), "a training run"))
         return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
                       device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info,
-                      init_weights=init_weights, tensorboard=tensorboard)
+                      init_weights=init_weights, tensorboard=tensorboard, lock=lock)
 
 
 def _train(
@@ -237,8 +238,9 @@ def _train(
     model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
     resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
     progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False,
+    lock: HeldLock | None = None,
 ) -> TrainResult:
-    """The body of :func:`train`, run while the model directory's lock is held."""
+    """The body of :func:`train`, run while the model directory's lock (``lock``) is held."""
     mask_cfg = mask_cfg or MaskConfig()
     train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
@@ -327,6 +329,8 @@ def _train(
     def save() -> None:
         if not info.is_main:
             return
+        if lock is not None:  # a run whose lock was taken over stops before it overwrites the other's checkpoint
+            lock.check()
         ckpt.save_weights(model_dir, model,
                           ckpt.WEIGHTS_LAST)
         ckpt.save_training_state(

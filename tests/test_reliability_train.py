@@ -144,3 +144,33 @@ def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
     fit(str(src), tmp_path / "m", axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
         train_cfg=TrainConfig(steps=3, batch_size=4, patch_size=[32, 32], checkpoint_interval=200, val_interval=1))
     assert saved[0] == 0 and saved[-1] == 3
+
+
+def test_a_training_run_whose_lock_is_taken_over_stops_at_its_next_checkpoint(tmp_path, monkeypatch):
+    """Another run took the model directory's lock: this one stops instead of overwriting its checkpoints."""
+    import json
+
+    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.errors import LockHeldError
+    from n2v_chunked.fit import fit
+    from n2v_chunked.lock import lock_path
+
+    src = _stack(tmp_path / "in.zarr")
+    model = tmp_path / "m"
+    saved = []
+    real = ckpt.save_training_state
+
+    def save_then_lose_the_lock(d, state):
+        saved.append(state["step"])
+        real(d, state)
+        if state["step"] == 2:  # as a second run taking over a lock it judged stale would leave it
+            other = {"token": "another-run", "pid": 1, "host": "elsewhere", "what": "a training run"}
+            Path(lock_path(str(model))).write_text(json.dumps(other))
+
+    monkeypatch.setattr(ckpt, "save_training_state", save_then_lose_the_lock)
+    with pytest.raises(LockHeldError, match="no longer owns"):
+        fit(str(src), model, axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
+            train_cfg=TrainConfig(steps=8, batch_size=4, patch_size=[32, 32], checkpoint_interval=2, val_interval=1,
+                                  stop_patience=0))
+    assert saved == [0, 2]  # no checkpoint after the takeover
+    assert json.loads(Path(lock_path(str(model))).read_text())["token"] == "another-run"  # its lock left alone
