@@ -180,6 +180,10 @@ class TrainConfig:
         Seed for patch sampling, masking and weights.
     num_workers : int
         Data-loader worker processes for streaming sources.
+    compile : bool
+        ``torch.compile`` the network of the train step (opt-in: compiling
+        takes minutes, and it is not measured to win yet; for GPUs, whose
+        step is short enough for kernel launches to count).
     """
 
     patch_size: list[int] = dataclasses.field(default_factory=list)
@@ -198,6 +202,7 @@ class TrainConfig:
     time_budget: float = 0.0
     seed: int = 0
     num_workers: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "train")

@@ -128,7 +128,8 @@ def fit(
     if resume:
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
-        train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget)
+        train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
+                                        compile=train_cfg.compile)
     init = None
     if init_from is not None:
         if resume:
@@ -180,13 +181,15 @@ def fit(
         # fixed draw of training patches, as other N2V tools do, and say so.
         log.warning("image too small to hold out validation blocks; validating on training patches")
         val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
+    # batches in page-locked memory for a GPU: their copies then overlap the step before
+    pin = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
     if train_cfg.num_workers > 0:
         stream: Iterable[Any] = DataLoader(
             dataset, batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,
-            persistent_workers=True, pin_memory=torch.cuda.is_available(),
+            persistent_workers=True, pin_memory=pin,
         )
     else:
-        stream = batches(dataset, train_cfg.batch_size)
+        stream = batches(dataset, train_cfg.batch_size, pin=pin)
     label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
     return train(
         stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,

@@ -15,6 +15,7 @@ Python loop over pixels or patches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import torch
@@ -70,6 +71,16 @@ def actual_density(density: float, ndim: int) -> float:
     return grid_cell(density, ndim) ** -float(ndim)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small integer tensor on ``device``, built once (never modify it).
+
+    A host-to-device copy per batch would make the host wait for a GPU's
+    queue each time; these values are the same for every batch.
+    """
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def _neighbour_offsets(cfg: MaskConfig, ndim: int, device: torch.device) -> torch.Tensor:
     """All neighbourhood offsets except the centre and (structN2V) the masked line."""
     r = cfg.neighbourhood // 2
@@ -78,7 +89,7 @@ def _neighbour_offsets(cfg: MaskConfig, ndim: int, device: torch.device) -> torc
     offsets = [
         o for o in itertools.product(range(-r, r + 1), repeat=ndim) if any(o) and o not in hidden
     ]
-    return torch.tensor(offsets, dtype=torch.long, device=device)
+    return _constant(tuple(offsets), device)
 
 
 def _struct_offsets(cfg: MaskConfig, ndim: int) -> list[list[int]]:
@@ -106,7 +117,7 @@ def _stratified_positions(
     starts = torch.cartesian_prod(
         *[torch.arange(0, s, min(cell, s), device=device) for s in shape]
     ).reshape(-1, len(shape))
-    size = torch.tensor(shape, device=device)
+    size = _constant(shape, device)
     width = torch.minimum(torch.full_like(starts, cell), size - starts)  # partial cells at the border
     u = torch.rand((n, *starts.shape), generator=generator, device=device)
     return starts + (u * width).long()
@@ -162,7 +173,7 @@ def mask_batch(x: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> 
     if shape[-1] < 2:
         raise N2VError(f"patches must be at least 2 pixels wide along x, got {shape}")
     device = x.device
-    size = torch.tensor(shape, device=device)
+    size = _constant(shape, device)
     n = b * c
     pos = _stratified_positions(n, shape, grid_cell(cfg.density, ndim), generator, device)
     cells = pos.shape[1]
@@ -194,7 +205,7 @@ def mask_batch(x: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> 
     inputs = x.clone()
     line = _struct_offsets(cfg, ndim)
     if line:
-        lo = torch.tensor(line, dtype=torch.long, device=device)  # (L, ndim)
+        lo = _constant(tuple(map(tuple, line)), device)  # (L, ndim)
         lp = pos[:, None, :] + lo[None]  # (K, L, ndim)
         inside = ((lp >= 0) & (lp < size)).all(-1)
         lb, lc = bi[:, None].expand_as(inside)[inside], ci[:, None].expand_as(inside)[inside]

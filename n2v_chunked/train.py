@@ -38,6 +38,7 @@ from .normalize import noise_std
 from .plots import TrainingPictures
 from .progress import Progress
 from .runtime import autocast_context
+from .transfer import LateScalar, ready, to_device
 from .validation import stalled, validate, validation_set
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ def _normaliser(mean: np.ndarray, std: np.ndarray, dims: int, device: torch.devi
 
 
 def _to_tensor(batch: Any, device: torch.device) -> torch.Tensor:
+    """A checked batch on ``device``; on CUDA copied on a side stream, overlapping the step still running."""
     t = torch.as_tensor(batch, dtype=torch.float32)
     if not torch.isfinite(t).all():
         raise N2VError("training batch contains NaN or Inf values; clean the data or use a foreground filter")
-    return t.to(device, non_blocking=True)
+    return ready(*to_device(t, device))
 
 
 def cosine_factor(progress: float, warmup: float) -> float:
@@ -251,7 +253,7 @@ def _train(
         model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
         # the step and time budgets and early stopping may change on resume; the rest is fixed
         train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
-                                        stop_patience=train_cfg.stop_patience)
+                                        stop_patience=train_cfg.stop_patience, compile=train_cfg.compile)
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
         model_id = meta.get("model_id")
@@ -325,6 +327,8 @@ def _train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if train_cfg.compile:  # opt-in: the fixed-shape step compiled once (not measured to win yet)
+        net = torch.compile(net)
 
     def save() -> None:
         if not info.is_main:
@@ -370,6 +374,16 @@ def _train(
             pictures.update(history, model)
         return val_loss
 
+    losses = LateScalar()
+
+    def settle(read: tuple[int, float] | None) -> None:
+        """Take a step's loss read back from the device; stop a diverged run."""
+        nonlocal last_loss
+        if read is not None:
+            done, last_loss = read
+            if not math.isfinite(last_loss):
+                raise N2VError(f"training diverged at step {done} (loss {last_loss}); lower the learning rate")
+
     it: Iterator[Any] = iter(batches)
     bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main)
     start_time = time.perf_counter()
@@ -402,29 +416,31 @@ def _train(
             with autocast_context(device, train_cfg.precision):
                 pred = net(inputs)
             loss = masked_mse(pred, masked)
+            settle(losses.push(step + 1, loss))  # the previous step's loss: no wait for this one
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             step += 1
             patches += x.shape[0] * info.world_size
             local_patches += x.shape[0]
-            last_loss = float(loss.detach())
-            if not math.isfinite(last_loss):
-                raise N2VError(f"training diverged at step {step} (loss {last_loss}); lower the learning rate")
+            validated = step % train_cfg.val_interval == 0 or step == train_cfg.steps
+            checkpoint = step % train_cfg.checkpoint_interval == 0
+            if validated or checkpoint:  # this step's loss is recorded, and a diverged run is never saved
+                settle(losses.flush())
             elapsed = time.perf_counter() - start_time
             postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
                        "patch/s": f"{patches / elapsed:.0f}"}
-            validated = step % train_cfg.val_interval == 0 or step == train_cfg.steps
             if validated:
                 postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
             bar.update(1, postfix)
-            if step % train_cfg.checkpoint_interval == 0:
+            if checkpoint:
                 save()
             if validated and stalled(history, train_cfg.stop_patience):
                 log.info("early stop at step %d: no better validation loss in the last %d validations (best %.5g); "
                          "the best weights are kept (--stop-patience 0 trains all %d steps)",
                          step, train_cfg.stop_patience, best, train_cfg.steps)
                 break
+        settle(losses.flush())
     finally:
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too

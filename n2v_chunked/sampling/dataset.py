@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import N2VError
+from ..transfer import pinned
 from .access import BadChunks, chunk_slices, open_mask, open_source, read_mask, read_window
 from .grid import (
     DEFAULT_MIN_BLOCK_BYTES,
@@ -440,7 +441,8 @@ class ZarrPatchDataset(IterableDataset):
 
 
 
-def batches(dataset: Iterable[torch.Tensor], batch_size: int, prefetch: int = 2) -> Iterator[torch.Tensor]:
+def batches(dataset: Iterable[torch.Tensor], batch_size: int, prefetch: int = 2,
+            pin: bool = False) -> Iterator[torch.Tensor]:
     """Group patches into ``(B, C, *patch)`` float32 tensors, drawn ahead in a thread.
 
     A :class:`ZarrPatchDataset` is drawn straight into each batch array (no
@@ -456,11 +458,15 @@ def batches(dataset: Iterable[torch.Tensor], batch_size: int, prefetch: int = 2)
     prefetch : int
         Batches prepared ahead by a background thread, so that drawing
         overlaps the consumer's work (0: draw on demand in the caller).
+    pin : bool
+        Batches in page-locked memory when CUDA is present (for a consumer on
+        a GPU): a :class:`ZarrPatchDataset` draws straight into it, other
+        patches are pinned in the background thread.
     """
     if isinstance(dataset, ZarrPatchDataset):
         s = dataset.stream()
         try:
-            for batch in ahead(iter(lambda: s.next_batch(batch_size), None), prefetch):
+            for batch in ahead(iter(lambda: s.next_batch(batch_size, pin), None), prefetch):
                 dataset._served += len(batch)
                 yield batch
         finally:
@@ -472,9 +478,9 @@ def batches(dataset: Iterable[torch.Tensor], batch_size: int, prefetch: int = 2)
         for patch in dataset:
             buf.append(torch.as_tensor(patch))
             if len(buf) == batch_size:
-                yield torch.stack(buf)
+                yield pinned(torch.stack(buf), pin)
                 buf = []
         if buf:
-            yield torch.stack(buf)
+            yield pinned(torch.stack(buf), pin)
 
     yield from ahead(stacked(), prefetch)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import N2VError
+from ..transfer import host_empty
 from .access import BadChunks
 from .grid import TAG_SLOT, Box, assign_blocks, draw_origins, seeded_rng
 
@@ -277,15 +278,17 @@ class PatchStream:
         self.stats["patches"] += i
         return i
 
-    def next_batch(self, batch_size: int) -> torch.Tensor | None:
+    def next_batch(self, batch_size: int, pin: bool = False) -> torch.Tensor | None:
         """A ``(B, C, *patch)`` float32 tensor, or None once a finite stream is spent.
 
         B is less than ``batch_size`` only for the last batch of a finite stream.
+        ``pin``: drawn straight into page-locked memory when CUDA is present,
+        so the copy to the GPU runs asynchronously (no extra copy to pin it).
         """
         ds = self._ds
-        out = np.empty((batch_size, ds.n_channels, *ds.patch_shape), dtype=np.float32)
-        n = self._fill(out.reshape(batch_size, ds.n_channels, *ds.grid.patch), batch_size)
-        return torch.from_numpy(out[:n]) if n else None
+        out = host_empty((batch_size, ds.n_channels, *ds.patch_shape), pin)
+        n = self._fill(out.numpy().reshape(batch_size, ds.n_channels, *ds.grid.patch), batch_size)
+        return out[:n] if n else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while (batch := self.next_batch(64)) is not None:
