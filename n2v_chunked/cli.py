@@ -121,6 +121,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 autocast where the hardware supports it (default)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the train step's network (opt-in, for GPUs; compiling takes minutes)")
     g = p.add_argument_group("network")
     g.add_argument("--depth", type=int, default=2)
     g.add_argument("--features", type=int, default=32, help="feature maps at the top level (paper: 32, 96 for natural images)")
@@ -174,7 +176,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                 precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
-                                stop_patience=stop)
+                                stop_patience=stop, compile=args.compile)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
@@ -336,10 +338,11 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="network arithmetic (default auto: bf16 on CPUs with AVX-512 BF16/AMX and on GPUs "
                    "with bf16, else fp32; bf16 is within 0.01 dB of fp32 on BSD68 and nuclei; fp32 for "
                    "bit-for-bit needs)")
-    p.add_argument("--runtime", choices=["auto", "torch", "openvino", "onnxruntime"], default="auto",
+    p.add_argument("--runtime", choices=["auto", "torch", "torch-compile", "openvino", "onnxruntime"], default="auto",
                    help="engine of the network (default auto: OpenVINO on CPU when installed, else ONNX Runtime "
                    "for fp32, else PyTorch; PyTorch on GPUs); OpenVINO installs with n2v-chunked, ONNX Runtime "
-                   "with pip install 'n2v-chunked[cpu]'")
+                   "with pip install 'n2v-chunked[cpu]'; torch-compile: PyTorch through torch.compile, opt-in "
+                   "(compiles each block shape once; not measured to win yet)")
     p.add_argument("--normalize", choices=["model", "data"], default="model",
                    help="model: normalise with the training data's statistics (default; a warning when the input's "
                    "are far from them); data: with the input's own, sampled once per run, for data whose noise is "

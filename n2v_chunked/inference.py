@@ -25,6 +25,7 @@ from .errors import N2VError
 from .model import BYTES_PER_PIXEL_FEATURE, halo_width, size_multiple
 from .padding import NUMPY_PAD_MODE, pad_border
 from .runtime import get_runner, resolve
+from .transfer import compute_done, ready, to_device, to_host
 
 
 def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
@@ -138,7 +139,7 @@ def run_network(
         Mix the prediction with the noisy input, pixel by pixel, with the
         model's per-channel weight (:func:`n2v_chunked.checkpoint.blend_weight`):
         the minimum-MSE estimate when the noise is pixel-independent.
-    runtime : {"torch", "openvino", "onnxruntime", "auto"}
+    runtime : {"torch", "torch-compile", "openvino", "onnxruntime", "auto"}
         Engine of the forward pass (:mod:`n2v_chunked.runtime`).
 
     Returns
@@ -151,8 +152,14 @@ def run_network(
     runtime, precision = resolve(runtime, precision, device)
     runner = get_runner(trained.model, device, runtime, precision)
     strict = ieee_fp32(device) if precision == "fp32" else _NO_OP
+    xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
+    # The copies run outside the lock, on this thread's side stream: one block's input lands on the GPU
+    # and another's output leaves it while the GPU computes a third (:mod:`n2v_chunked.transfer`).
+    staged = to_device(xt, device)
     with device_lock(device), strict:  # threads sharing a GPU take turns: each sizes its batch from the free memory
-        return _run(trained, runner, device, x, max_pixels, tta, weight)
+        y = _run(trained, runner, device, ready(*staged), max_pixels, tta, weight)
+        done = compute_done(y.device)  # only queued: the lock is released before the GPU has finished
+    return to_host(y, done)
 
 
 def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
@@ -164,20 +171,19 @@ def device_lock(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-         x: np.ndarray | torch.Tensor, max_pixels: int | None, tta: bool, weight: torch.Tensor | None) -> np.ndarray:
-    """The body of :func:`run_network`: batches within the pixel budget, TTA, blending."""
-    xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
-    cuda = device.type == "cuda" and xt.device.type == "cpu"
-    if cuda:  # page-locked host buffers: copies run asynchronously, the next batch's overlapping this one's compute
-        xt = xt.pin_memory()
+         xt: torch.Tensor, max_pixels: int | None, tta: bool, weight: torch.Tensor | None) -> torch.Tensor:
+    """The body of :func:`run_network`: batches within the pixel budget, TTA, blending.
+
+    The result lies where ``xt`` does (the GPU for torch on CUDA, else the host).
+    """
     n = xt.shape[0]
     per_item = math.prod(xt.shape[1:]) // xt.shape[1]
     step = max(1, (max_pixels or pixel_budget(trained, device)) // max(per_item, 1))
-    out = torch.empty_like(xt, pin_memory=cuda)
+    out = torch.empty_like(xt)
     ks = range(8) if tta else range(1)
     m = size_multiple(trained.config)
     for start in range(0, n, step):
-        part = xt[start : start + step].to(device, non_blocking=True)
+        part = xt[start : start + step].to(device)
         # Pad once, before any rotation: a rotation maps the padded end onto the start, so
         # padding after it would shift the pooling grid by an amount that depends on the
         # block's length, and chunked prediction would no longer equal whole-image prediction.
@@ -190,10 +196,8 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
         if weight is not None:
             w = weight.to(device)
             y = w * y + (1.0 - w) * part
-        out[start : start + step].copy_(y, non_blocking=cuda)
-    if cuda:
-        torch.cuda.current_stream(device).synchronize()  # the last non-blocking copy back
-    return out.numpy()
+        out[start : start + step].copy_(y)
+    return out
 
 
 def blend_tensor(trained: Trained) -> torch.Tensor:

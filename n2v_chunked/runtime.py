@@ -11,6 +11,9 @@ Runtimes:
 
 - ``torch``: eager PyTorch; channels-last for 2D, autocast for bf16/fp16;
   on CUDA cuDNN autotuning (blocks have a few fixed shapes).
+- ``torch-compile``: the same, through ``torch.compile`` (one graph per
+  block shape).  Opt-in only, never ``auto``: it made CPU inference slower in
+  one probe (issue 15) and is not measured on a GPU yet.
 - ``openvino``: the network exported to ONNX once per process, compiled
   with dynamic shapes (no recompile per block shape) and
   ``INFERENCE_PRECISION_HINT`` f32/bf16/f16 (bf16 uses AMX where present).
@@ -44,10 +47,11 @@ from .unet_arch import N2VUNet
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+RUNTIMES = ("auto", "torch", "torch-compile", "openvino", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # what each runtime can run (ONNX Runtime's CPU provider has no bf16/fp16 convolutions)
-SUPPORTED = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",)}
+SUPPORTED = {"torch": ("fp32", "bf16", "fp16"), "torch-compile": ("fp32", "bf16", "fp16"),
+             "openvino": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",)}
 _OV_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,7 +90,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 def installed(runtime: str) -> bool:
     """Whether the runtime's package can be imported here (torch always can)."""
-    return runtime == "torch" or importlib.util.find_spec(runtime) is not None
+    return runtime.startswith("torch") or importlib.util.find_spec(runtime) is not None
 
 
 def resolve(runtime: str, precision: str, device: str | torch.device | None = None) -> tuple[str, str]:
@@ -94,7 +98,7 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
 
     Parameters
     ----------
-    runtime : {"auto", "torch", "openvino", "onnxruntime"}
+    runtime : {"auto", "torch", "torch-compile", "openvino", "onnxruntime"}
     precision : {"auto", "fp32", "bf16", "fp16"}
         ``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with
         AVX-512 BF16/AMX), else fp32.  bf16 passed the quality bar (PSNR
@@ -114,7 +118,7 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
         raise N2VError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
-    if runtime != "auto" and cuda and runtime != "torch":
+    if runtime != "auto" and cuda and not runtime.startswith("torch"):
         raise N2VError(f"runtime {runtime} runs on CPU only; use --runtime torch (or auto) with device {dev}")
     if precision == "auto":
         fast = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
@@ -163,7 +167,7 @@ def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, preci
         with _RUNNERS_LOCK:
             runner = _RUNNERS.get(key)
             if runner is None:
-                for k in [k for k in _RUNNERS if k[0] == key[0] and k[1:] != key[1:] and k[2] != "torch"]:
+                for k in [k for k in _RUNNERS if k[0] == key[0] and k[1:] != key[1:] and not k[2].startswith("torch")]:
                     del _RUNNERS[k]  # a compiled model per thread count is enough
                 runner = _build(model, device, runtime, precision, threads)
                 _RUNNERS[key] = runner
@@ -173,8 +177,8 @@ def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, preci
 
 
 def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision: str, threads: int) -> Runner:
-    if runtime == "torch":
-        return _torch_runner(model, device, precision)
+    if runtime.startswith("torch"):
+        return _torch_runner(model, device, precision, compiled=runtime == "torch-compile")
     try:
         onnx = export_onnx(model)
         if runtime == "openvino":
@@ -186,8 +190,8 @@ def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision
                        "rerun with --runtime torch") from exc
 
 
-def _torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
-    """Eager torch: channels-last in 2D (oneDNN/cuDNN's fast layout), autocast for bf16/fp16.
+def _torch_runner(model: torch.nn.Module, device: torch.device, precision: str, compiled: bool = False) -> Runner:
+    """Torch: channels-last in 2D (oneDNN/cuDNN's fast layout), autocast for bf16/fp16; ``compiled``: torch.compile.
 
     Only our U-Net changes layout; another network (a Zoo model's pipeline) runs as it is.
     """
@@ -199,6 +203,8 @@ def _torch_runner(model: torch.nn.Module, device: torch.device, precision: str) 
     if ours_2d:  # its own copy: the memory format is a property of the weights
         net = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     dtype = _DTYPE.get(precision)
+    if compiled:  # static shapes: blocks come in a few fixed shapes, each compiled once
+        net = torch.compile(net, dynamic=False)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if ours_2d:
@@ -268,8 +274,8 @@ def _onnxruntime_runner(onnx: bytes, threads: int) -> Runner:
 @functools.lru_cache(maxsize=None)
 def describe(runtime: str, precision: str) -> str:
     """One line for logs: ``openvino bf16`` and which package version runs it."""
-    if runtime == "torch":
-        return f"torch {torch.__version__} {precision}"
+    if runtime.startswith("torch"):
+        return f"{runtime} {torch.__version__} {precision}"
     with contextlib.suppress(Exception):
         mod = __import__(runtime)
         return f"{runtime} {getattr(mod, '__version__', '?')} {precision}"
