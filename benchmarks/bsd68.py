@@ -16,6 +16,7 @@ python benchmarks/bsd68.py --steps 100                  # the 100-step figure
 python benchmarks/bsd68.py --steps 100 --paper  # the paper's uniform replacement
 python benchmarks/bsd68.py --minutes 15 --steps 100000  # the 15-minute figure
 python benchmarks/bsd68.py --steps 200000 --features 96 # the paper's full run (GPU)
+python benchmarks/bsd68.py --device cuda --minutes 5 --steps 1000000 --paper --train-ceiling  # loop vs bare step
 """
 
 from __future__ import annotations
@@ -85,8 +86,12 @@ def train_step_ceiling(args: argparse.Namespace, steps: int = 5) -> dict[str, fl
     """Patches/s of the bare train step (mask, forward, masked loss, backward, Adam) on one fixed batch.
 
     No sampler, augmentation, validation or checkpoints: what the network
-    alone allows, per layout and precision; the loop's patches/s over the best
-    of these is the training ratio (a regression in the loop shows up there).
+    alone allows, per layout and precision, on ``args.device`` (the batch
+    already there); the loop's patches/s over the best of these is the
+    training ratio (a regression in the loop shows up there).  Timed over
+    ``steps`` steps after one warm-up step (cuDNN autotuning), one wait for
+    the device at the end: a GPU's queue stays full, as in the loop.
+    ``args.compile`` adds the best candidate through ``torch.compile``.
     """
     import torch
 
@@ -94,28 +99,36 @@ def train_step_ceiling(args: argparse.Namespace, steps: int = 5) -> dict[str, fl
     from n2v_chunked.masking import mask_batch, masked_mse
     from n2v_chunked.model import UNet
 
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     out = {}
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 1, args.patch, args.patch, generator=gen)
-    for name, channels_last, bf16 in STEP_CONFIGS:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch_size, 1, args.patch, args.patch, generator=gen, device=device)
+    configs = [(name, cl, bf16, False) for name, cl, bf16 in STEP_CONFIGS]
+    if args.compile:
+        configs.append(("bf16 channels-last compiled", True, True, True))
+    for name, channels_last, bf16, compiled in configs:
         torch.manual_seed(0)
-        net = UNet(ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2)).train()
+        net = UNet(ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2)).to(device).train()
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-        times = []
-        for _ in range(steps + 1):  # the first is warm-up
-            t0 = time.perf_counter()
+        step_net = torch.compile(net) if compiled else net
+        warmup = 3 if compiled else 1  # compiled: the forward and backward graphs, then a steady step
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
             masked = mask_batch(x, MaskConfig(density=args.mask_density), gen)
             inp = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                pred = net(inp)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = step_net(inp)
             loss = masked_mse(pred, masked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            times.append(time.perf_counter() - t0)
-        out[name] = round(args.batch_size / float(np.median(times[1:])), 1)
+        sync()
+        out[name] = round(args.batch_size * steps / (time.perf_counter() - t0), 1)
     return out
 
 
@@ -131,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = Path(args.data)
     train_clean = load_pngs(data / "Train400", args.n_train)
     test_clean = load_pngs(data / "BSD68", args.n_test)
@@ -147,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, patch_size=[args.patch, args.patch],
         time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
         checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
-        schedule=args.schedule, warmup=args.warmup,
+        schedule=args.schedule, warmup=args.warmup, compile=args.compile,
         stop_patience=args.stop_patience if args.stop_patience is not None else 0 if args.paper else TrainConfig.stop_patience,
     )
     # one image per chunk: blocks of whole images, some held out for validation
@@ -156,9 +170,9 @@ def run(args: argparse.Namespace) -> dict:
         source, work, dims=2,
         model_cfg=ModelConfig(depth=args.depth, features=args.features, n2v2=args.n2v2),
         mask_cfg=MaskConfig(density=args.mask_density, replacement=replacement),
-        train_cfg=cfg, progress=not args.quiet,
+        train_cfg=cfg, progress=not args.quiet, device=args.device,
     )
-    trained = load_model(work, which=args.weights)
+    trained = load_model(work, device=args.device, which=args.weights)
     start = time.perf_counter()
     kw = dict(precision=args.predict_precision, runtime=args.predict_runtime, tta=args.tta)
     restored = [denoise(trained, im[None, None], **kw)[0, 0] for im in test_noisy]
@@ -189,6 +203,8 @@ def run(args: argparse.Namespace) -> dict:
         "weights": args.weights,
         "tta": args.tta,
         "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "compile": args.compile,
     }
     if args.train_ceiling:
         ceiling = train_step_ceiling(args)
@@ -235,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--train-ceiling", action="store_true",
                    help="also time the bare train step per layout/precision; report the loop's ratio to the best")
+    p.add_argument("--device", help="torch device of training and prediction (default: cuda when available, else cpu)")
+    p.add_argument("--compile", action="store_true", help="train with torch.compile (opt-in; also a compiled ceiling)")
     args = p.parse_args(argv)
     from n2v_chunked.errors import N2VError
 

@@ -99,7 +99,8 @@ CONFIGS = [
 ]
 
 
-def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
+def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
+            configs: list[tuple[str, str, str, bool]] = CONFIGS) -> list[dict[str, Any]]:
     """MPix/s of the bare network on one in-memory tile, per runtime/layout/precision (best of ``repeats``).
 
     On CUDA the tile lives on the GPU (no copies) and only torch runs, in fp32, bf16 and fp16.
@@ -115,7 +116,7 @@ def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu") -> li
     x = torch.randn(1, 1, tile, tile, device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
-    for name, runtime, precision, exact in CONFIGS:
+    for name, runtime, precision, exact in configs:
         if not installed(runtime.split("-")[0]) or (cuda and not runtime.startswith("torch")):
             continue
         if precision == "fp16" and not cuda:
@@ -155,7 +156,8 @@ def pipeline_rate(model_dir: Path, volume: Path, out: Path, scheduler: Any, warm
 
 
 class GPUUtilisation:
-    """Mean GPU utilisation while inside (``torch.cuda.utilization``, which needs pynvml); nothing on CPU."""
+    """GPU utilisation samples while inside (``torch.cuda.utilization``, which needs pynvml, else
+    ``nvidia-smi``); nothing on CPU."""
 
     def __init__(self, device: str) -> None:
         self.device, self.samples = device, []
@@ -169,11 +171,21 @@ class GPUUtilisation:
     def _run(self) -> None:
         import torch
 
-        while not self._stop.wait(0.2):
+        dev = torch.device(self.device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)]
+        readers = [lambda: torch.cuda.utilization(dev),
+                   lambda: int(subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()[0])]
+        for read in readers:
             try:
-                self.samples.append(torch.cuda.utilization(torch.device(self.device)))
-            except Exception:  # no pynvml / NVML: no figure
-                return
+                read()
+                break
+            except Exception:  # no pynvml / no nvidia-smi: the next, else no figure
+                continue
+        else:
+            return
+        while not self._stop.wait(0.2):
+            self.samples.append(read())
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -187,11 +199,13 @@ PIPELINES = [
 ]
 
 
-def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argparse.Namespace) -> None:
+def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argparse.Namespace,
+               configs: list[tuple[str, str, str, bool]] = CONFIGS,
+               pipelines: list[tuple[str, dict[str, Any], str]] = PIPELINES) -> None:
     """The ceiling and the pipeline in one run: ratios side by side are what a busy machine can still compare."""
     from n2v_chunked.cluster import cluster_client, local_layout
 
-    rows = ceiling(model_dir, args.tile, args.repeats, args.device)
+    rows = ceiling(model_dir, args.tile, args.repeats, args.device, configs)
     for r in rows:
         emit(measure="ceiling", tile=args.tile, **r)
     ceilings = {
@@ -203,7 +217,7 @@ def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argpa
     workers, threads = local_layout(None if args.device == "cpu" else args.device)  # predict's own layout
     with (cluster_client("local", n_workers=args.workers or workers, threads_per_worker=threads)
           if args.scheduler == "local" else contextlib.nullcontext("threads")) as client:
-        for label, options, against in PIPELINES:
+        for label, options, against in pipelines:
             if args.pipelines and label.split(" ")[0] not in args.pipelines.split(","):
                 continue
             if args.device != "cpu":
