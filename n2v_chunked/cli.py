@@ -103,12 +103,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", metavar="PATH",
                    help="start from another model's weights: a Zoo package written by 'n2v-chunked export' or a model "
                    "directory (its network, masking and normalisation are used; --depth etc. are ignored)")
-    g = p.add_argument_group("schedule (defaults: the paper's settings)")
+    g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
     g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
     g.add_argument("--batch-size", type=int, default=128, help="patches per step (default 128)")
     g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
-    g.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (default 4e-4)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 4e-4, the paper's)")
     g.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
                    help="plateau: halve the rate when validation stalls (paper, default); cosine: warm up, "
                    "then decay to 0 at the end of --steps or --minutes")
@@ -135,14 +135,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="one network sees all channels at once: can use structure the channels share, but after "
                    "short training one channel's structures may show in another")
     g = p.add_argument_group("masking")
-    g.add_argument("--mask-density", type=float, default=1 / 64, help="fraction of masked pixels (paper: 1/64)")
+    g.add_argument("--mask-density", type=float,
+                   help="fraction of masked pixels (default 1/64, the paper's)")
     g.add_argument("--replacement", choices=["uniform", "median"],
                    help="value put into a masked pixel: median, the 5x5 neighbourhood's median without the centre "
                    "(N2V2's; default, measured better: see README Benchmarks), or uniform, a random other pixel "
                    "of the neighbourhood (the N2V paper's)")
     g.add_argument("--paper", action="store_true",
                    help="the N2V paper's settings where ours differ: uniform replacement, joint channels, no early "
-                   "stopping (explicit --replacement/--stop-patience still win)")
+                   "stopping (an option given explicitly still wins)")
     g.add_argument("--struct-span", type=int, default=0, help="structN2V: length of the masked line (odd; 0 off)")
     g.add_argument("--struct-axes", default="x", help="structN2V line axes, e.g. x or yx (default x)")
     g = p.add_argument_group("sampler")
@@ -156,7 +157,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
-        from .config import MaskConfig, ModelConfig, TrainConfig
+        from .config import PAPER, MaskConfig, ModelConfig, TrainConfig
         from .convert import parse_int_list
         from .fit import fit
 
@@ -164,19 +165,23 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             from .plots import require_tensorboard
 
             require_tensorboard()
+        paper = PAPER if args.paper else {}
+
+        def chosen(name: str, default: object) -> object:
+            """The option as given, else the paper's value under --paper, else ours."""
+            given = getattr(args, name)
+            return given if given is not None else paper.get(name, default)
+
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels and not args.paper)
-        paper = {"replacement": "uniform", "stop_patience": 0} if args.paper else {}
-        mask_cfg = MaskConfig(density=args.mask_density, struct_span=args.struct_span, struct_axes=list(args.struct_axes),
-                              replacement=args.replacement or paper.get("replacement", MaskConfig.replacement))
-        stop = args.stop_patience if args.stop_patience is not None else paper.get("stop_patience",
-                                                                                   TrainConfig.stop_patience)
+        mask_cfg = MaskConfig(density=chosen("mask_density", MaskConfig.density), struct_span=args.struct_span, struct_axes=list(args.struct_axes),
+                              replacement=chosen("replacement", MaskConfig.replacement))
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
-                                lr=args.lr, schedule=args.schedule, val_interval=args.val_interval,
+                                lr=chosen("lr", TrainConfig.lr), schedule=args.schedule, val_interval=args.val_interval,
                                 precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
-                                stop_patience=stop, compile=args.compile)
+                                stop_patience=chosen("stop_patience", TrainConfig.stop_patience), compile=args.compile)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),

@@ -22,6 +22,16 @@ from .typecheck import BAD, conform, kind_of, mismatch
 
 T = TypeVar("T")
 
+#: The N2V paper's settings where ours differ or may differ: ``train --paper`` and
+#: ``benchmarks/bsd68.py --paper`` (an option given explicitly still wins); keys are the options' names.
+PAPER: dict[str, Any] = {
+    "replacement": "uniform",       # a random other pixel of the neighbourhood, not N2V2's median
+    "mask_density": 1.0 / 64.0,     # N=64 per 64x64 patch
+    "lr": 4e-4,
+    "stop_patience": 0,             # the full schedule, no early stop
+    "independent_channels": False,  # one network sees all channels at once
+}
+
 
 def check_types(obj: Any, section: str) -> None:
     """Raise :class:`ConfigError` unless every field of dataclass ``obj`` has its hinted type.
