@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.side, args.planes, args.patches, args.io_threads, args.repeats = 256, 2, 1024, "2", 1
+        args.side, args.planes, args.chunk, args.patches, args.io_threads, args.repeats = 128, 2, 64, 256, "2", 1
 
     import numpy as np
     import xarray as xr

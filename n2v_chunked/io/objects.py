@@ -28,6 +28,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import datetime
+import errno
 import json
 import os
 import threading
@@ -48,6 +49,8 @@ PROFILE_KEYS = {"aws_access_key_id": "access_key_id", "aws_secret_access_key": "
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT",
            "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
            "AWS_SKIP_SIGNATURE")
+
+_ERRNO = {FileNotFoundError: errno.ENOENT, PermissionError: errno.EACCES, FileExistsError: errno.EEXIST}
 
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
@@ -78,10 +81,9 @@ def _builtin_errors(path: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        name = type(exc).__name__
         kind = next((k for k in (FileNotFoundError, PermissionError, FileExistsError) if isinstance(exc, k)),
-                    _AS_BUILTIN.get(name, OSError))
-        raise kind(f"{redact(path)}: {summary(exc)}") from exc
+                    _AS_BUILTIN.get(type(exc).__name__, OSError))
+        raise kind(_ERRNO.get(kind, errno.EIO), summary(exc), redact(path)) from exc
 
 
 # ----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ TRANSIENT_TEXT = re.compile(
 _STATUS = re.compile(r"status code: (\d{3}[^:]*)")  # in obstore's errors
 _S3_ERROR = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 REMOTE_IO_THREADS = 8  # sampler reader threads for a remote source (2 for local disk)
+REMOTE_READ_AHEAD = 2  # a local prediction from a URL runs 2x as many dask tasks as cores (torch threads unchanged)
 REMOTE_ZARR_CONCURRENCY = 64  # zarr's async.concurrency (chunk requests in flight per read) for remote runs
 RETRIES = 5  # attempts per block operation after the first
 BACKOFF_S = 0.5  # first wait; doubled per attempt, capped at BACKOFF_MAX_S

@@ -49,7 +49,7 @@ from ..io import objects
 from ..io.ome import check_dtype, check_ngff_version, check_not_input, create_ome_zarr, mark_complete
 from ..io.pyramid import build_pyramid
 from ..io.sources import open_image
-from ..io.stores import ZARR_MARKERS, local_path, location, redact
+from ..io.stores import REMOTE_READ_AHEAD, ZARR_MARKERS, is_url, local_path, location, redact
 from ..lock import output_lock
 from ..padding import BOUNDARIES
 from ..progress import Progress
@@ -273,6 +273,9 @@ def predict(
         data = open_image(source, axes=axes, level=level)
         model_dir = str(Path(model_dir).absolute())
     p = plan(trained, data, chunks)
+    remote = isinstance(source, str) and is_url(source)
+    if remote and isinstance(model_dir, str):  # one read task per working block: its chunks requested at once
+        data = open_image(source, axes=axes, level=level, chunks=p.chunks)
     if isinstance(model_dir, str):  # ours; a Zoo model freezes its own processing (zoo_import.prepare)
         norm_record = choose_normalization(data, trained.mean, trained.std, normalize)
     elif normalize != "model":
@@ -342,7 +345,7 @@ def predict(
             if local_path(out) is not None:
                 os.makedirs(marker_dir(out), exist_ok=True)
             stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw,
-                         held.check)
+                         held.check, read_ahead=remote)
             if pyramid:
                 build_pyramid(out, progress=progress)
             sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
@@ -375,14 +378,17 @@ def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
 
 def _run(
     x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
-    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None,
+    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None, read_ahead: bool = False,
 ) -> dict[str, Any]:
-    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each)."""
+    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each).
+
+    ``read_ahead`` (a remote input): a local threads scheduler runs more tasks than cores.
+    """
     channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
     skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
     todo = p.nblocks - skipped
     run_id = uuid.uuid4().hex
-    local_threads, threads = thread_layout(sched)
+    local_threads, threads = thread_layout(sched, REMOTE_READ_AHEAD if read_ahead else 1)
 
     def graphs() -> Iterator[list[Any]]:
         for lo, hi in batches(p.numblocks, batch_blocks):
