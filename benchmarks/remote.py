@@ -1,18 +1,30 @@
 """Reading from an object store vs local disk, side by side; one JSON line per measurement.
 
-A local S3 server (moto, started here on 127.0.0.1) sits behind a proxy that
-adds ``--latency-ms`` (default 20 ms) to every request, like a store across a
-network.  The same OME-Zarr image is read from local disk and from the bucket:
+A local S3 server (moto, started here on 127.0.0.1) sits behind a proxy, in a
+process of its own like a network, that adds ``--latency-ms`` (default 20 ms)
+to every request.  The same OME-Zarr image is read from local disk and from
+the bucket (through obstore, the store layer of ``s3://``):
 
+* ``store``: the ceiling of the remote side, MB/s of whole-image reads
+  through zarr (all chunk requests in flight at once), and the CPU seconds
+  per MB of this process (the client), the S3 server and the proxy.
 * ``sampler``: patches/s of the streaming patch sampler (64x64, batches of
-  128) after start-up, for several reader-thread counts (``io_threads``).
-  Target: remote >= 0.5x local.
-* ``predict``: prediction MPix/s (threads scheduler, output to local disk).
+  128) over ``--patches`` patches after start-up (about 1,000 patches per
+  block read, so dozens of block reads), for several reader-thread counts
+  (``io_threads``: blocks read at once), with the CPU seconds per 1,000
+  patches of the client, the server and the proxy, and the remote MB/s as a
+  share of the store's ceiling.  Target: remote >= 0.5x local.
+* ``predict``: prediction MPix/s (threads scheduler, output to local disk),
+  local and remote alternated ``--repeats`` times; the ratio of the medians.
   Target: remote >= 0.8x local.
+
+Every figure is a ratio of two measurements of the same run; on a machine
+shared with other work, ``load`` (the 1-minute load average at the start of
+each line) says how loaded it was.
 
 Usage::
 
-    python benchmarks/remote.py            # 4 x 1024 x 1024 float32
+    python benchmarks/remote.py            # 4 x 1024 x 1024 float32, 128^2 chunks
     python benchmarks/remote.py --smoke    # tiny, seconds
 """
 
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,26 +49,60 @@ BATCH = 128
 
 
 def emit(**record: Any) -> None:
-    print(json.dumps(record), flush=True)
+    print(json.dumps({"load": round(os.getloadavg()[0], 2), **record}), flush=True)
 
 
-def sampler_rate(data: Any, n: int, io_threads: int) -> float:
+class CpuClock:
+    """Wall time and the CPU seconds of this process and of the given others, between start and stop."""
+
+    def __init__(self, **others: int) -> None:
+        import psutil
+
+        self.others = {name: psutil.Process(pid) for name, pid in others.items()}
+
+    def _now(self) -> dict[str, float]:
+        t = os.times()
+        now = {"wall": time.perf_counter(), "client": t.user + t.system}
+        for name, proc in self.others.items():
+            c = proc.cpu_times()
+            now[name] = c.user + c.system + c.children_user + c.children_system
+        return now
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._now()
+        return {k: t1[k] - self.t0[k] for k in t1}
+
+
+def per(spent: dict[str, float], unit: float) -> dict[str, float]:
+    """CPU seconds per ``unit`` of work, for each process but the wall clock."""
+    return {f"{k}_cpu_s": round(v / unit, 4) for k, v in spent.items() if k != "wall"}
+
+
+def sampler_rate(data: Any, n: int, io_threads: int, clock: CpuClock) -> tuple[float, dict[str, float], int]:
+    """Patches/s over ``n`` patches after the first batch, the time spent, and the bytes of blocks read."""
     from n2v_chunked.sampling.dataset import ZarrPatchDataset
 
     ds = ZarrPatchDataset(data, PATCH, ("y", "x"), io_threads=io_threads, seed=0)
     with ds.stream() as s:
         s.next_batch(BATCH)
-        t0 = time.perf_counter()
+        loaded = s.stats["blocks_loaded"]
+        clock.start()
         got = 0
         while got < n:
             got += len(s.next_batch(BATCH))
-        return got / (time.perf_counter() - t0)
+        spent = clock.stop()
+        nbytes = (s.stats["blocks_loaded"] - loaded) * ds._window_nbytes(int(ds.train_blocks[0]))
+    return got / spent["wall"], spent, nbytes
 
 
 def predict_rate(src: str, out: str, model: Path, chunk: int) -> float:
     from n2v_chunked.predict import predict
 
-    res = predict(src, out, model, chunks=(1, chunk, chunk), scheduler="threads", progress=False, pyramid=False)
+    res = predict(src, out, model, chunks=(1, chunk, chunk), scheduler="threads", progress=False, pyramid=False,
+                  overwrite=True)
     return float(res.attrs["predict_stats"]["mpix_per_s"])
 
 
@@ -64,54 +111,71 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024)
     ap.add_argument("--planes", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=128, help="stored chunk side")
-    ap.add_argument("--patches", type=int, default=4096, help="patches timed per sampler run")
+    ap.add_argument("--patches", type=int, default=32768, help="patches timed per sampler run")
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--io-threads", default="2,8", help="sampler reader threads to try (train uses 8 for a URL)")
+    ap.add_argument("--repeats", type=int, default=3, help="prediction runs per side, alternated")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.side, args.planes, args.patches, args.io_threads = 256, 2, 512, "2"
+        args.side, args.planes, args.chunk, args.patches, args.io_threads, args.repeats = 128, 2, 64, 256, "2", 1
 
     import numpy as np
     import xarray as xr
+    import zarr
 
     from helpers import make_model_dir
     from n2v_chunked.io import stores
+    from n2v_chunked.io.objects import zarr_store
     from n2v_chunked.io.ome import write_ome_zarr
     from n2v_chunked.io.sources import open_image
-    from s3server import FaultProxy, start_moto
+    from s3server import proxy_process, start_moto
 
     tmp = Path(tempfile.mkdtemp(prefix="n2v-remote-"))
     moto = start_moto()
-    proxy = FaultProxy(moto.url, latency_s=args.latency_ms / 1000)
     try:
-        os.environ.update(moto.env(url=proxy.url))
-        stores.tune_for_latency()  # what the CLI does for a run with a remote URL
-        moto.client().create_bucket(Bucket="bench")
-        rng = np.random.default_rng(0)
-        img = xr.DataArray(rng.normal(100, 10, (args.planes, args.side, args.side)).astype("float32"),
-                           dims=("t", "y", "x"))
-        local = str(tmp / "img.ome.zarr")
-        remote = "s3://bench/img.ome.zarr"
-        write_ome_zarr(local, img, chunks=(1, args.chunk, args.chunk), progress=False)
-        write_ome_zarr(remote, img, chunks=(1, args.chunk, args.chunk), progress=False)
-        model = make_model_dir(tmp / "model", features=8)
-        common = {"latency_ms": args.latency_ms, "shape": list(img.shape), "chunk": args.chunk}
+        with proxy_process(moto.url, args.latency_ms / 1000) as (proxy_url, proxy_pid):
+            os.environ.update(moto.env(url=proxy_url))
+            stores.tune_for_latency()  # what the CLI does for a run with a remote URL
+            moto.client().create_bucket(Bucket="bench")
+            rng = np.random.default_rng(0)
+            img = xr.DataArray(rng.normal(100, 10, (args.planes, args.side, args.side)).astype("float32"),
+                               dims=("t", "y", "x"))
+            local = str(tmp / "img.ome.zarr")
+            remote = "s3://bench/img.ome.zarr"
+            write_ome_zarr(local, img, chunks=(1, args.chunk, args.chunk), progress=False)
+            write_ome_zarr(remote, img, chunks=(1, args.chunk, args.chunk), progress=False)
+            model = make_model_dir(tmp / "model", features=8)
+            clock = CpuClock(server=moto.proc.pid, proxy=proxy_pid)
+            common = {"latency_ms": args.latency_ms, "shape": list(img.shape), "chunk": args.chunk}
 
-        for threads in (int(t) for t in args.io_threads.split(",")):
-            r_local = sampler_rate(open_image(local), args.patches, threads)
-            r_remote = sampler_rate(open_image(remote), args.patches, threads)
-            emit(bench="sampler", io_threads=threads, local_patches_s=round(r_local, 1),
-                 remote_patches_s=round(r_remote, 1), ratio=round(r_remote / r_local, 3), target=0.5, **common)
+            level0 = zarr.open_array(store=zarr_store(f"{remote}/0", read_only=True), mode="r")
+            level0[0]  # connections opened
+            clock.start()
+            level0[:]
+            spent = clock.stop()
+            mb = img.nbytes / 1e6
+            ceiling = mb / spent["wall"]
+            emit(bench="store", remote_mb_s=round(ceiling, 2), **per(spent, mb), **common)
 
-        chunk = 2 * args.chunk
-        p_local = predict_rate(local, str(tmp / "out_local.zarr"), model, chunk)
-        p_remote = predict_rate(remote, str(tmp / "out_remote.zarr"), model, chunk)
-        emit(bench="predict", local_mpix_s=p_local, remote_mpix_s=p_remote, ratio=round(p_remote / p_local, 3),
-             target=0.8, requests=proxy.requests, **common)
+            for threads in (int(t) for t in args.io_threads.split(",")):
+                r_local, _, _ = sampler_rate(open_image(local), args.patches, threads, clock)
+                r_remote, spent, nbytes = sampler_rate(open_image(remote), args.patches, threads, clock)
+                remote_mb_s = nbytes / 1e6 / spent["wall"]
+                emit(bench="sampler", io_threads=threads, local_patches_s=round(r_local, 1),
+                     remote_patches_s=round(r_remote, 1), ratio=round(r_remote / r_local, 3), target=0.5,
+                     remote_mb_s=round(remote_mb_s, 2), share_of_store_ceiling=round(remote_mb_s / ceiling, 3),
+                     **per(spent, args.patches / 1000), **common)
+
+            chunk = 2 * args.chunk
+            p_local, p_remote = [], []
+            for _ in range(args.repeats):
+                p_local.append(predict_rate(local, str(tmp / "out_local.zarr"), model, chunk))
+                p_remote.append(predict_rate(remote, str(tmp / "out_remote.zarr"), model, chunk))
+            med_local, med_remote = statistics.median(p_local), statistics.median(p_remote)
+            emit(bench="predict", local_mpix_s=p_local, remote_mpix_s=p_remote, median_local=med_local,
+                 median_remote=med_remote, ratio=round(med_remote / med_local, 3), target=0.8, **common)
     finally:
-        stores.close_sessions()
-        proxy.close()
         moto.stop()
 
 

@@ -542,7 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "please report it with the traceback above", file=sys.stderr)
         return INTERNAL_ERROR_EXIT
     finally:
-        stores.close_sessions()
         stores.unconfigure()
 
 

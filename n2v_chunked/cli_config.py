@@ -26,9 +26,9 @@ def add_storage_options(p: argparse.ArgumentParser) -> None:
     """Declare ``--storage-options KEY=VALUE`` (repeatable) on a subcommand that reads or writes URLs."""
     p.add_argument(
         "--storage-options", action="append", metavar="KEY=VALUE", default=None,
-        help="option for the object store's client (s3fs), repeatable: endpoint_url=..., anon=true, "
-        "profile=..., client_kwargs.region_name=...; credentials best come from the AWS environment "
-        "variables or ~/.aws (see README, Object stores)",
+        help="option for the object store's client (obstore), repeatable: endpoint_url=..., anon=true, "
+        "profile=..., region=..., or any of obstore's S3 settings; credentials best come from the AWS "
+        "environment variables or ~/.aws (see README, Object stores)",
     )
 
 

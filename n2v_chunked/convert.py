@@ -82,9 +82,11 @@ def _n2v_complete(source: str, storage_options: dict[str, Any] | None) -> bool |
     """The ``complete`` flag of an n2v_chunked output; None for other stores."""
     import zarr
 
+    from .io.objects import zarr_store
+
     try:
-        kw = {"storage_options": storage_options} if storage_options else {}
-        meta = zarr.open_group(store=source, mode="r", **kw).attrs.get("n2v_chunked")
+        meta = zarr.open_group(store=zarr_store(source, read_only=True, options=storage_options), mode="r").attrs.get(
+            "n2v_chunked")
     except Exception:  # a level path or a foreign layout: nothing to report
         return None
     return bool(meta.get("complete")) if isinstance(meta, dict) else None
@@ -102,8 +104,10 @@ def written_chunks(source: str, level: int = 0) -> tuple[int, int] | None:
     """
     import zarr
 
+    from .io.objects import zarr_store
+
     try:
-        group = zarr.open_group(store=source, mode="r")
+        group = zarr.open_group(store=zarr_store(source, read_only=True), mode="r")
         attrs = group.attrs.asdict()
         ms = (attrs.get("ome", attrs)).get("multiscales")[0]
         arr = group[ms["datasets"][level]["path"]]

@@ -199,48 +199,47 @@ class _Local:
 
 
 class _Remote(_Local):
-    """The same operations through fsspec: conditional create where the store has it."""
+    """The same operations on a URL: on an object store the create is a conditional write (``If-None-Match: *``)."""
 
     def __init__(self, path: str) -> None:
-        import fsspec
-
-        self.fs, self.path = fsspec.core.url_to_fs(path)
+        self.path = path
 
     def create(self, data: bytes) -> bool:
-        if self.fs.exists(self.path):
-            return False
+        from .io import objects
+
         try:
-            self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *, atomic on the server
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError, OSError) as exc:
-            if isinstance(exc, OSError) and "NotImplemented" not in str(exc) and "501" not in str(exc):
+            return objects.write(self.path, data, create=True)
+        except OSError as exc:
+            if "NotSupported" not in repr(exc.__cause__) and "501" not in str(exc):
                 raise
-            log.warning("%s: the store has no conditional writes; the lock is best effort", self.path)
-            self.fs.pipe_file(self.path, data)
-        return True
+        log.warning("%s: the store has no conditional writes; the lock is best effort", self.path)
+        if self.read() is not None:
+            return False
+        return objects.write(self.path, data)
 
     def read(self) -> bytes | None:
-        try:
-            return self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
+        from .io import objects
+
+        return objects.read(self.path)
 
     def mtime(self) -> float | None:
         return None  # object stores' times are not comparable with this host's clock
 
     def beat(self, data: bytes) -> None:
-        self.fs.pipe_file(self.path, data)
+        from .io import objects
+
+        objects.write(self.path, data)
 
     def take(self, expected: bytes) -> bool:
         if self.read() != expected:
             return False
-        self.fs.rm_file(self.path)
+        self.remove()
         return True
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path)
+        from .io import objects
+
+        objects.remove(self.path)
 
 
 def _files(path: str) -> _Local:

@@ -148,7 +148,7 @@ def jobqueue_yaml(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def s3() -> Iterator["s3server.Moto"]:  # noqa: F821
     pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
-    pytest.importorskip("s3fs", reason="s3fs is the s3 extra")
+    pytest.importorskip("obstore", reason="obstore is the s3 extra")
     from s3server import start_moto
 
     server = start_moto()

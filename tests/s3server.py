@@ -7,11 +7,14 @@
 * :class:`FaultProxy` is a small threaded HTTP proxy in front of it that adds
   latency to every request and answers some requests with HTTP 503 (S3's
   ``SlowDown``), a bounded number of times.
+  :func:`proxy_process` runs one in a process of its own, as a network
+  would be: its CPU is not the client's.
 * :func:`serve_folder` serves a local folder read-only over HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.client
@@ -25,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REGION = "us-east-1"
 SETUP_ACTIONS = 6  # unauthenticated IAM calls moto allows before it enforces signatures and policies
@@ -106,6 +109,17 @@ def start_moto() -> Moto:
     return Moto(proc, url, keys["admin"], keys["reader"])
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server whose listen queue takes a client's whole burst of connections.
+
+    socketserver's default queue of 5 drops the SYNs of a client opening 64
+    connections at once, and each dropped one waits a 1 s TCP retransmission.
+    """
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+
 # ----------------------------------------------------------------------------
 # The fault-injecting proxy.
 # ----------------------------------------------------------------------------
@@ -136,8 +150,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._local = threading.local()
         handler = functools.partial(_ProxyHandler, self)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
         self.thread.start()
@@ -165,6 +178,20 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def proxy_process(upstream: str, latency_s: float) -> Iterator[tuple[str, int]]:
+    """A :class:`FaultProxy` with ``latency_s`` in a child process; yields its URL and pid."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from s3server import FaultProxy; "
+            "p = FaultProxy(sys.argv[2], float(sys.argv[3])); print(p.url, flush=True); time.sleep(1e9)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), upstream, str(latency_s)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc.stdout.readline().strip(), proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -239,8 +266,7 @@ def serve_folder(folder: Path) -> tuple[str, Callable[[], None]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
     threading.Thread(target=server.serve_forever, name="http-folder", daemon=True).start()
 
     def stop() -> None:

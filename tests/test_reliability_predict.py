@@ -340,7 +340,7 @@ def test_each_block_is_fsynced_before_its_marker(tmp_path, monkeypatch):
 
     real_marker = writer.write_marker
     monkeypatch.setattr(writer, "write_marker",
-                        lambda fs, path: synced.append(f"marker {path}") or real_marker(fs, path))
+                        lambda path: synced.append(f"marker {path}") or real_marker(path))
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(run, "remove_markers", lambda path: None)  # keep them, to compare
     P.predict(str(src), str(out), model, chunks=(1, 64, 64), scheduler="sync", progress=False)

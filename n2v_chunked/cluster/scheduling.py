@@ -57,16 +57,19 @@ def resolve_threads(threads: Any) -> int | None:
     return max(1, cpus // max(1, total))
 
 
-def thread_layout(sched: Any) -> tuple[int, Any]:
+def thread_layout(sched: Any, read_ahead: int = 1) -> tuple[int, Any]:
     """``(dask threads of a local scheduler, torch threads per task)`` for scheduler ``sched``.
 
     Torch threads are an int on a local scheduler, or ``{host: dask threads on
     host}`` for a client, which each worker turns into its share (:func:`resolve_threads`).
+    ``read_ahead`` multiplies a local threads scheduler's threads, not torch's:
+    for a remote input, the extra tasks wait for their chunks while the others
+    compute (a block's read is then hidden behind another block's network pass).
     """
     cpus = usable_cpus()
-    local_threads = 1 if sched == "sync" else (LOCAL_DASK_THREADS or cpus)
-    threads: Any = max(1, cpus // local_threads) if isinstance(sched, str) else host_threads(sched)
-    return local_threads, threads
+    compute = 1 if sched == "sync" else (LOCAL_DASK_THREADS or cpus)
+    threads: Any = max(1, cpus // compute) if isinstance(sched, str) else host_threads(sched)
+    return (compute if sched == "sync" else compute * read_ahead), threads
 
 
 def run_local(batches: Iterator[list[Any]], done: Callable[[int], None], scheduler: str, threads: int,

@@ -59,13 +59,15 @@ def sync_region(arr: Any, region: Sequence[slice]) -> None:
         fsync_path(folder)
 
 
-def write_marker(fs: Any, path: str) -> None:
+def write_marker(path: str) -> None:
     """Create the empty marker ``path`` (after :func:`sync_region` of its block).
 
     The marker itself is not ``fsync``ed: losing it only makes ``--resume``
     recompute its block, and its data is already durable whenever it is.
     """
-    fs.pipe_file(path, b"")
+    from .objects import write
+
+    write(path, b"")
 
 
 def sync_tree(root: str, exclude: Sequence[str] = (), recursive: bool = True) -> None:

@@ -9,14 +9,13 @@ import zarr
 
 from ..errors import N2VError
 from .metadata_axes import AXIS_TYPES
-from .stores import local_path, location
+from . import objects
 
 
 def open_group(path: str, mode: str, storage_options: dict[str, Any] | None = None) -> Any:
     """Open the OME-Zarr group at ``path`` (local path or URL); a one-line error if none."""
-    kw = {"storage_options": storage_options} if storage_options and local_path(path) is None else {}
     try:
-        return zarr.open_group(store=location(path), mode=mode, **kw)
+        return zarr.open_group(store=objects.zarr_store(path, read_only=mode == "r", options=storage_options), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
         raise N2VError(f"no Zarr group at {path}: {type(exc).__name__}") from None
     except PermissionError as exc:

@@ -30,12 +30,13 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
 from .. import __version__
+from . import objects
 from ..errors import ConfigError, N2VError, OutputExistsError
 from .metadata_axes import CANONICAL, parse_axes
 from .ngff import dataset_entry, multiscales_attrs, multiscales_entry, open_group
 from .pyramid import build_pyramid, store_blocks
 from .sources import open_image
-from .stores import ZARR_MARKERS, local_path, location
+from .stores import ZARR_MARKERS, local_path, location, summary
 
 NGFF_VERSIONS = ("0.4", "0.5")  # 0.4 = Zarr v2, 0.5 = Zarr v3
 DEFAULT_CHUNK_BYTES = 2 * 2**20  # 1-4 MiB chunks: good for object stores and viewers
@@ -104,15 +105,13 @@ def _prepare_location(path: str, overwrite: bool, storage_options: dict[str, Any
     """
     loc = local_path(path)
     if loc is None:
-        import fsspec
-
-        fs, fpath = fsspec.core.url_to_fs(path, **storage_options)
-        if fs.exists(fpath):
+        names = objects.listdir(path, options=storage_options)
+        if names or objects.is_file(path, storage_options):
             if not overwrite:
                 raise OutputExistsError(f"output {path} exists; pass --overwrite")
-            if not any(fs.exists(f"{fpath.rstrip('/')}/{m}") for m in ZARR_MARKERS):
+            if not set(names) & set(ZARR_MARKERS):
                 raise N2VError(f"refusing to overwrite {path}: it is not a Zarr store")
-            fs.rm(fpath, recursive=True)
+            objects.remove_tree(path, storage_options)
         return
     if loc.exists() or loc.is_symlink():
         if not overwrite:
@@ -248,7 +247,6 @@ def create_ome_zarr(
     else:
         compressors = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
         extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}}  # NGFF 0.4 requires '/'
-    kw = {"storage_options": storage_options} if storage_options and local_path(path) is None else {}
     try:
         entry = multiscales_entry(
             dims,
@@ -261,12 +259,15 @@ def create_ome_zarr(
         # needs, so a kill cannot leave a group without them
         attrs = multiscales_attrs(entry, ngff_version)
         attrs["n2v_chunked"] = {"complete": False, "version": __version__, **(provenance or {})}
-        group = zarr.open_group(store=path_s, mode="w-", zarr_format=zarr_format, attributes=attrs, **kw)
+        group = zarr.open_group(store=objects.zarr_store(path_s, options=storage_options), mode="w-",
+                                zarr_format=zarr_format, attributes=attrs)
         arr = group.create_array(
             "0", shape=shape, dtype=dtype, chunks=chunks, compressors=compressors, fill_value=0, **extra
         )
-    except OSError as exc:
-        raise N2VError(f"cannot write output {path_s}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if not objects.is_store_error(exc):
+            raise
+        raise N2VError(f"cannot write output {path_s}: {getattr(exc, 'strerror', None) or summary(exc)}") from None
     return arr
 
 

@@ -1,15 +1,14 @@
 """Object stores: storage options, secret redaction, store errors and retries.
 
-Remote data is read and written through fsspec (zarr 3's ``FsspecStore``;
-``s3fs`` for ``s3://``, the ``http(s)://`` file system for read-only URLs).
-Credentials and endpoints come the way AWS tools take them (``AWS_*``
-environment variables, ``~/.aws/config`` and ``credentials``,
-``AWS_ENDPOINT_URL``), plus ``--storage-options KEY=VALUE`` / a YAML
-``storage_options:`` section.  Those options are handed to fsspec's own
-configuration (:data:`fsspec.config.conf`, and the ``FSSPEC_<PROTOCOL>``
-environment variable that worker processes read when they start), so every
-file system the run creates, in this process or a dask worker, sees them
-without each function carrying them.
+Remote data goes through obstore (:mod:`n2v_chunked.io.objects`: ``s3://``
+and read-only ``http(s)://``).  Credentials and endpoints come the way AWS
+tools take them (``AWS_*`` environment variables, ``AWS_ENDPOINT_URL``, the
+static settings of a profile in ``~/.aws/config`` and ``credentials``), plus
+``--storage-options KEY=VALUE`` / a YAML ``storage_options:`` section.
+:func:`configure` makes those options the process's defaults and exports them
+(``N2V_STORAGE_OPTIONS``) to the worker processes started afterwards, so every
+store the run opens, here or in a dask worker, sees them without each
+function carrying them.
 
 A secret (``secret``, ``token``, ``password``, ... option values, the
 ``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` of the environment, a
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REMOTE_EXTRA = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "http": ("aiohttp", "s3"), "https": ("aiohttp", "s3")}
+OPTIONS_ENV = "N2V_STORAGE_OPTIONS"  # the options of configure(), for worker processes
 SECRET_KEYS = ("secret", "token", "password", "passwd", "credential", "signature", "sas", "auth")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Transient failures worth another try: timeouts, dropped connections, HTTP 5xx, throttling.
@@ -46,14 +45,17 @@ TRANSIENT_TEXT = re.compile(
     r"timed? ?out|Connection (reset|aborted|closed)|ServerDisconnected|Too Many Requests",
     re.IGNORECASE,
 )
+_STATUS = re.compile(r"status code: (\d{3}[^:]*)")  # in obstore's errors
+_S3_ERROR = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 REMOTE_IO_THREADS = 8  # sampler reader threads for a remote source (2 for local disk)
+REMOTE_READ_AHEAD = 2  # a local prediction from a URL runs 2x as many dask tasks as cores (torch threads unchanged)
 REMOTE_ZARR_CONCURRENCY = 64  # zarr's async.concurrency (chunk requests in flight per read) for remote runs
 RETRIES = 5  # attempts per block operation after the first
 BACKOFF_S = 0.5  # first wait; doubled per attempt, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
 
 _secrets: set[str] = set()
-_saved: list[tuple[str, Any, str, str | None]] = []  # what configure() replaced
+_saved: list[str | None] = []  # the OPTIONS_ENV values configure() replaced
 
 
 class RetriesExhausted(N2VError):
@@ -151,34 +153,32 @@ def remember_secrets(options: dict[str, Any] | None = None) -> None:
     _secrets.update(os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4)
 
 
-def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
-    """Make ``options`` the defaults of every file system for the protocols of ``urls``.
+def storage_options() -> dict[str, Any]:
+    """The options :func:`configure` set (in a worker process: those it inherited)."""
+    raw = os.environ.get(OPTIONS_ENV)
+    return json.loads(raw) if raw else {}
 
-    Without a remote URL among ``urls`` the options go to ``s3``.  Worker
-    processes started afterwards (a LocalCluster, SLURM jobs that inherit the
-    environment) read them from ``FSSPEC_<PROTOCOL>``.
+
+def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
+    """Make ``options`` the defaults of every object store of this process and of workers started later.
 
     Parameters
     ----------
     options : dict
         From :func:`parse_storage_options`.
     urls : sequence of str
-        The run's inputs and outputs.
+        The run's inputs and outputs (a remote one tunes zarr for latency).
     """
+    from .objects import forget_clients
+
     remember_secrets(options)
     if any(protocol(str(u)) for u in urls):
         tune_for_latency()
     if not options:
         return
-    import fsspec.config
-
-    protocols = {p for p in (protocol(str(u)) for u in urls) if p} or {"s3"}
-    for proto in protocols:
-        env = f"FSSPEC_{proto.upper()}"
-        _saved.append((proto, fsspec.config.conf.get(proto), env, os.environ.get(env)))
-        merged = {**fsspec.config.conf.get(proto, {}), **options}
-        fsspec.config.conf[proto] = merged
-        os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(merged)
+    _saved.append(os.environ.get(OPTIONS_ENV))
+    os.environ[OPTIONS_ENV] = json.dumps({**storage_options(), **options})
+    forget_clients()
 
 
 def tune_for_latency() -> None:
@@ -192,18 +192,15 @@ def tune_for_latency() -> None:
 
 def unconfigure() -> None:
     """Undo :func:`configure` (the CLI does at exit, so in-process callers and tests start clean)."""
-    import fsspec.config
+    from .objects import forget_clients
 
     while _saved:
-        proto, conf, env, value = _saved.pop()
-        if conf is None:
-            fsspec.config.conf.pop(proto, None)
-        else:
-            fsspec.config.conf[proto] = conf
+        value = _saved.pop()
         if value is None:
-            os.environ.pop(env, None)
+            os.environ.pop(OPTIONS_ENV, None)
         else:
-            os.environ[env] = value
+            os.environ[OPTIONS_ENV] = value
+    forget_clients()
 
 
 def check_writable(url: str) -> None:
@@ -213,16 +210,17 @@ def check_writable(url: str) -> None:
 
 
 def require_client(url: str) -> None:
-    """One line naming the extra to install when the client of ``url``'s store is missing."""
+    """One line naming the extra to install when obstore, the client of object-store URLs, is missing."""
+    from .objects import OBJECT_PROTOCOLS
+
     proto = protocol(url)
-    if proto not in REMOTE_EXTRA:
+    if proto not in OBJECT_PROTOCOLS:
         return
-    module, extra = REMOTE_EXTRA[proto]
     try:
-        __import__(module)
+        import obstore  # noqa: F401
     except ImportError:
         raise N2VError(
-            f"reading or writing {proto}:// needs the {module} package: pip install 'n2v-chunked[{extra}]'"
+            f"reading or writing {proto}:// needs the obstore package: pip install 'n2v-chunked[s3]'"
         ) from None
 
 
@@ -348,16 +346,21 @@ def diagnose(url: str, exc: BaseException) -> str | None:
     problem = store_problem(exc, url)
     if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
         return problem
-    import fsspec
+    from .objects import listdir
 
     try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.ls(path.split("/", 1)[0], refresh=True)
-    except FileNotFoundError:
-        return f"{url}: the bucket does not exist (check the name, the region and AWS_ENDPOINT_URL)"
+        listdir(url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0], limit=1)
     except Exception as probe:  # noqa: BLE001 - only used to explain the first error
         return store_problem(probe, url) or problem
     return problem
+
+
+def summary(exc: BaseException) -> str:
+    """A store error in one line; an HTTP one in a few words (``HTTP 403 Forbidden: AccessDenied: Access Denied``)."""
+    text = str(exc)
+    status, s3 = _STATUS.search(text), _S3_ERROR.search(text)
+    parts = ([f"HTTP {status.group(1).strip()}"] if status else []) + ([f"{s3.group(1)}: {s3.group(2)}"] if s3 else [])
+    return redact(": ".join(parts) if parts else first_line(exc)[:300])
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -376,9 +379,8 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in (errno.EIO, errno.EAGAIN, errno.EBUSY) and TRANSIENT_TEXT.search(str(e)):
             return True
-        if isinstance(e, (OSError, RuntimeError)) and TRANSIENT_TEXT.search(str(e)) and not isinstance(
-            e, (FileNotFoundError, PermissionError)
-        ):
+        store_error = isinstance(e, (OSError, RuntimeError)) or type(e).__module__.startswith("obstore")
+        if store_error and TRANSIENT_TEXT.search(str(e)) and not isinstance(e, (FileNotFoundError, PermissionError)):
             return True
     return False
 
@@ -405,7 +407,7 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
         except Exception as exc:
             if isinstance(exc, RetriesExhausted) or not is_transient(exc):
                 raise
-            first = redact(first_line(exc))
+            first = summary(exc)
             if attempt == retries:
                 raise RetriesExhausted(f"{what}: still failing after {retries + 1} attempts: {type(exc).__name__}: {first}") from exc
             wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
@@ -413,52 +415,3 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
                         attempt + 1, retries, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-# ----------------------------------------------------------------------------
-# Closing client sessions (no "Unclosed client session" warnings at exit).
-# ----------------------------------------------------------------------------
-
-
-def close_sessions() -> None:
-    """Close the aiohttp sessions of every cached async file system (s3fs, http) before the loop dies."""
-    try:
-        import fsspec.asyn
-    except ImportError:  # pragma: no cover
-        return
-    for cls in list(_iter_subclasses(fsspec.asyn.AsyncFileSystem)):
-        for fs in list((getattr(cls, "_cache", None) or {}).values()):
-            _close_one(fs)
-        if "_cache" in cls.__dict__:
-            cls.clear_instance_cache()
-
-
-def _iter_subclasses(cls: type) -> Iterable[type]:
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _iter_subclasses(sub)
-
-
-def _close_one(fs: Any) -> None:
-    import fsspec.asyn
-
-    loop = getattr(fs, "_loop", None)
-    if loop is None and getattr(fs, "asynchronous", False):  # zarr's FsspecStore: zarr's own I/O loop
-        import sys
-
-        zsync = sys.modules.get("zarr.core.sync")
-        loop = zsync.loop[0] if zsync is not None else None
-    if loop is None or loop.is_closed() or not loop.is_running():
-        return
-    try:
-        if hasattr(fs, "_s3") and getattr(fs, "_s3", None) is not None:  # s3fs: aiobotocore client
-            fsspec.asyn.sync(loop, fs._s3.__aexit__, None, None, None, timeout=5)
-            fs._s3 = None
-            creator = getattr(fs, "_s3creator", None)
-            if creator is not None:
-                fsspec.asyn.sync(loop, creator.__aexit__, None, None, None, timeout=5)
-        elif hasattr(fs, "_session") and getattr(fs, "_session", None) is not None:  # http
-            fsspec.asyn.sync(loop, fs._session.close, timeout=5)
-            fs._session = None
-    except Exception as exc:  # closing must never fail a run
-        log.debug("closing %s: %s", type(fs).__name__, exc)

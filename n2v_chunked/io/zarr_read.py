@@ -12,6 +12,7 @@ import zarr
 from ..errors import N2VError, UnreadableDataError, first_line
 from .metadata_axes import AXIS_TYPES, CANONICAL
 from .readers import ChunkReader, Raw, SourceInfo, from_reader
+from .objects import zarr_store
 from .stores import diagnose
 
 log = logging.getLogger("n2v_chunked")
@@ -36,14 +37,13 @@ class _ZarrReader(ChunkReader):
 
 def open_zarr(source: str, level: int, storage_options: dict[str, Any], url: bool) -> Raw:
     """Open a Zarr array or group, an OME-Zarr image or one of its level arrays."""
-    kw = {"storage_options": storage_options} if url and storage_options else {}
     try:
-        node = zarr.open(store=source, mode="r", **kw)
+        node = zarr.open(store=zarr_store(source, read_only=True, options=storage_options), mode="r")
     except Exception as exc:  # zarr's not-found errors, and fsspec backends' own (missing s3fs, credentials)
         problem = diagnose(source, exc) if url else None  # a missing bucket, refused credentials
         raise UnreadableDataError(problem or f"cannot open {source} as Zarr: {type(exc).__name__}: {first_line(exc)[:200]}") from None
     if isinstance(node, zarr.Array):
-        parent = _parent_multiscales(source, kw)
+        parent = _parent_multiscales(source, storage_options)
         if parent is not None:
             group, ms, version, index = parent
             if level not in (0, index):
@@ -86,14 +86,14 @@ def _multiscales(attrs: dict[str, Any]) -> tuple[dict[str, Any] | None, str | No
     return None, None
 
 
-def _parent_multiscales(source: str, kw: dict[str, Any]) -> tuple[Any, dict, str | None, int] | None:
+def _parent_multiscales(source: str, storage_options: dict[str, Any]) -> tuple[Any, dict, str | None, int] | None:
     """If ``source`` is a level array of an OME-Zarr, return its group and level index."""
     stripped = source.rstrip("/")
     if "/" not in stripped:
         return None
     parent, name = stripped.rsplit("/", 1)
     try:
-        group = zarr.open_group(store=parent, mode="r", **kw)
+        group = zarr.open_group(store=zarr_store(parent, read_only=True, options=storage_options), mode="r")
     except Exception:
         return None
     ms, version = _multiscales(group.attrs.asdict())

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import dask.array as da
-import fsspec
 import numpy as np
 import xarray as xr
 import zarr
@@ -46,10 +45,11 @@ from ..cluster.scheduling import run_distributed, run_local, scheduler_context, 
 from ..errors import ConfigError, N2VError, OutputExistsError, environment_problem, first_line, rephrased
 from ..inference import blend_tensor
 from ..intensity import choose_normalization
+from ..io import objects
 from ..io.ome import check_dtype, check_ngff_version, check_not_input, create_ome_zarr, mark_complete
 from ..io.pyramid import build_pyramid
 from ..io.sources import open_image
-from ..io.stores import ZARR_MARKERS, location, redact
+from ..io.stores import REMOTE_READ_AHEAD, ZARR_MARKERS, is_url, local_path, location, redact
 from ..lock import output_lock
 from ..padding import BOUNDARIES
 from ..progress import Progress
@@ -59,7 +59,7 @@ from ..zoo_import import prepare
 from ..zoo_spec import is_zoo_package
 from .blocks import batch_prediction, get_model, model_token
 from .plan import Plan, batches, plan
-from .writer import MARKER_DIR, done_blocks, has_level0, markers, remove_markers, sync_output, write_task
+from .writer import MARKER_DIR, done_blocks, has_level0, marker_dir, remove_markers, sync_output, write_task
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,24 @@ def _check_options(boundary: str, precision: str, ngff_version: str, dtype: Any,
 
 def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
     """Refuse an existing output unless asked; when resuming it, return its ``n2v_chunked`` attributes."""
-    fs, root = fsspec.core.url_to_fs(out)
-    if not fs.exists(root) or (resume and fs.isdir(root) and not fs.ls(root)):  # killed before its metadata
+    names = objects.listdir(out)
+    if not objects.exists(out) or (resume and not names and not objects.is_file(out)):  # killed before its metadata
         return None
+    if resume:
+        try:
+            meta = zarr.open_group(store=objects.zarr_store(out, read_only=True), mode="r").attrs.get("n2v_chunked")
+        except Exception:
+            meta = None
+        if not isinstance(meta, dict) or "parameters" not in meta:
+            raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
+        return dict(meta)
+    if not overwrite:
+        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
+    if objects.is_file(out):
+        raise OutputExistsError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
+    if names and not set(names) & set(ZARR_MARKERS):
+        raise OutputExistsError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
+    return None
     if resume:
         try:
             meta = zarr.open_group(store=out, mode="r").attrs.get("n2v_chunked")
@@ -258,6 +273,9 @@ def predict(
         data = open_image(source, axes=axes, level=level)
         model_dir = str(Path(model_dir).absolute())
     p = plan(trained, data, chunks)
+    remote = isinstance(source, str) and is_url(source)
+    if remote and isinstance(model_dir, str):  # one read task per working block: its chunks requested at once
+        data = open_image(source, axes=axes, level=level, chunks=p.chunks)
     if isinstance(model_dir, str):  # ours; a Zoo model freezes its own processing (zoo_import.prepare)
         norm_record = choose_normalization(data, trained.mean, trained.std, normalize)
     elif normalize != "model":
@@ -324,10 +342,10 @@ def predict(
                 sync_output(out)  # the metadata a resume needs, before any marker
             else:
                 done = done_blocks(out)
-            fs, mdir = markers(out)
-            fs.makedirs(mdir, exist_ok=True)
+            if local_path(out) is not None:
+                os.makedirs(marker_dir(out), exist_ok=True)
             stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw,
-                         held.check)
+                         held.check, read_ahead=remote)
             if pyramid:
                 build_pyramid(out, progress=progress)
             sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
@@ -360,14 +378,17 @@ def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
 
 def _run(
     x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
-    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None,
+    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None, read_ahead: bool = False,
 ) -> dict[str, Any]:
-    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each)."""
+    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each).
+
+    ``read_ahead`` (a remote input): a local threads scheduler runs more tasks than cores.
+    """
     channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
     skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
     todo = p.nblocks - skipped
     run_id = uuid.uuid4().hex
-    local_threads, threads = thread_layout(sched)
+    local_threads, threads = thread_layout(sched, REMOTE_READ_AHEAD if read_ahead else 1)
 
     def graphs() -> Iterator[list[Any]]:
         for lo, hi in batches(p.numblocks, batch_blocks):

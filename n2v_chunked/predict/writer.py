@@ -14,14 +14,14 @@ import os
 import threading
 from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 import zarr
 
-from ..errors import N2VError, first_line
+from ..errors import N2VError
 from ..io.durable import sync_region, sync_tree, write_marker
 from ..io.pyramid import cast_block
-from ..io.stores import is_url, with_retries
+from ..io import objects
+from ..io.stores import is_url, location, summary, with_retries
 
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
 DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): io/durable.py
@@ -37,15 +37,14 @@ def _output_array(path: str, run_id: str) -> Any:
         with _OUTPUTS_LOCK:
             cached = _OUTPUTS.get(path)
             if cached is None or cached[0] != run_id:
-                cached = (run_id, zarr.open_array(store=f"{path.rstrip('/')}/0", mode="r+"))
+                cached = (run_id, zarr.open_array(store=objects.zarr_store(f"{path.rstrip('/')}/0"), mode="r+"))
                 _OUTPUTS[path] = cached
     return cached[1]
 
 
-def markers(path: str) -> tuple[Any, str]:
-    """The filesystem of output ``path`` and its marker folder."""
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs, f"{root.rstrip('/')}/{MARKER_DIR}"
+def marker_dir(path: str) -> str:
+    """The marker folder of output ``path``."""
+    return f"{location(path).rstrip('/')}/{MARKER_DIR}"
 
 
 def _marker_name(index: Sequence[int]) -> str:
@@ -54,16 +53,10 @@ def _marker_name(index: Sequence[int]) -> str:
 
 def done_blocks(path: str | os.PathLike[str]) -> set[tuple[int, ...]]:
     """Grid indices of the blocks an unfinished run has written (their markers)."""
-    fs, mdir = markers(str(path))
-    try:
-        names = fs.ls(mdir, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
     out = set()
-    for name in names:
-        base = name.rstrip("/").rsplit("/", 1)[-1]
+    for name in objects.listdir(marker_dir(str(path))):
         with contextlib.suppress(ValueError):
-            out.add(tuple(int(v) for v in base.split("_")))
+            out.add(tuple(int(v) for v in name.split("_")))
     return out
 
 
@@ -75,15 +68,13 @@ def sync_output(path: str, **kwargs: Any) -> None:
 
 def remove_markers(path: str) -> None:
     """Delete the marker folder (once the output is complete)."""
-    fs, mdir = markers(path)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(mdir, recursive=True)
+    objects.remove_tree(marker_dir(path))
 
 
 def has_level0(path: str) -> bool:
     """Whether level 0 of the output exists (a kill may have come before it)."""
     try:
-        zarr.open_array(store=f"{path.rstrip('/')}/0", mode="r")
+        zarr.open_array(store=objects.zarr_store(f"{path.rstrip('/')}/0", read_only=True), mode="r")
     except Exception:  # no array metadata there (zarr raises several types for that)
         return False
     return True
@@ -103,13 +94,14 @@ def write_task(
         arr[region] = cast_block(block, arr.dtype)
         if DURABLE:  # the marker must never outlive its data, even across a node loss
             sync_region(arr, region)
-        fs, mdir = markers(path)  # written only after the data is in the store
-        write_marker(fs, f"{mdir}/{_marker_name(index)}")
+        write_marker(f"{marker_dir(path)}/{_marker_name(index)}")  # only after the data is in the store
 
     try:  # transient store errors are retried with back-off; the marker comes last, so a retry is safe
         with_retries(write, f"block {index}: writing {path}")
     except N2VError:
         raise
-    except OSError as exc:  # the store: disk full, permissions, network
-        raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {first_line(exc)}") from exc
+    except Exception as exc:  # the store: disk full, permissions, network
+        if not objects.is_store_error(exc):
+            raise
+        raise N2VError(f"block {index}: cannot write {path}: {type(exc).__name__}: {summary(exc)}") from exc
     return np.full((1,) * block.ndim, block.size // channels, dtype=np.int64)

@@ -21,6 +21,7 @@ import zarr
 
 from ..errors import N2VError, first_line
 from ..io.sources import store_array
+from ..io.objects import zarr_store
 from ..io.stores import RetriesExhausted, with_retries
 from .grid import Box
 
@@ -64,7 +65,7 @@ class _ZarrSource(_Source):
     def array(self) -> Any:
         if self._array is None:
             try:
-                self._array = zarr.open_array(self._url, mode="r")
+                self._array = zarr.open_array(store=zarr_store(self._url, read_only=True), mode="r")
             except Exception as exc:  # any store error: a user-facing path problem
                 raise N2VError(f"cannot open zarr array {self._url}: {exc}") from None
         return self._array
