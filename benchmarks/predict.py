@@ -5,13 +5,19 @@ Prints one JSON line per measurement:
 * ``ceiling``: MPix/s of the bare network on one in-memory ``--tile`` x
   ``--tile`` tile (no padding, no I/O) in every runtime, layout and precision
   side by side: torch NCHW fp32 (the old default), torch channels-last fp32
-  and bf16, ONNX Runtime fp32, OpenVINO f32 and bf16 (those installed);
+  and bf16, ONNX Runtime fp32, OpenVINO f32 and bf16 (those installed); the
+  mean over ``--repeats`` passes, measured before and after the pipelines and
+  averaged (both printed), and the CPU seconds per MPix;
 * ``pipeline``: MPix/s of the whole pipeline (``predict`` reading and writing
   OME-Zarr, default chunking, LocalCluster start excluded) with the CLI's
   defaults (``auto``/``auto``), with ``--precision fp32`` and with
   ``--runtime torch``, each with its ``ratio`` to its ceiling: the best
   configuration overall (target >= 0.5), the best exact (fp32) runtime
   (target >= 0.7) and the best torch eager configuration (target >= 0.7);
+  ``cpu_ratio`` is the same ratio in CPU seconds per MPix (the client and
+  its workers).  Warm-up (model load, export/compile, each worker's first
+  blocks of the measured shape) is a separate run on two frames per worker,
+  excluded from the rate and printed as ``warmup_seconds``;
 * ``scale``: wall time per pixel and peak RSS (this process and all its
   children, sampled) of predicting a small and a large volume in a fresh
   process each, and their ratios (target <= 1.2 each);
@@ -28,7 +34,7 @@ Usage::
     python benchmarks/predict.py                  # 1 GB vs 16 GB (hours on 2 cores)
     python benchmarks/predict.py --quick          # a smoke run of a few seconds
     python benchmarks/predict.py --small-gb 0.03 --large-gb 0.5 --efficiency-gb 0.06
-    python benchmarks/predict.py --efficiency-gb 0.067 --skip-scale   # ceiling vs pipeline (README table)
+    python benchmarks/predict.py --frame 1024 --efficiency-gb 0.134 --skip-scale   # ceiling vs pipeline, 32 blocks
     # on a GPU machine: ceiling in fp32/bf16/fp16, pipeline on the GPU, its utilisation
     python benchmarks/predict.py --device cuda --efficiency-gb 1 --tile 2048 --skip-scale
 """
@@ -99,11 +105,30 @@ CONFIGS = [
 ]
 
 
+def cpu_seconds(include_children: bool = False) -> float:
+    """CPU seconds (user + system) of this process, and of its child processes (LocalCluster workers) if asked."""
+    import psutil
+
+    procs = [psutil.Process()]
+    if include_children:
+        procs += psutil.Process().children(recursive=True)
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
             configs: list[tuple[str, str, str, bool]] = CONFIGS) -> list[dict[str, Any]]:
-    """MPix/s of the bare network on one in-memory tile, per runtime/layout/precision (best of ``repeats``).
+    """MPix/s of the bare network on one in-memory tile, per runtime/layout/precision.
 
-    On CUDA the tile lives on the GPU (no copies) and only torch runs, in fp32, bf16 and fp16.
+    The rate is the mean over ``repeats`` passes after a warm-up pass (a mean,
+    like the pipeline's rate over its whole run: a best-of would pick the
+    quietest moment of a shared machine); ``cpu_s_per_mpix`` is the process's
+    CPU time per MPix over the same passes.  On CUDA the tile lives on the GPU
+    (no copies) and only torch runs, in fp32, bf16 and fp16.
     """
     import torch
 
@@ -128,29 +153,38 @@ def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
         with torch.inference_mode():
             run(x)  # warm-up: export, compile, oneDNN primitive creation, cuDNN autotuning
             sync()
-            best = float("inf")
+            t0, c0 = time.perf_counter(), cpu_seconds()
             for _ in range(repeats):
-                t0 = time.perf_counter()
                 run(x)
-                sync()
-                best = min(best, time.perf_counter() - t0)
+            sync()
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        mpix = x.numel() * repeats / 1e6
         rows.append({"config": name, "runtime": runtime, "precision": precision, "exact": exact,
-                     "mpix_per_s": round(x.numel() / best / 1e6, 4)})
+                     "mpix_per_s": round(mpix / dt, 4), "cpu_s_per_mpix": round(cpu / mpix, 4)})
     return rows
 
 
 def pipeline_rate(model_dir: Path, volume: Path, out: Path, scheduler: Any, warmup: Path | None = None,
                   **options: Any) -> dict[str, Any]:
+    """The pipeline's MPix/s over a whole run, and its CPU seconds per MPix (this process and its workers).
+
+    ``warmup``: a run before, on a small volume of the same frame shape, that
+    loads the model and exports/compiles it and prepares the block shape in
+    every worker; it is excluded from the rate and reported as ``warmup_seconds``.
+    """
     from n2v_chunked.predict import predict
 
-    if warmup is not None:  # load the model, export/compile it in every worker, untimed
-        predict(str(warmup), str(out), str(model_dir), scheduler=scheduler, overwrite=True, progress=False,
-                pyramid=False, **options)
-    t0 = time.perf_counter()
-    res = predict(str(volume), str(out), str(model_dir), scheduler=scheduler, overwrite=True, progress=False,
-                  pyramid=False, **options)
-    dt = time.perf_counter() - t0
-    return {"mpix_per_s": round(res.size / dt / 1e6, 4), "seconds": round(dt, 3),
+    kw = dict(scheduler=scheduler, overwrite=True, progress=False, pyramid=False, **options)
+    warm_s = None
+    if warmup is not None:
+        t0 = time.perf_counter()
+        predict(str(warmup), str(out), str(model_dir), **kw)
+        warm_s = round(time.perf_counter() - t0, 3)
+    t0, c0 = time.perf_counter(), cpu_seconds(include_children=True)
+    res = predict(str(volume), str(out), str(model_dir), **kw)
+    dt, cpu = time.perf_counter() - t0, cpu_seconds(include_children=True) - c0
+    return {"mpix_per_s": round(res.size / dt / 1e6, 4), "cpu_s_per_mpix": round(cpu / (res.size / 1e6), 4),
+            "seconds": round(dt, 3), "warmup_seconds": warm_s,
             "blocks": res.attrs["predict_stats"]["blocks_total"], "chunks": list(res.data.chunksize),
             "used": res.attrs["predict_stats"].get("runtime")}
 
@@ -199,22 +233,31 @@ PIPELINES = [
 ]
 
 
+def bracket(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ceiling rows measured before and after the pipelines, as their means (the load may change in between)."""
+    rows = []
+    for b, a in zip(before, after):
+        mean = {k: round((b[k] + a[k]) / 2, 4) for k in ("mpix_per_s", "cpu_s_per_mpix")}
+        rows.append({**b, **mean, "mpix_per_s_before": b["mpix_per_s"], "mpix_per_s_after": a["mpix_per_s"]})
+    return rows
+
+
 def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argparse.Namespace,
                configs: list[tuple[str, str, str, bool]] = CONFIGS,
                pipelines: list[tuple[str, dict[str, Any], str]] = PIPELINES) -> None:
-    """The ceiling and the pipeline in one run: ratios side by side are what a busy machine can still compare."""
+    """The ceiling and the pipelines in one run: ratios side by side are what a busy machine can still compare.
+
+    The ceiling is measured before and after the pipelines and averaged; each
+    pipeline's ``ratio`` is its MPix/s over the fastest ceiling of its kind,
+    ``cpu_ratio`` the same in CPU seconds per MPix (less sensitive to other
+    jobs on the machine, blind to idle cores).
+    """
     from n2v_chunked.cluster import cluster_client, local_layout
 
-    rows = ceiling(model_dir, args.tile, args.repeats, args.device, configs)
-    for r in rows:
-        emit(measure="ceiling", tile=args.tile, **r)
-    ceilings = {
-        "best": max(rows, key=lambda r: r["mpix_per_s"]),
-        "best exact": max((r for r in rows if r["exact"]), key=lambda r: r["mpix_per_s"]),
-        "best torch": max((r for r in rows if r["runtime"].startswith("torch")), key=lambda r: r["mpix_per_s"]),
-    }
+    before = ceiling(model_dir, args.tile, args.repeats, args.device, configs)
     frames = frames_for(args.efficiency_gb, args.frame)
     workers, threads = local_layout(None if args.device == "cpu" else args.device)  # predict's own layout
+    pipes = []
     with (cluster_client("local", n_workers=args.workers or workers, threads_per_worker=threads)
           if args.scheduler == "local" else contextlib.nullcontext("threads")) as client:
         for label, options, against in pipelines:
@@ -226,10 +269,21 @@ def efficiency(tmp: Path, model_dir: Path, volume: Path, warm: Path, args: argpa
                 pipe = pipeline_rate(model_dir, volume, tmp / "out.ome.zarr", client, warm, **options)
             if gpu.samples:
                 pipe["gpu_utilisation_percent"] = round(float(np.mean(gpu.samples)), 1)
-            top = ceilings[against]
-            emit(measure="pipeline", options=label, frames=frames, **pipe, ceiling=against,
-                 ceiling_config=top["config"], ceiling_mpix_per_s=top["mpix_per_s"],
-                 ratio=round(pipe["mpix_per_s"] / top["mpix_per_s"], 3))
+            pipes.append((label, against, pipe))
+    rows = bracket(before, ceiling(model_dir, args.tile, args.repeats, args.device, configs))
+    for r in rows:
+        emit(measure="ceiling", tile=args.tile, **r)
+    ceilings = {
+        "best": max(rows, key=lambda r: r["mpix_per_s"]),
+        "best exact": max((r for r in rows if r["exact"]), key=lambda r: r["mpix_per_s"]),
+        "best torch": max((r for r in rows if r["runtime"].startswith("torch")), key=lambda r: r["mpix_per_s"]),
+    }
+    for label, against, pipe in pipes:
+        top = ceilings[against]
+        emit(measure="pipeline", options=label, frames=frames, **pipe, ceiling=against,
+             ceiling_config=top["config"], ceiling_mpix_per_s=top["mpix_per_s"],
+             ratio=round(pipe["mpix_per_s"] / top["mpix_per_s"], 3),
+             cpu_ratio=round(top["cpu_s_per_mpix"] / pipe["cpu_s_per_mpix"], 3))
 
 
 class PeakRSS:
@@ -311,7 +365,8 @@ def main() -> None:
                     help="initial features of the U-Net (default 32, the paper's); a narrower network makes the "
                     "16 GB scale run feasible on a few cores and leaves I/O a larger share of the time")
     ap.add_argument("--tile", type=int, default=1024, help="side of the ceiling's in-memory tile (default 1024)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes per ceiling configuration (default 3)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed passes per ceiling configuration, before and after the pipelines (default 3)")
     ap.add_argument("--device", default="cpu",
                     help="cpu (default) or cuda[:N]: the ceiling in torch fp32/bf16/fp16 on the GPU, the pipeline "
                     "with --device, and the GPU's mean utilisation while it runs")
@@ -347,8 +402,8 @@ def main() -> None:
             volume = tmp / "eff.ome.zarr"
             frames = frames_for(args.efficiency_gb, args.frame)
             make_volume(volume, frames, args.frame)
-            warm = tmp / "warm.ome.zarr"
-            make_volume(warm, 2, min(args.frame, 256))
+            warm = tmp / "warm.ome.zarr"  # the same frame shape: every worker prepares the measured block shapes
+            make_volume(warm, 2 * (args.workers or len(os.sched_getaffinity(0))), args.frame)
             if not args.skip_efficiency:
                 efficiency(tmp, model_dir, volume, warm, args)
             if args.compare_schedulers:

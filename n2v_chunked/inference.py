@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -94,13 +94,13 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
                 setting(_IEEE_USERS[1])
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial axes of ``(N, C, *spatial)`` at their ends to a multiple.
+def pad_to_multiple(x: torch.Tensor, multiples: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial axes of ``(N, C, *spatial)`` at their ends to a multiple each.
 
     Returns the padded tensor and the slices that crop the result back.
     """
     spatial = x.shape[2:]
-    extra = [(-s) % multiple for s in spatial]
+    extra = [(-s) % m for s, m in zip(spatial, multiples)]
     if not any(extra):
         return x, tuple(slice(None) for _ in spatial)
     pad: list[int] = []
@@ -108,6 +108,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         pad += [0, e]
     mode = "replicate" if all(e < s for e, s in zip(extra, spatial)) else "constant"
     return F.pad(x, pad, mode=mode), tuple(slice(0, s) for s in spatial)
+
+
+def pad_multiples(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> list[int]:
+    """What each spatial axis is padded to a multiple of: ``2**depth``, and the runner's fast width.
+
+    A runner's ``width_multiple`` (:mod:`n2v_chunked.runtime`) applies to the
+    last axis, and with TTA to the last two (its rotations swap them).  Padding
+    at the end changes no kept pixel: they lie a halo away from it, and the
+    pooling grid still starts at the block's start.
+    """
+    m = size_multiple(trained.config)
+    out = [m] * trained.config.dims
+    fast = math.lcm(m, getattr(runner, "width_multiple", 1))
+    for ax in range(-2 if tta else -1, 0):
+        out[ax] = fast
+    return out
 
 
 @torch.inference_mode()
@@ -181,18 +197,21 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
     step = max(1, (max_pixels or pixel_budget(trained, device)) // max(per_item, 1))
     out = torch.empty_like(xt)
     ks = range(8) if tta else range(1)
-    m = size_multiple(trained.config)
+    multiples = pad_multiples(trained, runner, tta)
     for start in range(0, n, step):
         part = xt[start : start + step].to(device)
         # Pad once, before any rotation: a rotation maps the padded end onto the start, so
         # padding after it would shift the pooling grid by an amount that depends on the
         # block's length, and chunked prediction would no longer equal whole-image prediction.
-        padded, crop = pad_to_multiple(part, m)
-        acc = torch.zeros_like(padded, dtype=torch.float32)
+        padded, crop = pad_to_multiple(part, multiples)
+        acc = None  # the sum over TTA's symmetries (without TTA the runner's output itself: no extra pass)
         for k in ks:
             y = runner(dihedral(padded, k) if tta else padded).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
-            acc += dihedral(y.float(), k, inverse=True) if tta else y.float()
-        y = acc[(slice(None), slice(None), *crop)] / len(ks)
+            y = dihedral(y.float(), k, inverse=True) if tta else y.float()
+            acc = y if acc is None else acc + y
+        y = acc[(slice(None), slice(None), *crop)]
+        if tta:
+            y = y / len(ks)
         if weight is not None:
             w = weight.to(device)
             y = w * y + (1.0 - w) * part

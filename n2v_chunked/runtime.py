@@ -3,8 +3,10 @@
 :func:`resolve` turns the user's ``runtime``/``precision`` (``auto`` or a
 name) into what this device can run; :func:`get_runner` turns a loaded model
 into a *runner*: a callable from a padded ``(N, C, *spatial)`` float32 tensor
-to the network's float32 output.  Everything around the network call (padding,
-batching, TTA, blending) stays in :mod:`n2v_chunked.inference`, so it works
+to the network's float32 output (a new tensor), with an optional
+``width_multiple`` attribute (the last axis's size multiple at which it runs
+fastest).  Everything around the network call (padding, batching, TTA,
+blending) stays in :mod:`n2v_chunked.inference`, so it works
 with every runtime.
 
 Runtimes:
@@ -253,6 +255,10 @@ def _openvino_runner(onnx: bytes, precision: str, threads: int) -> Runner:
         y = req.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0]
         return torch.from_numpy(np.array(y, dtype=np.float32, copy=True))  # the request reuses its buffer
 
+    if precision == "bf16":
+        # AMX bf16 convolutions are up to 13% slower per pixel at some widths (1048, 1072, 1096 of
+        # 1024-1152) and at their fastest at multiples of 32; the height does not matter (issue 15)
+        run.width_multiple = 32  # type: ignore[attr-defined]
     return run
 
 

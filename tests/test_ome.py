@@ -104,7 +104,7 @@ def test_create_ngff_05_layout(tmp_path):
     assert level["dimension_names"] == ["z", "y", "x"]
     assert level["chunk_grid"]["configuration"]["chunk_shape"] == [2, 16, 16]
     blosc = next(c for c in level["codecs"] if c["name"] == "blosc")["configuration"]
-    assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("zstd", 5, "shuffle")
+    assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("zstd", 1, "shuffle")
     validate_with_models(out, "0.5")
 
 
@@ -118,6 +118,7 @@ def test_create_ngff_04_layout(tmp_path):
     zarray = json.loads((out / "0" / ".zarray").read_text())
     assert zarray["dimension_separator"] == "/" and zarray["dtype"] == "<u2"
     assert zarray["compressor"]["id"] == "blosc" and zarray["compressor"]["cname"] == "zstd"
+    assert zarray["compressor"]["clevel"] == 1
     assert zarray["compressor"]["shuffle"] == 1
     assert zarray["chunks"][:2] == [1, 1]
     assert not is_complete(out)

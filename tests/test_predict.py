@@ -424,7 +424,9 @@ def test_benchmark_quick_efficiency():
     ceiling = [r for r in records if r["measure"] == "ceiling"]
     pipes = [r for r in records if r["measure"] == "pipeline"]
     assert {r["config"] for r in ceiling} >= {"torch NCHW fp32", "torch channels-last bf16"}
-    assert all(r["mpix_per_s"] > 0 for r in ceiling)
+    for r in ceiling:  # measured before and after the pipelines, averaged
+        assert r["mpix_per_s"] == pytest.approx((r["mpix_per_s_before"] + r["mpix_per_s_after"]) / 2, abs=2e-4)
+        assert r["mpix_per_s"] > 0 and r["cpu_s_per_mpix"] > 0
     assert [r["ceiling"] for r in pipes] == ["best", "best exact", "best torch"]
     # each pipeline is divided by the fastest ceiling row of its kind, measured in the same run
     best = {"best": ceiling, "best exact": [r for r in ceiling if r["exact"]],
@@ -433,6 +435,8 @@ def test_benchmark_quick_efficiency():
         top = max(best[r["ceiling"]], key=lambda c: c["mpix_per_s"])
         assert (r["ceiling_config"], r["ceiling_mpix_per_s"]) == (top["config"], top["mpix_per_s"])
         assert r["mpix_per_s"] > 0 and r["ratio"] == pytest.approx(r["mpix_per_s"] / top["mpix_per_s"], abs=1e-3)
+        assert r["cpu_ratio"] == pytest.approx(top["cpu_s_per_mpix"] / r["cpu_s_per_mpix"], rel=2e-3)
+        assert r["warmup_seconds"] > 0 and r["blocks"] >= 1
     assert pipes[2]["used"].startswith("torch ") and pipes[1]["used"].endswith(" fp32")
 
 

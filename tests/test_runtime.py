@@ -52,6 +52,37 @@ def test_chunked_equals_whole_in_every_runtime_and_precision(tmp_path, runtime, 
         assert np.abs(got - whole_image(md, arr, dims, precision="fp32")).max() / np.ptp(arr) > 1e-6
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_openvino_bf16_runs_at_its_fast_width_and_stays_exact(tmp_path, monkeypatch, tta):
+    """OpenVINO bf16 gets the last axis padded to a multiple of 32 (both YX axes with TTA, whose
+    rotations swap them); the padding at the end changes no kept pixel: chunked == whole image."""
+    _skip_missing("openvino")
+    import n2v_chunked.inference as I
+
+    shapes = []
+
+    def recording(*args):
+        runner = R.get_runner(*args)
+
+        def run(x):
+            shapes.append(tuple(x.shape[2:]))
+            return runner(x)
+
+        run.width_multiple = runner.width_multiple
+        return run
+
+    monkeypatch.setattr(I, "get_runner", recording)
+    md = make_model_dir(tmp_path / "m", features=8)
+    trained = ckpt.load_model(md, "cpu")
+    arr = noisy((1, 41, 45), seed=2)
+    kw = dict(runtime="openvino", precision="bf16", tta=tta)
+    whole = whole_image(md, arr, "tyx", **kw)
+    h = I.halo_width(trained.config)[0]
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    assert set(shapes) == {(up(41 + 2 * h, 32 if tta else 4), up(45 + 2 * h, 32))}
+    assert np.abs(chunked(md, arr, "tyx", (1, 16, 20), **kw) - whole).max() / np.ptp(arr) <= TOL
+
+
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
 def test_fp32_runtimes_match_torch_and_tta_blend_work(tmp_path, runtime):
     """The exported network computes what torch computes; TTA and blending wrap any runtime."""
