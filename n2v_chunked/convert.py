@@ -74,7 +74,7 @@ def info(
         "units": dict(arr.attrs["units"]),
         "translation": dict(arr.attrs["translation"]),
         "bytes_in_memory": int(math.prod(arr.shape) * arr.dtype.itemsize),
-        "bytes_on_disk": si.nbytes_stored,
+        "bytes_on_disk": si.stored_bytes(),
     }
 
 

@@ -67,3 +67,20 @@ def test_precision_smoke():
     assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("torch", "bf16")}
     for r in rows:
         assert r["data"] == "nuclei" and math.isfinite(r["psnr"]) and r["passes"] == (abs(r["delta_db"]) < 0.05)
+
+
+def test_scale_smoke():
+    proc, rows = run_benchmark("scale.py", "--sizes-gb", "0.002", "0.004", "--blocks", "2", "--patches", "128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {(r["measure"], r["gb"]): r for r in rows if r["measure"] in ("startup", "predict")}
+    assert set(runs) == {(m, gb) for m in ("startup", "predict") for gb in (0.002, 0.004)}
+    for (measure, gb), r in runs.items():
+        assert r["bytes"] == 2 * math.prod(r["shape"]) and abs(r["bytes"] - gb * 1e9) < 0.1 * gb * 1e9
+    for r in (r for r in rows if r["measure"] == "ratio"):  # each ratio is the quotient of the two runs' figures
+        small, large = runs[(r["phase"], 0.002)][r["figure"]], runs[(r["phase"], 0.004)][r["figure"]]
+        assert (r["small"], r["large"]) == (small, large)
+        assert r["ratio"] == (round(large / small, 3) if small else None)
+        assert r["met"] == (None if r["target"] is None or not small else large / small <= r["target"])
+    predict = runs[("predict", 0.004)]
+    assert predict["blocks_written"] >= 2 and predict["listings"] == 0 and predict["batch_tasks"] > 0
+    assert runs[("startup", 0.004)]["listings_at_startup"] == 0

@@ -120,6 +120,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
         if d in dims and v:
             raw.scale[dims.index(d)] = float(v)
             raw.units[dims.index(d)] = "micrometer"
-    raw.info = SourceInfo(tuple(int(c[0]) for c in data.chunks), None, [tuple(data.shape)],
-                          Path(path).stat().st_size, str(data.dtype))
+    size = Path(path).stat().st_size
+    raw.info = SourceInfo(tuple(int(c[0]) for c in data.chunks), None, [tuple(data.shape)], lambda: size,
+                          str(data.dtype))
     return raw

@@ -33,8 +33,10 @@ class SourceInfo:
         Shard shape (Zarr v3 sharding), canonical order.
     levels : list of tuple of int
         Shape of every resolution level (canonical order); one entry if none.
-    nbytes_stored : int or None
-        Bytes the source occupies on disk (all levels), when known.
+    stored_bytes : callable
+        Bytes the source occupies on disk (all levels), or None when unknown.
+        A call lists every stored object, so only ``info`` makes it: opening
+        a source never lists its chunks.
     dtype : str
         Stored data type.
     """
@@ -42,7 +44,7 @@ class SourceInfo:
     store_chunks: tuple[int, ...] | None = None
     shards: tuple[int, ...] | None = None
     levels: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-    nbytes_stored: int | None = None
+    stored_bytes: Callable[[], int | None] = lambda: None
     dtype: str = ""
     stored_axes: str = ""  # the axes in stored order: the order --axes refers to
 
@@ -136,5 +138,5 @@ class ChunkReader:
 def from_reader(reader: ChunkReader, chunks: tuple[int, ...]) -> da.Array:
     """A dask array over ``reader`` with ``chunks``, one ``reader[region]`` call per block."""
     meta = np.empty((0,) * reader.ndim, dtype=reader.dtype)
-    return da.from_array(reader, chunks=chunks, asarray=False, fancy=False, lock=False, meta=meta)
+    return da.from_array(reader, chunks=chunks, asarray=False, fancy=False, lock=False, meta=meta, inline_array=True)
 

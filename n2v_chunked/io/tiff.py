@@ -379,7 +379,8 @@ def open_tiff(path: str, level: int, keep_open: bool = True) -> Raw:
     raw.attrs["tiff_axes"] = axes_letters
     raw.attrs["reader"] = reader
     raw.attrs["tiff_scale"], raw.attrs["tiff_units"] = scale, units
-    raw.info = SourceInfo(reader.store_chunks, None, levels, Path(path).stat().st_size, str(reader.dtype))
+    size = Path(path).stat().st_size
+    raw.info = SourceInfo(reader.store_chunks, None, levels, lambda: size, str(reader.dtype))
     return raw
 
 
@@ -425,7 +426,7 @@ def open_tiff_stack(files: list[str], source: str, axes: Any) -> Raw:
     raw.units = {i + 1: un[d] for i, d in enumerate(inner) if d in un}
     size = sum(Path(f).stat().st_size for f in files)
     raw.info = SourceInfo(
-        (1,) + tuple(first.info.store_chunks or ()), None, [tuple(data.shape)], size, str(dtype)
+        (1,) + tuple(first.info.store_chunks or ()), None, [tuple(data.shape)], lambda: size, str(dtype)
     )
     return raw
 

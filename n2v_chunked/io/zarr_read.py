@@ -148,7 +148,7 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
         store_chunks=tuple(arr.chunks),
         shards=tuple(arr.shards) if arr.shards else None,
         levels=[tuple(a.shape) for a in arrays],
-        nbytes_stored=_stored_bytes(arrays),
+        stored_bytes=lambda: _stored_bytes(arrays),
         dtype=str(arr.dtype),
     )
     return Raw(
@@ -203,7 +203,7 @@ def _plain_zarr(arr: Any, source: str) -> Raw:
         store_chunks=tuple(arr.chunks),
         shards=tuple(arr.shards) if arr.shards else None,
         levels=[tuple(arr.shape)],
-        nbytes_stored=_stored_bytes([arr]),
+        stored_bytes=lambda: _stored_bytes([arr]),
         dtype=str(arr.dtype),
     )
     reader = _ZarrReader(arr, f"array {source}")

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import dask.array as da
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import torch
 
@@ -222,6 +224,18 @@ def _seg_slice(s: Segment) -> slice:
     return slice(start, stop if stop >= 0 else None, step)
 
 
+def _detached(a: da.Array) -> da.Array:
+    """``a`` with a graph of its own tasks only, cut loose from the whole source's.
+
+    dask culls a graph that holds any old-style layer (``map_overlap``'s,
+    ``concatenate``'s) by first listing every key of every layer, the source's
+    one task per stored chunk included: 10^8 keys per batch on a 100 TB volume.
+    A source cut to the batch's region keeps that list as small as the batch.
+    """
+    tasks = dict(a.dask.cull(set(flatten(a.__dask_keys__()))))
+    return da.Array(HighLevelGraph.from_collections(a.name, tasks), a.name, a.chunks, meta=a._meta)
+
+
 def _batch_input(
     x: da.Array, p: Plan, lo: Sequence[int], hi: Sequence[int], boundary: str, fill: np.ndarray
 ) -> tuple[da.Array, dict[int, int]]:
@@ -260,7 +274,7 @@ def _batch_input(
         if any(isinstance(s, int) for s in combo):
             chunks = tuple(min(n, c) for n, c in zip(lengths, p.chunks))
             return da.broadcast_to(da.from_array(fill, chunks=fill.shape), lengths, chunks=chunks)
-        part = x[tuple(_seg_slice(s) for s in combo)]
+        part = _detached(x[tuple(_seg_slice(s) for s in combo)])
         return da.broadcast_to(part, lengths) if part.shape != lengths else part
 
     def nest(ax: int, prefix: tuple[Segment, ...]) -> Any:

@@ -1,0 +1,56 @@
+"""Cost as the volume grows: a 100 TB volume that exists nowhere (``tests/virtual_store.py``).
+
+Nothing here is timed: the tests count what the store is asked for and what
+the graphs hold, which grows with the volume when something touches every
+chunk.
+"""
+
+import pytest
+import virtual_store as vs
+from helpers import make_model_dir
+
+from n2v_chunked.io.sources import open_image
+from n2v_chunked.predict import predict
+from n2v_chunked.predict.blocks import batch_prediction, get_model, model_token
+from n2v_chunked.predict.plan import batches, plan
+
+CHUNKS = (1, 512, 512)
+HUGE = 100e12  # bytes: 1.9e8 chunks of 512 KiB
+
+
+@pytest.fixture
+def huge():
+    vs.COUNTS.reset()
+    yield vs.add_volume("huge", vs.shape_for(HUGE, CHUNKS), CHUNKS, axes="tyx")
+    vs.STOP_AFTER = None
+    vs.clear_discarded()
+
+
+def test_opening_a_huge_volume_lists_and_reads_nothing(huge):
+    x = open_image(huge)
+    assert x.nbytes > 0.9 * HUGE and x.data.npartitions > 10**8
+    assert (vs.COUNTS.listings, vs.COUNTS.chunk_reads) == (0, 0)  # the stored size was a listing of every chunk
+    # no old-style layer: dask would list every chunk's key to cull any graph built on it
+    assert not any(layer.has_legacy_tasks for layer in x.data.__dask_graph__().layers.values())
+
+
+def test_predicting_a_huge_volume_touches_only_what_its_first_blocks_need(huge, tmp_path):
+    model = make_model_dir(tmp_path / "m", depth=1, features=1)
+    vs.STOP_AFTER = 2  # two blocks written, then the store stops the run
+    with pytest.raises(vs.Enough):
+        predict(huge, "discard://huge-out", model, chunks=CHUNKS, progress=False, pyramid=False,
+                scheduler="threads", batch_blocks=4)
+    assert vs.COUNTS.chunk_writes == 2 and vs.COUNTS.listings == 0
+    # the input statistics' 256 sampled regions, and the chunks (with halos) of the blocks that ran
+    assert vs.COUNTS.chunk_reads <= 256 + 4 * 9
+
+
+def test_a_batch_graph_holds_only_the_batch(tmp_path):
+    """Keys in one batch's graph: bounded by the batch, not by the 1.9 million chunks of the source."""
+    model = make_model_dir(tmp_path / "m", depth=1, features=1)
+    trained = get_model(str(model), model_token(str(model)), "cpu")
+    x = open_image(vs.add_volume("tera", vs.shape_for(1e12, CHUNKS), CHUNKS, axes="tyx"))
+    p = plan(trained, x, CHUNKS)
+    lo, hi = next(batches(p.numblocks, 8))
+    y = batch_prediction(x.data, p, lo, hi, trained=trained, model_dir=str(model))
+    assert x.data.npartitions > 10**6 and len(y.__dask_graph__().get_all_external_keys()) < 1000
