@@ -40,7 +40,8 @@ def test_predicting_a_huge_volume_touches_only_what_its_first_blocks_need(huge, 
     with pytest.raises(vs.Enough):
         predict(huge, "discard://huge-out", model, chunks=CHUNKS, progress=False, pyramid=False,
                 scheduler="threads", batch_blocks=4)
-    assert vs.COUNTS.chunk_writes == 2 and vs.COUNTS.listings == 0
+    # the store stops the run at its second write; writes of the batch's other blocks may be in flight then
+    assert 2 <= vs.COUNTS.chunk_writes <= 4 and vs.COUNTS.listings == 0
     # the input statistics' 256 sampled regions, and the chunks (with halos) of the blocks that ran
     assert vs.COUNTS.chunk_reads <= 256 + 4 * 9
 
