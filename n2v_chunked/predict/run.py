@@ -124,21 +124,6 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     if names and not set(names) & set(ZARR_MARKERS):
         raise OutputExistsError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
     return None
-    if resume:
-        try:
-            meta = zarr.open_group(store=out, mode="r").attrs.get("n2v_chunked")
-        except Exception:
-            meta = None
-        if not isinstance(meta, dict) or "parameters" not in meta:
-            raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
-        return dict(meta)
-    if not overwrite:
-        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
-    if not fs.isdir(root):
-        raise OutputExistsError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
-    if fs.ls(root) and not any(fs.exists(f"{root}/{m}") for m in ZARR_MARKERS):
-        raise OutputExistsError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
-    return None
 
 
 def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[str, str]:
