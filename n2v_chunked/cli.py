@@ -498,6 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_on_ctrl_c() -> None:
+    """Ctrl-C first quiets dask's shutdown chatter, then interrupts as usual."""
+    import signal
+    import threading
+
+    from .logs import quiet_shutdown
+
+    def on_int(signum: int, frame: Any) -> None:
+        quiet_shutdown()
+        signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_int)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``n2v-chunked`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -514,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .progress import set_interval
 
         setup_logging(verbose=args.verbose, debug=args.debug)
+        _quiet_on_ctrl_c()
         stores.install_log_redaction()
         set_interval(getattr(args, "progress_interval", None))
         configure_stores(args, top)

@@ -21,6 +21,26 @@ NOISY = ("distributed", "dask", "tornado", "bokeh", "asyncio", "fsspec", "urllib
 #: The loggers whose INFO lines the user needs by default (the dashboard link).
 ANNOUNCE = "n2v_chunked.announce"
 
+#: distributed's warnings that report its own recovery, not a problem of the run: a worker whose
+#: connection dropped (a Ctrl-C, a lost network packet) re-registers at its next heartbeat.
+BENIGN = ("Received heartbeat from unregistered worker",)
+
+
+def _not_benign(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("distributed") and record.getMessage().startswith(BENIGN))
+
+
+def quiet_shutdown() -> None:
+    """Keep only errors of dask, distributed and tornado from here on: the run is ending.
+
+    After Ctrl-C the workers get the signal too and the scheduler logs their departure
+    (warnings about lost and unregistered workers) while our one line says what became
+    of the output. ``-v`` and ``--debug`` keep everything.
+    """
+    if logging.getLogger("n2v_chunked").getEffectiveLevel() > logging.INFO:
+        for name in ("distributed", "dask", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
 
 class _Formatter(logging.Formatter):
     """``n2v-chunked: <message>`` for INFO, ``n2v-chunked: warning: <message>`` above."""
@@ -50,6 +70,7 @@ def setup_logging(verbose: bool = False, debug: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(_Formatter())
+        handler.addFilter(_not_benign)
     handler._n2v_chunked = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for h in list(root.handlers):

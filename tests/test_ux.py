@@ -157,6 +157,51 @@ def test_ctrl_c_gives_one_line_and_exit_130(small, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+def test_scheduler_recovery_chatter_and_shutdown_warnings_stay_out_of_the_log(capfd):
+    """A heartbeat from a worker the scheduler already dropped is its own recovery, never the user's
+    news; after Ctrl-C only errors of distributed remain (the flaky line CI once caught)."""
+    import logging
+
+    from n2v_chunked.logs import quiet_shutdown, setup_logging
+
+    saved = {n: logging.getLogger(n).level for n in ("distributed", "dask", "tornado", "n2v_chunked")}
+    try:
+        setup_logging()
+        sched = logging.getLogger("distributed.scheduler")
+        sched.warning("Received heartbeat from unregistered worker 'tcp://127.0.0.1:1'.")
+        sched.warning("Worker tcp://127.0.0.1:1 failed 3 times")  # news: kept
+        logging.getLogger("n2v_chunked.x").warning("Received heartbeat from unregistered worker")  # ours: kept
+        err = capfd.readouterr().err.splitlines()
+        assert err == ["n2v-chunked: warning: Worker tcp://127.0.0.1:1 failed 3 times",
+                       "n2v-chunked: warning: Received heartbeat from unregistered worker"]
+        quiet_shutdown()
+        sched.warning("Removing worker 'tcp://127.0.0.1:1' caused the cluster to lose scattered data")
+        sched.error("a real error")
+        assert capfd.readouterr().err.splitlines() == ["n2v-chunked: error: a real error"]
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def test_ctrl_c_handler_quiets_then_interrupts(monkeypatch):
+    import logging
+
+    from n2v_chunked import cli as cli_mod
+
+    monkeypatch.setattr(signal, "signal", lambda sig, fn: handlers.__setitem__(sig, fn))
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    handlers: dict = {}
+    saved = logging.getLogger("distributed").level
+    logging.getLogger("n2v_chunked").setLevel(logging.WARNING)
+    try:
+        cli_mod._quiet_on_ctrl_c()
+        with pytest.raises(KeyboardInterrupt):
+            handlers[signal.SIGINT](signal.SIGINT, None)
+        assert logging.getLogger("distributed").level == logging.ERROR
+    finally:
+        logging.getLogger("distributed").setLevel(saved)
+
+
 def test_http_server_as_scheduler_fails_in_one_line_without_a_lock(small, tmp_path):
     model, tif = small
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
