@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         time_budget=60.0 * args.minutes, val_interval=args.val_interval, precision=args.precision,
         checkpoint_interval=max(args.val_interval, 100), seed=args.seed,
         schedule=args.schedule, warmup=args.warmup, compile=args.compile,
-        stop_patience=args.stop_patience,
+        stop_patience=args.stop_patience, ema=args.ema,
     )
     # one image per chunk: blocks of whole images, some held out for validation
     source = open_image(train_noisy, axes="tyx", chunks={"t": 1})
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": args.device,
         "compile": args.compile,
+        "ema": args.ema,
     }
     if args.train_ceiling:
         ceiling = train_step_ceiling(args)
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings where train's defaults differ (as train --paper)")
     p.add_argument("--stop-patience", type=int, help="validations without improvement before an early stop")
+    p.add_argument("--ema", type=float, help="decay of the weights' running average (default: train's; 0: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--predict-precision", default="fp32", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--predict-runtime", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"])
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     # train's defaults, or the paper's under --paper; an option given explicitly wins
     paper = PAPER if args.paper else {}
     for name, default in [("lr", TrainConfig.lr), ("mask_density", MaskConfig.density),
-                          ("replacement", MaskConfig.replacement), ("stop_patience", TrainConfig.stop_patience)]:
+                          ("replacement", MaskConfig.replacement), ("stop_patience", TrainConfig.stop_patience),
+                          ("ema", TrainConfig.ema)]:
         if getattr(args, name) is None:
             setattr(args, name, paper.get(name, default))
 

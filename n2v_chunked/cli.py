@@ -123,6 +123,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the train step's network (opt-in, for GPUs; compiling takes minutes)")
+    g.add_argument("--ema", type=float,
+                   help="keep a running average of the weights with this decay (default 0.999, measured better: "
+                   "see README Benchmarks; 0: the last step's weights, the paper's)")
     g = p.add_argument_group("network")
     g.add_argument("--depth", type=int, default=2)
     g.add_argument("--features", type=int, default=32, help="feature maps at the top level (paper: 32, 96 for natural images)")
@@ -181,7 +184,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                 precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
-                                stop_patience=chosen("stop_patience", TrainConfig.stop_patience), compile=args.compile)
+                                stop_patience=chosen("stop_patience", TrainConfig.stop_patience), compile=args.compile,
+                                ema=chosen("ema", TrainConfig.ema))
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),

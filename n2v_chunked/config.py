@@ -30,6 +30,7 @@ PAPER: dict[str, Any] = {
     "lr": 4e-4,
     "stop_patience": 0,             # the full schedule, no early stop
     "independent_channels": False,  # one network sees all channels at once
+    "ema": 0.0,                     # the trained weights themselves, no running average
 }
 
 
@@ -194,6 +195,12 @@ class TrainConfig:
         ``torch.compile`` the network of the train step (opt-in: compiling
         takes minutes, and it is not measured to win yet; for GPUs, whose
         step is short enough for kernel launches to count).
+    ema : float
+        Keep, validate and save an exponential moving average of the weights
+        (and batch-norm statistics) instead of the last step's: at step ``n``
+        the average moves by ``1 - min(ema, (1 + n) / (10 + n))``, so early
+        on it follows the network closely and later it smooths the noise of
+        the last few hundred steps.  0 turns it off (the paper's).
     """
 
     patch_size: list[int] = dataclasses.field(default_factory=list)
@@ -213,6 +220,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     compile: bool = False
+    ema: float = 0.999
 
     def __post_init__(self) -> None:
         check_types(self, "train")
@@ -225,6 +233,7 @@ class TrainConfig:
                  "auto, bf16 or fp32")
         _require(self.schedule in ("plateau", "cosine"), "train", "schedule", self.schedule, "'plateau' or 'cosine'")
         _require(0.0 <= self.warmup < 1.0, "train", "warmup", self.warmup, "a fraction in [0, 1)")
+        _require(0.0 <= self.ema < 1.0, "train", "ema", self.ema, "a decay in [0, 1) (0: off)")
         _require(all(p >= 1 for p in self.patch_size), "train", "patch_size", self.patch_size, "positive")
 
 

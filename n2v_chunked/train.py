@@ -164,6 +164,26 @@ def cosine_factor(progress: float, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
 
 
+def ema_model(model: torch.nn.Module, cap: float) -> torch.optim.swa_utils.AveragedModel:
+    """A running average of ``model``'s weights and batch-norm statistics (``TrainConfig.ema``).
+
+    The decay at the ``n``-th update is ``min(cap, (1 + n) / (10 + n))``: a short
+    memory while the network still changes fast, ``cap`` later.  The rate stays
+    a tensor on the device, so an update never waits for it.
+    """
+    def update(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not avg[0].is_floating_point():  # the batch counters: the latest count
+            for a, c in zip(avg, cur):
+                a.copy_(c)
+            return
+        n = n.to(avg[0].dtype)
+        weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=cap)
+        for a, c in zip(avg, cur):
+            a.lerp_(c, weight)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
 
@@ -303,9 +323,14 @@ def _train(
     # the plot, CSV and preview in the model directory, redrawn at each validation (plots.py)
     pictures = TrainingPictures(model_dir, norm(_to_tensor(val_patches, device)), tensorboard) \
         if info.is_main else None
+    # the network validated, plotted and saved: the running average when there is one
+    averaged = ema_model(model, train_cfg.ema) if train_cfg.ema > 0 else None
+    kept = averaged.module if averaged is not None else model
     step, best, history = 0, math.inf, []
     if state is not None:
         model.load_state_dict(state["model"])
+        if averaged is not None and state.get("ema") is not None:  # else the average starts at these weights
+            averaged.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best, history = int(state["step"]), float(state["best_val_loss"]), list(state["history"])
@@ -335,12 +360,12 @@ def _train(
             return
         if lock is not None:  # a run whose lock was taken over stops before it overwrites the other's checkpoint
             lock.check()
-        ckpt.save_weights(model_dir, model,
-                          ckpt.WEIGHTS_LAST)
+        ckpt.save_weights(model_dir, kept, ckpt.WEIGHTS_LAST)
         ckpt.save_training_state(
             model_dir,
             {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "ema": {k: v.detach().cpu() for k, v in averaged.state_dict().items()} if averaged is not None else None,
                 "optimizer": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
@@ -355,7 +380,7 @@ def _train(
     def evaluate(loss: float, elapsed: float, scheduled: bool = True) -> float:
         """Validate; step the plateau schedule; keep the best weights; record both in config.yaml."""
         nonlocal best
-        val_loss, per_channel = validate(model, val, train_cfg.precision, train_cfg.batch_size)
+        val_loss, per_channel = validate(kept, val, train_cfg.precision, train_cfg.batch_size)
         if train_cfg.schedule == "plateau" and scheduled:
             scheduler.step(val_loss)
         history.append({"step": step, "loss": loss, "val_loss": val_loss,
@@ -367,11 +392,11 @@ def _train(
         record["last"] = {"step": step, "mse": per_channel}
         if val_loss < best:
             best = val_loss
-            ckpt.save_weights(model_dir, model, ckpt.WEIGHTS_BEST)
+            ckpt.save_weights(model_dir, kept, ckpt.WEIGHTS_BEST)
             record["best"] = {"step": step, "mse": per_channel}
         ckpt.write_meta(model_dir, meta)
         if pictures is not None:
-            pictures.update(history, model)
+            pictures.update(history, kept)
         return val_loss
 
     losses = LateScalar()
@@ -420,6 +445,8 @@ def _train(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             step += 1
             patches += x.shape[0] * info.world_size
             local_patches += x.shape[0]

@@ -9,14 +9,16 @@ DATA = bsd68_data()
 
 
 @pytest.mark.skipif(DATA is None, reason="BSD68 data absent: no Train400/ and BSD68/ under $N2V_DATA or shared/data")
-@pytest.mark.parametrize("flags, replacement", [([], "median"), (["--paper"], "uniform"), (["--n2v2"], "median")])
-def test_bsd68_smoke(flags, replacement):
+@pytest.mark.parametrize("flags, replacement, ema", [([], "median", 0.999), (["--paper"], "uniform", 0.0),
+                                                     (["--n2v2"], "median", 0.999)])
+def test_bsd68_smoke(flags, replacement, ema):
     proc, rows = run_benchmark("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
                       "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet",
                       "--train-ceiling", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = rows
     assert row["steps"] == 2 and row["replacement"] == replacement and row["n2v2"] is ("--n2v2" in flags)
+    assert row["ema"] == ema
     assert 19 < row["psnr_noisy_input"] < 22  # sigma 25 on 0..255: about 20.2 dB
     for key in ("psnr", "psnr_blend", "centre_weight", "patches_per_second"):
         assert math.isfinite(row[key]), key

@@ -78,12 +78,13 @@ def test_training_learns_and_writes_a_model_dir(tmp_path):
     assert np.mean((out - clean) ** 2) < 0.7 * np.mean((noisy - clean) ** 2)
 
 
-@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
-def test_resume_continues_exactly(tmp_path, schedule):
-    _fit(tmp_path, steps=10, name="straight", schedule=schedule)
+@pytest.mark.parametrize("schedule,ema", [("plateau", 0.999), ("cosine", 0.999), ("plateau", 0.0)])
+def test_resume_continues_exactly(tmp_path, schedule, ema):
+    _fit(tmp_path, steps=10, name="straight", schedule=schedule, ema=ema)
     clean, noisy = _noisy_image()
     with pytest.raises(KeyboardInterrupt):  # interrupted after step 7; the checkpoint of step 5 is kept
-        _fit(tmp_path, steps=10, name="split", schedule=schedule, source=RandomCrops(noisy[None], 32, 16, 1, 7))
+        _fit(tmp_path, steps=10, name="split", schedule=schedule, ema=ema,
+             source=RandomCrops(noisy[None], 32, 16, 1, 7))
     # a fresh source object: its state comes back from the checkpoint
     res = _fit(tmp_path, steps=10, name="split", resume=True, source=RandomCrops(noisy[None], 32, 16, seed=99))
     assert res.step == 10
@@ -96,6 +97,43 @@ def test_resume_continues_exactly(tmp_path, schedule):
     assert sa["step"] == sb["step"] == 10
     assert sa["scheduler"] == sb["scheduler"]
     assert [h["lr"] for h in sa["history"]][-1] == [h["lr"] for h in sb["history"]][-1]
+
+
+def test_ema_average_follows_its_decay_schedule():
+    """The first update copies the network; then each update moves by 1 - min(cap, (1+n)/(10+n));
+    batch-norm statistics are averaged too, the batch counter is copied."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    avg = train_module.ema_model(net, cap=0.5)
+    avg.update_parameters(net)  # n = 0: a copy
+    before = {k: v.clone() for k, v in avg.module.state_dict().items()}
+    net(torch.randn(4, 1, 8, 8))  # moves the running statistics and the counter
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    avg.update_parameters(net)  # n = 1: decay min(0.5, 2/11)
+    w = 1 - 2 / 11
+    now, cur = avg.module.state_dict(), net.state_dict()
+    for k in ("0.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert torch.allclose(now[k], before[k] + w * (cur[k] - before[k]), atol=1e-6), k
+    assert now["1.num_batches_tracked"] == cur["1.num_batches_tracked"] == 1
+    for _ in range(100):  # late updates: the cap
+        avg.update_parameters(net)
+    snap = {k: v.clone() for k, v in avg.module.state_dict().items()}
+    with torch.no_grad():
+        net[0].weight.add_(2.0)
+    avg.update_parameters(net)
+    assert torch.allclose(avg.module[0].weight, snap["0.weight"] + 0.5 * (net[0].weight - snap["0.weight"]))
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.999])
+def test_saved_weights_are_the_average_only_with_ema(tmp_path, ema):
+    _fit(tmp_path, steps=10, lr=2e-3, ema=ema)
+    saved = torch.load(tmp_path / "m" / ckpt.WEIGHTS_LAST, weights_only=True)
+    state = ckpt.load_training_state(tmp_path / "m")
+    same = all(torch.equal(saved[k], state["model"][k]) for k in saved)
+    assert same == (ema == 0) and (state["ema"] is None) == (ema == 0)
+    assert ckpt.read_config(tmp_path / "m")["train"]["ema"] == ema
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_budget():

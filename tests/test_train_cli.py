@@ -48,21 +48,21 @@ def test_train_from_plain_zarr_and_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags, replacement, joint, stop, density, lr",
-    [([], "median", False, 10, 1 / 64, 4e-4), (["--paper"], "uniform", True, 0, 1 / 64, 4e-4),
-     (["--paper", "--replacement", "median", "--lr", "1e-3"], "median", True, 0, 1 / 64, 1e-3),
-     (["--paper", "--mask-density", "0.0625"], "uniform", True, 0, 1 / 16, 4e-4),
-     (["--replacement", "uniform", "--stop-patience", "3"], "uniform", False, 3, 1 / 64, 4e-4),
-     (["--n2v2"], "median", False, 10, 1 / 64, 4e-4)],
+    "flags, replacement, joint, stop, density, lr, ema",
+    [([], "median", False, 10, 1 / 64, 4e-4, 0.999), (["--paper"], "uniform", True, 0, 1 / 64, 4e-4, 0.0),
+     (["--paper", "--replacement", "median", "--lr", "1e-3"], "median", True, 0, 1 / 64, 1e-3, 0.0),
+     (["--paper", "--mask-density", "0.0625", "--ema", "0.99"], "uniform", True, 0, 1 / 16, 4e-4, 0.99),
+     (["--replacement", "uniform", "--stop-patience", "3", "--ema", "0"], "uniform", False, 3, 1 / 64, 4e-4, 0.0),
+     (["--n2v2"], "median", False, 10, 1 / 64, 4e-4, 0.999)],
 )
-def test_measured_defaults_and_the_paper_preset(tmp_path, flags, replacement, joint, stop, density, lr):
+def test_measured_defaults_and_the_paper_preset(tmp_path, flags, replacement, joint, stop, density, lr, ema):
     src = _zarr_stack(tmp_path / "in.zarr")
     model = tmp_path / "model"
     assert main(["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32",
                  *FAST, "--steps", "1", *flags]) == 0
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
     assert meta["mask"]["replacement"] == replacement and meta["train"]["stop_patience"] == stop
-    assert meta["mask"]["density"] == density and meta["train"]["lr"] == lr
+    assert meta["mask"]["density"] == density and meta["train"]["lr"] == lr and meta["train"]["ema"] == ema
     assert meta["model"]["independent_channels"] is not joint and meta["model"]["n2v2"] is ("--n2v2" in flags)
 
 
