@@ -31,15 +31,16 @@ def _not_benign(record: logging.LogRecord) -> bool:
 
 
 def quiet_shutdown() -> None:
-    """Keep only errors of dask, distributed and tornado from here on: the run is ending.
+    """Silence dask, distributed, tornado and asyncio from here on: the run is ending.
 
-    After Ctrl-C the workers get the signal too and the scheduler logs their departure
-    (warnings about lost and unregistered workers) while our one line says what became
-    of the output. ``-v`` and ``--debug`` keep everything.
+    After Ctrl-C the workers get the signal too; the scheduler logs their
+    departure (lost and unregistered workers) and the event loop the callbacks
+    the interrupt cut short, while our one line says what became of the
+    output.  ``-v`` and ``--debug`` keep everything.
     """
     if logging.getLogger("n2v_chunked").getEffectiveLevel() > logging.INFO:
-        for name in ("distributed", "dask", "tornado"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ("distributed", "dask", "tornado", "tornado.application", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 class _Formatter(logging.Formatter):
@@ -92,11 +93,19 @@ def setup_logging(verbose: bool = False, debug: bool = False) -> None:
     # Worker and nanny processes: a failed task's ~40-line "Compute Failed" report is logged
     # there at ERROR, while the client gets the same exception and says it in one line.
     workers = {"distributed": third, "distributed.worker": third if (verbose or debug) else "critical"}
+    if not (verbose or debug):
+        # distributed applies these at its import (in this process too, which may come after this
+        # call): tornado's "Exception in callback" tracebacks are its loop's, never the user's news
+        workers.update({"tornado": "critical", "tornado.application": "critical"})
     os.environ["DASK_LOGGING"] = repr(workers)
     if "dask" in sys.modules:  # imported already (a test, a notebook): its config has been read
         import dask
 
-        dask.config.set({"logging.distributed": third})
+        # one flat mapping of logger names, some dotted: merged whole, not set key by dotted key
+        # (a site's dictConfig-style "logging", with a "version", is left as it is)
+        current = dask.config.get("logging", default=None) or {}
+        if "version" not in current:
+            dask.config.set({"logging": {**current, **workers}})
     if not (verbose or debug):
         # tornado logs a traceback for every connection closed during shutdown (CommClosedError)
         logging.getLogger("tornado").setLevel(logging.CRITICAL)
