@@ -14,6 +14,7 @@ MODULES = [
     "n2v_chunked.padding",
     "n2v_chunked.predict.plan",
     "n2v_chunked.sampling.grid",
+    "n2v_chunked.sampling.order",
     "n2v_chunked.validation",
 ]
 

@@ -23,7 +23,8 @@ from helpers import run_benchmark
 from n2v_chunked.errors import N2VError
 from n2v_chunked.io.sources import open_image
 from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches
-from n2v_chunked.sampling.grid import _subtract, draw_origins, make_block_grid, origin_boxes, split_validation
+from n2v_chunked.sampling.grid import BlockGrid, _subtract, draw_origins, make_block_grid, origin_boxes
+from n2v_chunked.sampling.order import Permutation, assign_blocks, split_validation
 
 
 def coord_zarr(path: Path, shape, chunks, compress: bool = False) -> zarr.Array:
@@ -70,6 +71,15 @@ def check_patches_match(ds: ZarrPatchDataset, patches: np.ndarray, ref: np.ndarr
 def owner_blocks(ds: ZarrPatchDataset, origins: np.ndarray) -> np.ndarray:
     idx = [np.searchsorted(e, origins[:, d], side="right") - 1 for d, e in enumerate(ds.grid.edges)]
     return np.ravel_multi_index(idx, ds.grid.grid_shape)
+
+
+def train_ids(ds: ZarrPatchDataset) -> np.ndarray:
+    return np.asarray(ds.train_blocks)
+
+
+def quotas(ds: ZarrPatchDataset, blocks=None) -> np.ndarray:
+    """Patch quotas of ``blocks`` (default: every block)."""
+    return ds.block_quota(np.arange(ds.grid.n_blocks) if blocks is None else np.asarray(blocks))
 
 
 def overlaps(origins: np.ndarray, patch, box) -> np.ndarray:
@@ -120,12 +130,77 @@ def test_origin_boxes_avoid_forbidden_footprints():
 
 
 def test_validation_split_deterministic_and_at_least_one():
-    tr, va = split_validation(30, 0.1, seed=3)
+    split = split_validation(30, 0.1, seed=3)
+    tr, va = split.train, split.val
     assert len(va) == 3 and not set(tr) & set(va) and len(tr) + len(va) == 30
-    assert np.array_equal(va, split_validation(30, 0.1, seed=3)[1])
-    assert len(split_validation(4, 0.01, 0)[1]) == 1
+    assert np.array_equal(va, split_validation(30, 0.1, seed=3).val)
+    assert len(split_validation(4, 0.01, 0).val) == 1
     with pytest.raises(N2VError, match="only 1 block"):
         split_validation(1, 0.1, 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 10, 97, 1000, 4099, 65537])  # primes among them
+def test_permutation_is_a_seeded_bijection(n):
+    p = Permutation(n, 5, 2, 0)
+    image = p(np.arange(n))
+    assert sorted(image.tolist()) == list(range(n))  # a bijection on range(n)
+    np.testing.assert_array_equal(p.index(image), np.arange(n))  # index() inverts it
+    for i in range(0, n, max(1, n // 50)):  # one index at a time: the same map
+        assert p(i) == image[i] and p.index(image[i]) == i
+    np.testing.assert_array_equal(Permutation(n, 5, 2, 0)(np.arange(n)), image)  # same key, same order
+    if n >= 10:
+        assert not np.array_equal(Permutation(n, 5, 2, 1)(np.arange(n)), image)  # another key, another
+    if n >= 1000:  # shuffled, not a shift or a near-identity
+        assert abs(np.corrcoef(np.arange(n), image)[0, 1]) < 0.1 and (image == np.arange(n)).sum() < 10
+    with pytest.raises(IndexError):
+        p(n)
+
+
+def test_permutation_images_spread_over_keys():
+    firsts = np.bincount([Permutation(10, 0, key)(0) for key in range(2000)], minlength=10)
+    assert firsts.min() > 100  # each of the 10 blocks is first about 200 times in 2000 keys
+
+
+def test_split_is_stratified_exact_and_lazy():
+    grid = make_block_grid((200, 300), ((32,) * 6 + (8,), (64,) * 4 + (44,)), ("y", "x"), (32, 32),
+                           min_block_bytes=0)  # 3 x 5 blocks; the last row and column differ in shape
+    split = split_validation(grid, 0.3, seed=1)
+    val, train = np.asarray(split.val), np.asarray(split.train)
+    assert len(val) == round(0.3 * 15) and sorted([*val, *train]) == list(range(15))
+    assert all(split.is_val(b) for b in val) and not any(split.is_val(b) for b in train)
+    np.testing.assert_array_equal(split.is_val(np.arange(15)), np.isin(np.arange(15), val))
+    assert all(b in split.val and b not in split.train for b in val)
+    # each stratum holds out its share, rounded up or down
+    stratum = grid.strata.locate(np.arange(15))[0]
+    share = len(val) * grid.strata.sizes / 15
+    held = np.bincount(stratum[val], minlength=len(share))
+    assert (np.floor(share) <= held).all() and (held <= np.ceil(share)).all()
+    assert split_validation(grid, 0.3, seed=1).val.tolist() == val.tolist()  # deterministic
+    assert any(split_validation(grid, 0.3, seed=s).val.tolist() != val.tolist() for s in range(2, 6))
+
+
+@pytest.mark.parametrize("n_train, n_streams", [(10, 1), (10, 3), (97, 7), (5, 8)])
+def test_streams_of_a_pass_share_no_block(n_train, n_streams):
+    train = np.arange(100, 100 + n_train)
+    per_stream = [list(assign_blocks(train, 4, s, n_streams, seed=0)) for s in range(n_streams)]
+    flat = [b for blocks in per_stream for b in blocks]
+    if n_train >= n_streams:
+        assert sorted(flat) == train.tolist()  # every training block once, no stream shares one
+    else:
+        assert [len(b) for b in per_stream] == [1] * n_streams and set(flat) == set(train.tolist())
+    assert per_stream[0] == list(assign_blocks(train, 4, 0, n_streams, seed=0))
+    if n_train >= 10:
+        assert per_stream[0] != list(assign_blocks(train, 5, 0, n_streams, seed=0))  # a fresh order per pass
+
+
+@pytest.mark.parametrize("straddle", [True, False])
+def test_quotas_per_stratum_are_the_per_block_quotas(tmp_path, straddle):
+    z = coord_zarr(tmp_path / "a.zarr", (200, 300), (32, 64))
+    ds = ZarrPatchDataset(z, (32, 32), dims=("y", "x"), min_block_bytes=0, straddle=straddle, reuse=3)
+    per_block = [max(1, round(3 * math.prod(hi - lo for lo, hi in ds.grid.origin_box(b, straddle)) / 32**2))
+                 for b in range(ds.grid.n_blocks)]
+    assert quotas(ds).tolist() == per_block and len(set(per_block)) > 1
+    assert ds._pass_quota == sum(per_block[b] for b in ds.train_blocks)
 
 
 # ----------------------------------------------------------------------------
@@ -162,7 +237,7 @@ def test_every_training_block_visited_and_voxels_covered(tmp_path):
     owners = owner_blocks(ds, o)
     # each pass serves every training block's quota exactly once
     counts = np.bincount(owners, minlength=ds.grid.n_blocks)
-    np.testing.assert_array_equal(counts[ds.train_blocks], 3 * ds._quota[ds.train_blocks])
+    np.testing.assert_array_equal(counts[train_ids(ds)], 3 * quotas(ds, ds.train_blocks))
     assert stats["blocks_loaded"] == 3 * len(ds.train_blocks)
     # Patches straddle block borders: every voxel a patch away from the array
     # edge and from validation blocks is covered (edge voxels fit fewer patch
@@ -225,7 +300,7 @@ def test_resume_skips_by_reseeding(tmp_path):
     z = coord_zarr(tmp_path / "a.zarr", (128, 128), (32, 32))
     kw = dict(dims=("y", "x"), seed=1, min_block_bytes=0, epochs=1)
     ds = ZarrPatchDataset(z, (16, 16), **kw)
-    per_pass = int(ds._quota[ds.train_blocks].sum())
+    per_pass = int(quotas(ds, ds.train_blocks).sum())
     next(iter(batches(ds, 10)))  # served 10 patches in process
     assert ds.state_dict() == {"seed": 1, "epoch": 0, "patches_served": 10}
     # a whole pass served -> the resumed stream is exactly pass 1
@@ -240,7 +315,7 @@ def test_resume_skips_by_reseeding(tmp_path):
     p, stats = take(half)
     n = len(ds.train_blocks)
     assert 0.3 * n <= stats["blocks_loaded"] <= 0.7 * n
-    assert abs(len(p) - per_pass / 2) <= ds._quota.max() * 2
+    assert abs(len(p) - per_pass / 2) <= quotas(ds).max() * 2
     two = ZarrPatchDataset(z, (16, 16), **kw, rank=1, world_size=2)
     assert two.state_dict(patches_served=7)["patches_served"] == 14  # per-rank count x world size
     full_owners = set(owner_blocks(ds, origins_of(ds, take(ZarrPatchDataset(z, (16, 16), **kw))[0])).tolist())
@@ -265,8 +340,8 @@ def test_dataloader_workers_serve_distinct_streams(tmp_path):
     p = torch.cat(list(loader)).numpy()
     counts = np.bincount(owner_blocks(ds, origins_of(ds, p)), minlength=ds.grid.n_blocks)
     # every training block served its quota exactly once: no stream duplicated another
-    np.testing.assert_array_equal(counts[ds.train_blocks], ds._quota[ds.train_blocks])
-    assert counts[ds.val_blocks].sum() == 0
+    np.testing.assert_array_equal(counts[train_ids(ds)], quotas(ds, ds.train_blocks))
+    assert counts[np.asarray(ds.val_blocks)].sum() == 0
     check_patches_match(ds, p[:50], z[...])
 
 
@@ -283,7 +358,7 @@ def test_spawned_workers(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="spawn")
     p = torch.cat(list(loader)).numpy()
     counts = np.bincount(owner_blocks(ds, origins_of(ds, p)), minlength=ds.grid.n_blocks)
-    np.testing.assert_array_equal(counts[ds.train_blocks], ds._quota[ds.train_blocks])
+    np.testing.assert_array_equal(counts[train_ids(ds)], quotas(ds, ds.train_blocks))
 
 
 # ----------------------------------------------------------------------------
@@ -326,7 +401,7 @@ def test_batches_helper_shapes(tmp_path):
     gen = batches((torch.zeros(2, 16, 16) for _ in range(5)), 2)
     assert [len(x) for x in gen] == [2, 2, 1]
     ds = ZarrPatchDataset(z, (16, 16), ("y", "x"), dims=("c", "y", "x"), min_block_bytes=0, epochs=1)
-    assert sum(len(x) for x in batches(ds, 7)) == ds._quota[ds.train_blocks].sum()  # finite: ends once
+    assert sum(len(x) for x in batches(ds, 7)) == quotas(ds, ds.train_blocks).sum()  # finite: ends once
 
 
 # ----------------------------------------------------------------------------
@@ -347,7 +422,7 @@ def test_corrupt_chunk_skipped_with_warning(tmp_path):
         p, stats = take(ds)
     o = origins_of(ds, p)
     assert not overlaps(o, (16, 16), ((32, 64), (64, 96))).any()
-    assert len(p) > 0.8 * ds._quota.sum()
+    assert len(p) > 0.8 * quotas(ds).sum()
     check_patches_match(ds, p[:50], np.arange(128 * 128, dtype=np.float32).reshape(128, 128))
 
 

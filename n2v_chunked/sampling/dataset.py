@@ -31,12 +31,11 @@ from .grid import (
     TAG_BLOCK,
     TAG_VALDRAW,
     Box,
-    assign_blocks,
     make_block_grid,
     origin_boxes,
     seeded_rng,
-    split_validation,
 )
+from .order import Index, Permutation, assign_blocks, split_validation
 from .stream import BLOCK_TRIES, Entry, Loaded, PatchStream, accept, ahead
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
@@ -113,8 +112,11 @@ class ZarrPatchDataset(IterableDataset):
     ----------
     grid : BlockGrid
         The blocks (``grid.bounds(b)`` gives block ``b``'s extent).
-    train_blocks, val_blocks : ndarray of int
-        Flat ids of the training and held-out validation blocks.
+    split : BlockSplit
+        The validation hold-out (``split.is_val(b)``).
+    train_blocks, val_blocks : sequence of int
+        Flat ids of the training and held-out validation blocks, computed
+        per item (``np.asarray`` lists them all; nothing is stored per block).
     n_channels : int
         C of the patches.
     """
@@ -213,14 +215,19 @@ class ZarrPatchDataset(IterableDataset):
 
     def _set_seed(self, seed: int) -> None:
         self.seed = seed
-        self.train_blocks, self.val_blocks = split_validation(self.grid.n_blocks, self.val_fraction, seed)
-        self._val_set = set(self.val_blocks.tolist())
-        self._quota = np.array([self._block_quota(b) for b in range(self.grid.n_blocks)], dtype=np.int64)
+        self.split = split_validation(self.grid, self.val_fraction, seed)
+        self.train_blocks, self.val_blocks = self.split.train, self.split.val
+        # A block's quota depends on its shape only: one per stratum, and sums over strata.
+        patch = math.prod(self.grid.patch)
+        self._stratum_quota = np.array([max(1, round(self.reuse * own / patch))
+                                        for own in self.grid.strata.own(self.straddle)], dtype=np.int64)
+        self._pass_quota = int(self._stratum_quota @ self.split.train_per_stratum)
         self._val_cache.clear()
 
-    def _block_quota(self, block: int) -> int:
-        own = math.prod(hi - lo for lo, hi in self.grid.origin_box(block, self.straddle))
-        return max(1, round(self.reuse * own / math.prod(self.grid.patch)))
+    def block_quota(self, block: Index) -> Index:
+        """Patches block(s) ``block`` serve per load: ``max(1, round(reuse * owned origins / patch voxels))``."""
+        q = self._stratum_quota[self.grid.strata.locate(block)[0]]
+        return q if isinstance(block, np.ndarray) else int(q)
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at pass ``epoch`` over the training blocks."""
@@ -263,34 +270,39 @@ class ZarrPatchDataset(IterableDataset):
         self._served = 0
 
     def _epoch_quota(self, epoch: int, n_streams: int) -> int:
-        return sum(int(self._quota[assign_blocks(self.train_blocks, epoch, s, n_streams, self.seed)].sum())
+        """Patches all streams serve in pass ``epoch``."""
+        if len(self.train_blocks) >= n_streams:  # each training block once: the same every pass
+            return self._pass_quota
+        # fewer blocks than streams: one block per stream, some served twice
+        return sum(self.block_quota(assign_blocks(self.train_blocks, epoch, s, n_streams, self.seed)[0])
                    for s in range(n_streams))
 
     def _start_position(self, stream: int, n_streams: int) -> tuple[int, int]:
         """(pass, index into this stream's blocks of that pass) reached after the served patches.
 
         All streams are assumed to have served the same fraction of a pass
-        (a loader takes batches from its workers in turn).
+        (a loader takes batches from its workers in turn), and inside a pass
+        quotas to accrue in proportion to the blocks loaded (blocks come in
+        random order, so a stream's first blocks are a random sample of its
+        shapes), so the position is arithmetic, whatever the volume.
         """
         epoch, left = self._epoch, self._resume
         if len(self.train_blocks) >= n_streams:  # every pass serves the same total
-            per_pass = int(self._quota[self.train_blocks].sum())
-            epoch, left = epoch + left // per_pass, left % per_pass
+            epoch, left = epoch + left // self._pass_quota, left % self._pass_quota
         else:
             while left >= (per_pass := self._epoch_quota(epoch, n_streams)):
                 epoch, left = epoch + 1, left - per_pass
-        if not left:
-            return epoch, 0
-        cum = np.cumsum(self._quota[assign_blocks(self.train_blocks, epoch, stream, n_streams, self.seed)])
-        return epoch, int(np.searchsorted(cum, left / per_pass * cum[-1], side="right"))
+        n = len(assign_blocks(self.train_blocks, epoch, stream, n_streams, self.seed))
+        return epoch, left * n // self._epoch_quota(epoch, n_streams)
 
     def _schedule(self, stream: int, n_streams: int) -> Iterator[tuple[int, int]]:
         """(pass, block) pairs this stream loads, from the resume position on."""
         epoch, start = self._start_position(stream, n_streams)
         stop = None if self.epochs is None else self._epoch + int(self.epochs)
         while stop is None or epoch < stop:
-            for b in assign_blocks(self.train_blocks, epoch, stream, n_streams, self.seed)[start:]:
-                yield epoch, int(b)
+            blocks = assign_blocks(self.train_blocks, epoch, stream, n_streams, self.seed)
+            for i in range(start, len(blocks)):
+                yield epoch, blocks[i]
             epoch, start = epoch + 1, 0
 
     def _rank_world(self) -> tuple[int, int]:
@@ -342,7 +354,7 @@ class ZarrPatchDataset(IterableDataset):
         # Forbidden footprint regions: other validation blocks (for training), bad chunks.
         forbidden: list[Box] = []
         for other in grid.blocks_overlapping(window):
-            if other != block and (validation or other in self._val_set):
+            if other != block and (validation or self.split.is_val(other)):
                 forbidden.append(grid.bounds(other))
         for chunk in set(bad) | known_bad:
             ext = chunk_slices(self._source, chunk)
@@ -361,7 +373,7 @@ class ZarrPatchDataset(IterableDataset):
             mask_view = np.lib.stride_tricks.sliding_window_view(mask_win, grid.patch)
         rng = seeded_rng(self.seed, TAG_VALDRAW if validation else TAG_BLOCK, epoch, block, stream)
         nbytes = data.nbytes + (mask_win.nbytes if mask_win is not None else 0)
-        return Loaded(Entry(block, view, mask_view, local, rng, int(self._quota[block]), nbytes), bad)
+        return Loaded(Entry(block, view, mask_view, local, rng, self.block_quota(block), nbytes), bad)
 
     # -- iteration ------------------------------------------------------------
 
@@ -403,8 +415,9 @@ class ZarrPatchDataset(IterableDataset):
             return self._val_cache[n]
         if len(self.val_blocks) == 0:
             raise N2VError("no validation blocks: val_fraction is 0")
-        order = self.val_blocks[seeded_rng(self.seed, TAG_VALDRAW).permutation(len(self.val_blocks))]
-        order = order[: min(len(order), n, 64)]  # enough blocks for variety, not a full read
+        shuffle = Permutation(len(self.val_blocks), self.seed, TAG_VALDRAW)  # mixes the strata
+        # enough blocks for variety, not a full read
+        order = [self.val_blocks[shuffle(k)] for k in range(min(len(self.val_blocks), n, 64))]
         out = np.empty((n, self.n_channels, *self.patch_shape), dtype=np.float32)
         flat = out.reshape(n, self.n_channels, *self.grid.patch)
         bad = BadChunks(self._source.name, self.max_bad_chunks)

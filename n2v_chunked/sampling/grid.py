@@ -1,4 +1,4 @@
-"""Block geometry of the patch sampler: blocks, validation hold-out, patch origins.
+"""Block geometry of the patch sampler: blocks, strata of equally shaped blocks, patch origins.
 
 Every dim except ``c`` is a *grid dim*.  Spatial grid dims have the patch
 extent; all others (``t``, ``z`` for a 2D model, extra axes) have extent 1, so
@@ -7,7 +7,9 @@ With ``straddle`` a block's window also holds ``patch - 1`` voxels of the
 following blocks, so patches cross block borders and every voxel is equally
 likely to be sampled; training patches never reach into held-out validation
 blocks or bad chunks, because those regions are cut out of the allowed origins
-(:func:`origin_boxes`).
+(:func:`origin_boxes`).  Blocks are never listed: a grid keeps its block
+edges per dim and groups blocks of equal shape into a few :class:`Strata`,
+which :mod:`~n2v_chunked.sampling.order` splits and orders per block.
 
 Pure functions of shapes and seeds: no array is read here.
 """
@@ -15,9 +17,10 @@ Pure functions of shapes and seeds: no array is read here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
@@ -109,6 +112,129 @@ class BlockGrid:
         """Upper bound on the voxels of any block window (per channel)."""
         ext = [max(np.diff(e)) + (p - 1 if straddle else 0) for e, p in zip(self.edges, self.patch)]
         return math.prod(min(x, n) for x, n in zip(ext, self.shape))
+
+    @functools.cached_property
+    def strata(self) -> Strata:
+        """The blocks grouped by shape (:class:`Strata`), built once from the per-dim edges."""
+        return Strata.of(self)
+
+
+Index = Union[int, np.ndarray]  # one index (block, stratum, rank, ...) or an int array of them
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Strata:
+    """Blocks grouped by shape, addressed without listing them.
+
+    Along each grid dim, the block indices with equal width and equal
+    straddling origin extent (the last block's is ``patch - 1`` shorter) form
+    a *class*; a *stratum* is one class per dim, so its blocks have the same
+    owned origins (straddling or not) and the same patch quota.  There are
+    few: interior and edge blocks per dim.  A block's *rank* numbers it
+    inside its stratum (C order over its classes' members).  Memory is per
+    dim (block indices), never per block.
+
+    Attributes
+    ----------
+    grid_shape : tuple of int
+        Blocks per grid dim.
+    patch : tuple of int
+        Patch extent per grid dim.
+    extents : tuple of ndarray
+        Per dim, ``(n_classes, 2)``: block width and straddling origin extent of each class.
+    members : tuple of ndarray
+        Per dim, the block indices ordered by class.
+    starts : tuple of ndarray
+        Per dim, where each class begins in ``members`` (and the end).
+    cls, pos : tuple of ndarray
+        Per dim, each block index's class and its position among the class's members.
+    """
+
+    grid_shape: tuple[int, ...]
+    patch: tuple[int, ...]
+    extents: tuple[np.ndarray, ...]
+    members: tuple[np.ndarray, ...]
+    starts: tuple[np.ndarray, ...]
+    cls: tuple[np.ndarray, ...]
+    pos: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, grid: BlockGrid) -> Strata:
+        """The strata of ``grid``.
+
+        Examples
+        --------
+        Straddling blocks of 64 along an extent of 200 with 16-voxel patches:
+        the last block (72 wide) owns 72 - 15 origins:
+
+        >>> grid = BlockGrid(("x",), (200,), (16,), ((0, 64, 128, 200),), ((0, 200),))
+        >>> s = grid.strata
+        >>> s.extents[0].tolist(), s.sizes.tolist(), s.own(straddle=True)
+        ([[64, 64], [72, 57]], [2, 1], [64, 57])
+        """
+        per_dim = [_classes(np.asarray(e), n, p) for e, n, p in zip(grid.edges, grid.shape, grid.patch)]
+        return cls(grid.grid_shape, grid.patch, *(tuple(x) for x in zip(*per_dim)))
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid_shape)
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Classes per dim."""
+        return tuple(len(e) for e in self.extents)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Blocks in each stratum (C order over the per-dim classes)."""
+        return _outer([np.diff(s) for s in self.starts])
+
+    def own(self, straddle: bool) -> list[int]:
+        """Patch origins a block of each stratum owns (before cutting out forbidden regions)."""
+        ext = [e[:, 1] if straddle else e[:, 0] - p + 1 for e, p in zip(self.extents, self.patch)]
+        return [int(v) for v in _outer(ext)]
+
+    def locate(self, block: Index) -> tuple[Index, Index]:
+        """(stratum, rank) of flat block id(s) ``block``."""
+        idx = np.unravel_index(block, self.grid_shape)
+        stratum, rank = 0, 0
+        for i, classes, starts, cls, pos in zip(idx, self.classes, self.starts, self.cls, self.pos):
+            c = cls[i]
+            stratum = stratum * classes + c
+            rank = rank * (starts[c + 1] - starts[c]) + pos[i]
+        return stratum, rank
+
+    def block(self, stratum: Index, rank: Index) -> Index:
+        """Flat block id(s) of rank ``rank`` in stratum ``stratum``."""
+        c = np.unravel_index(stratum, self.classes)
+        idx: list[Index] = [0] * len(c)
+        for d in reversed(range(len(c))):
+            start, size = self.starts[d][c[d]], self.starts[d][c[d] + 1] - self.starts[d][c[d]]
+            idx[d] = self.members[d][start + rank % size]
+            rank = rank // size
+        flat = np.ravel_multi_index(idx, self.grid_shape)
+        return flat if isinstance(flat, np.ndarray) else int(flat)
+
+
+def _classes(edges: np.ndarray, n: int, p: int) -> tuple[np.ndarray, ...]:
+    """One dim's classes: extents, members, starts, class and position of each block index."""
+    lo, hi = edges[:-1], edges[1:]
+    keys = np.stack([hi - lo, np.minimum(hi, n - p + 1) - lo], axis=1)
+    extents, cls = np.unique(keys, axis=0, return_inverse=True)
+    cls = cls.reshape(-1)
+    members = np.argsort(cls, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=len(extents)))])
+    pos = np.empty_like(members)
+    pos[members] = np.arange(len(members)) - starts[cls[members]]
+    return extents, members, starts, cls, pos
+
+
+def _outer(per_dim: Sequence[np.ndarray]) -> np.ndarray:
+    """Products over dims of one value per class, for every combination (C order)."""
+    out = np.ones((), dtype=np.int64)
+    for v in per_dim:
+        out = np.multiply.outer(out, np.asarray(v, dtype=np.int64))
+    return out.reshape(-1)
 
 
 def _group_edges(chunk_edges: Sequence[int], target: int, min_extent: int) -> tuple[int, ...]:
@@ -221,58 +347,6 @@ def make_block_grid(
             break
         edges = split
     return BlockGrid(tuple(dims), shape, patch, edges, cedges)
-
-
-def split_validation(n_blocks: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a deterministic random fraction of blocks for validation.
-
-    Parameters
-    ----------
-    n_blocks : int
-        Number of blocks.
-    fraction : float
-        Fraction held out (at least one block when > 0).
-    seed : int
-        Seed of the split.
-
-    Returns
-    -------
-    train, val : ndarray of int
-        Sorted flat block ids.
-
-    Examples
-    --------
-    >>> train, val = split_validation(20, 0.1, seed=0)
-    >>> len(train), len(val)
-    (18, 2)
-    >>> sorted(train.tolist() + val.tolist()) == list(range(20))
-    True
-    >>> bool((split_validation(20, 0.1, seed=0)[1] == val).all())  # the same seed, the same split
-    True
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise N2VError(f"val_fraction must be in [0, 1), got {fraction}")
-    n_val = 0 if fraction == 0 else max(1, int(round(fraction * n_blocks)))
-    if n_blocks - n_val < 1:
-        raise N2VError(
-            f"cannot hold out validation data: the array has only {n_blocks} block(s); "
-            "use val_fraction=0 or smaller chunks"
-        )
-    perm = seeded_rng(seed, TAG_VAL).permutation(n_blocks)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def assign_blocks(train: np.ndarray, epoch: int, stream: int, n_streams: int, seed: int) -> np.ndarray:
-    """Blocks that stream ``stream`` of ``n_streams`` loads in pass ``epoch``.
-
-    Every pass is a fresh permutation of the training blocks dealt out
-    round-robin, so streams never share a block (unless there are fewer
-    blocks than streams, when each stream gets one block).
-    """
-    perm = train[seeded_rng(seed, TAG_PERM, epoch).permutation(len(train))]
-    if len(perm) >= n_streams:
-        return perm[stream::n_streams]
-    return perm[[stream % len(perm)]]
 
 
 # ----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import torch
 from ..errors import N2VError
 from ..transfer import host_empty
 from .access import BadChunks
-from .grid import TAG_SLOT, Box, assign_blocks, draw_origins, seeded_rng
+from .grid import TAG_SLOT, Box, draw_origins, seeded_rng
+from .order import assign_blocks
 
 if TYPE_CHECKING:
     from .dataset import ZarrPatchDataset
