@@ -245,6 +245,10 @@ def _openvino_runner(onnx: bytes, precision: str, threads: int) -> Runner:
     core = ov.Core()
     compiled = core.compile_model(core.read_model(onnx, b""), "CPU", {
         "INFERENCE_PRECISION_HINT": _OV_HINT[precision], "INFERENCE_NUM_THREADS": threads,
+        # OpenVINO pins its inference threads to the first cores it may use; every single-threaded
+        # dask worker process then runs on the same core (two workers on 2 cores ran at 0.51x one
+        # process with 2 threads; unpinned at 1.05x).  The OS places the processes' threads.
+        "ENABLE_CPU_PINNING": False,
     })
     local = threading.local()  # an infer request is not thread-safe; one per dask thread
 

@@ -1,6 +1,10 @@
 """Runtimes and precisions: chunked == whole image in each, auto choices, provenance, fallbacks."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,8 @@ from n2v_chunked.errors import N2VError
 from n2v_chunked.inference import denoise
 from tests.helpers import make_model_dir, noisy
 from tests.test_predict import TOL, chunked, whole_image
+
+REPO = Path(__file__).resolve().parents[1]
 
 COMBOS = [(rt, pr) for rt in ("torch", "openvino", "onnxruntime") for pr in R.SUPPORTED[rt] if pr != "fp16"]
 # Tolerance: the float32 one of the other chunked == whole tests (1e-4 of the range), in every precision.
@@ -167,6 +173,42 @@ def test_runner_threads_follow_the_worker_share(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2, 1]
+
+
+PINNING_PROBE = """
+import os, sys, threading, time, torch
+torch.set_num_threads(1)  # a single-threaded dask worker process
+from n2v_chunked.config import ModelConfig
+from n2v_chunked.model import UNet
+from n2v_chunked.runtime import get_runner
+run = get_runner(UNet(ModelConfig(dims=2, depth=1, features=4)).eval(), torch.device("cpu"), "openvino", "fp32")
+allowed, seen, done = os.sched_getaffinity(0), set(), threading.Event()
+def infer():
+    while not done.is_set():
+        run(torch.randn(1, 1, 256, 256))
+worker = threading.Thread(target=infer)
+worker.start()
+end = time.monotonic() + 2
+while time.monotonic() < end:  # the affinity of every thread while inference runs
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            seen.add(len(os.sched_getaffinity(int(tid))))
+        except OSError:
+            pass  # a thread that ended
+done.set()
+worker.join()
+print(len(allowed), min(seen))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to pin away from")
+def test_openvino_threads_are_not_pinned_to_one_core():
+    """Single-threaded worker processes would all be pinned to the same first core (they ran at half speed)."""
+    _skip_missing("openvino")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", PINNING_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    allowed, narrowest = map(int, out.stdout.split())
+    assert narrowest == allowed, "an OpenVINO thread was pinned to fewer cores than the process may use"
 
 
 def test_provenance_and_summary_record_the_runtime(tmp_path, monkeypatch):
