@@ -6,9 +6,10 @@ only; denoise the noisy BSD68 test images; report the mean PSNR against the
 clean images (data range 255, no clipping).
 
 Prints one JSON line: PSNR (the network's prediction, and blended with the
-noisy input by the model's noise-aware weight), the weight of each pixel's own
-value in its prediction (``centre_weight``), steps, train seconds, patches/s,
-predict MPix/s.
+noisy input by the model's noise-aware weight; with ``--ema``, the default,
+also the last step's own weights beside their running average), the weight of
+each pixel's own value in its prediction (``centre_weight``), steps, train
+seconds, patches/s, predict MPix/s.
 
 Examples
 --------
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     """Train on noisy Train400, evaluate on noisy BSD68; return the figures."""
     import torch
 
+    from n2v_chunked import checkpoint as ckpt
     from n2v_chunked.checkpoint import load_model
     from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.inference import denoise
@@ -181,11 +183,19 @@ def run(args: argparse.Namespace) -> dict:
     predict_s = time.perf_counter() - start
     blended = [denoise(trained, im[None, None], blend=True, **kw)[0, 0] for im in test_noisy]
     pixels = sum(im.size for im in test_noisy)
+    # with --ema the saved weights are the running average: the last step's own weights, side by side
+    state = ckpt.load_training_state(work)
+    psnr_raw = None
+    if state.get("ema") is not None:
+        raw = load_model(work, device=args.device, which=args.weights)
+        raw.model.load_state_dict(state["model"])
+        psnr_raw = round(mean_psnr(test_clean, [denoise(raw, im[None, None], **kw)[0, 0] for im in test_noisy]), 3)
     out = {
         "benchmark": "bsd68",
         "sigma": args.sigma,
         "psnr": round(mean_psnr(test_clean, restored), 3),
         "psnr_blend": round(mean_psnr(test_clean, blended), 3),
+        "psnr_last_step_weights": psnr_raw,  # None without --ema: then they are the weights scored
         "blend_weight": round(float(trained.blend_weight[0]), 4),
         "centre_weight": round(centre_weight(trained, test_noisy[:10]), 4),
         "noise_std_estimate": round(float(trained.meta["normalization"]["noise_std"][0]), 3),

@@ -18,7 +18,7 @@ def test_bsd68_smoke(flags, replacement, ema):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = rows
     assert row["steps"] == 2 and row["replacement"] == replacement and row["n2v2"] is ("--n2v2" in flags)
-    assert row["ema"] == ema
+    assert row["ema"] == ema and (row["psnr_last_step_weights"] is None) == (ema == 0)
     assert 19 < row["psnr_noisy_input"] < 22  # sigma 25 on 0..255: about 20.2 dB
     for key in ("psnr", "psnr_blend", "centre_weight", "patches_per_second"):
         assert math.isfinite(row[key]), key
