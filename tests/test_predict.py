@@ -435,7 +435,8 @@ def test_benchmark_quick_efficiency():
         top = max(best[r["ceiling"]], key=lambda c: c["mpix_per_s"])
         assert (r["ceiling_config"], r["ceiling_mpix_per_s"]) == (top["config"], top["mpix_per_s"])
         assert r["mpix_per_s"] > 0 and r["ratio"] == pytest.approx(r["mpix_per_s"] / top["mpix_per_s"], abs=1e-3)
-        assert r["cpu_ratio"] == pytest.approx(top["cpu_s_per_mpix"] / r["cpu_s_per_mpix"], rel=2e-3)
+        # both printed rounded (ratio to 3 decimals, CPU s per MPix to 4): recomputed, it may differ by 5e-4
+        assert r["cpu_ratio"] == pytest.approx(top["cpu_s_per_mpix"] / r["cpu_s_per_mpix"], abs=1e-3)
         assert r["warmup_seconds"] > 0 and r["blocks"] >= 1
     assert pipes[2]["used"].startswith("torch ") and pipes[1]["used"].endswith(" fp32")
 
