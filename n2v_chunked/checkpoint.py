@@ -222,11 +222,15 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s ``state_dict`` as detached CPU tensors (what a checkpoint holds)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def save_weights(model_dir: str | Path, model: torch.nn.Module, which: str = WEIGHTS_LAST) -> None:
     """Save a model's ``state_dict`` atomically."""
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    atomic_write_bytes(Path(model_dir) / which, _torch_bytes(state))
+    atomic_write_bytes(Path(model_dir) / which, _torch_bytes(cpu_state(module)))
 
 
 def save_training_state(model_dir: str | Path, state: dict[str, Any]) -> None:

@@ -364,8 +364,8 @@ def _train(
         ckpt.save_training_state(
             model_dir,
             {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "ema": {k: v.detach().cpu() for k, v in averaged.state_dict().items()} if averaged is not None else None,
+                "model": ckpt.cpu_state(model),
+                "ema": ckpt.cpu_state(averaged) if averaged is not None else None,
                 "optimizer": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,

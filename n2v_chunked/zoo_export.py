@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG, Trained, load_model
+from .checkpoint import CONFIG, Trained, cpu_state, load_model
 from .errors import N2VError, first_line
 from .inference import run_network
 from .model import halo_width, size_multiple
@@ -182,7 +182,7 @@ def build_description(
     _readme(trained, name, halo, smallest, work / "README.md")
     arch = work / "n2v_unet.py"
     arch.write_text(inspect.getsource(unet_arch))
-    state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
+    state = cpu_state(trained.model)
     torch.save(state, work / "weights.pt")
     net = unet_arch.N2VUNet(**_kwargs(cfg)).eval()
     net.load_state_dict(state)
