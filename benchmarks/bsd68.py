@@ -271,16 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="torch device of training and prediction (default: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile (opt-in; also a compiled ceiling)")
     args = p.parse_args(argv)
-    from n2v_chunked.config import PAPER, MaskConfig, TrainConfig
+    from n2v_chunked.config import MaskConfig, TrainConfig, chosen
     from n2v_chunked.errors import N2VError
 
     # train's defaults, or the paper's under --paper; an option given explicitly wins
-    paper = PAPER if args.paper else {}
     for name, default in [("lr", TrainConfig.lr), ("mask_density", MaskConfig.density),
                           ("replacement", MaskConfig.replacement), ("stop_patience", TrainConfig.stop_patience),
                           ("ema", TrainConfig.ema)]:
-        if getattr(args, name) is None:
-            setattr(args, name, paper.get(name, default))
+        setattr(args, name, chosen(name, getattr(args, name), args.paper, default))
 
     try:
         out = run(args)

@@ -160,7 +160,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
-        from .config import PAPER, MaskConfig, ModelConfig, TrainConfig
+        from .config import MaskConfig, ModelConfig, TrainConfig, chosen
         from .convert import parse_int_list
         from .fit import fit
 
@@ -168,24 +168,20 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             from .plots import require_tensorboard
 
             require_tensorboard()
-        paper = PAPER if args.paper else {}
-
-        def chosen(name: str, default: object) -> object:
-            """The option as given, else the paper's value under --paper, else ours."""
-            given = getattr(args, name)
-            return given if given is not None else paper.get(name, default)
+        def option(name: str, default: object) -> object:
+            return chosen(name, getattr(args, name), args.paper, default)
 
         model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
                                 n2v2=args.n2v2, independent_channels=args.independent_channels and not args.paper)
-        mask_cfg = MaskConfig(density=chosen("mask_density", MaskConfig.density), struct_span=args.struct_span, struct_axes=list(args.struct_axes),
-                              replacement=chosen("replacement", MaskConfig.replacement))
+        mask_cfg = MaskConfig(density=option("mask_density", MaskConfig.density), struct_span=args.struct_span, struct_axes=list(args.struct_axes),
+                              replacement=option("replacement", MaskConfig.replacement))
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
-                                lr=chosen("lr", TrainConfig.lr), schedule=args.schedule, val_interval=args.val_interval,
+                                lr=option("lr", TrainConfig.lr), schedule=args.schedule, val_interval=args.val_interval,
                                 precision=args.precision,
                                 checkpoint_interval=args.checkpoint_interval,
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
-                                stop_patience=chosen("stop_patience", TrainConfig.stop_patience), compile=args.compile,
-                                ema=chosen("ema", TrainConfig.ema))
+                                stop_patience=option("stop_patience", TrainConfig.stop_patience), compile=args.compile,
+                                ema=option("ema", TrainConfig.ema))
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
                   device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),

@@ -34,6 +34,19 @@ PAPER: dict[str, Any] = {
 }
 
 
+def chosen(name: str, given: Any, paper: bool, default: Any) -> Any:
+    """An option's value: as given, else the paper's under ``--paper`` (:data:`PAPER`), else ours.
+
+    Examples
+    --------
+    >>> chosen("lr", None, False, 4e-4), chosen("ema", None, True, 0.999), chosen("ema", 0.99, True, 0.999)
+    (0.0004, 0.0, 0.99)
+    """
+    if given is not None:
+        return given
+    return PAPER.get(name, default) if paper else default
+
+
 def check_types(obj: Any, section: str) -> None:
     """Raise :class:`ConfigError` unless every field of dataclass ``obj`` has its hinted type.
 

@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "n2v_chunked.augment",
+    "n2v_chunked.config",
     "n2v_chunked.masking",
     "n2v_chunked.model",
     "n2v_chunked.padding",
