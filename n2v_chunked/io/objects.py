@@ -91,7 +91,7 @@ def _builtin_errors(path: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------
 
 
-def _root_and_key(url: str) -> tuple[str, str, str]:
+def root_and_key(url: str) -> tuple[str, str, str]:
     """``(scheme, bucket or scheme://host, key)`` of an object URL."""
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
@@ -146,7 +146,7 @@ def client(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     require_client(url)
     import obstore.store
 
-    scheme, root, key = _root_and_key(url)
+    scheme, root, key = root_and_key(url)
     opts = {**storage_options(), **(options or {})}
     ident = (scheme, root, json.dumps(opts, sort_keys=True, default=str), tuple(os.environ.get(k) for k in AWS_ENV))
     with _clients_lock:

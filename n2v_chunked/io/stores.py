@@ -346,10 +346,11 @@ def diagnose(url: str, exc: BaseException) -> str | None:
     problem = store_problem(exc, url)
     if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
         return problem
-    from .objects import listdir
+    from .objects import listdir, root_and_key
 
+    scheme, bucket, _ = root_and_key(url)
     try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
-        listdir(url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0], limit=1)
+        listdir(f"{scheme}://{bucket}", limit=1)
     except Exception as probe:  # noqa: BLE001 - only used to explain the first error
         return store_problem(probe, url) or problem
     return problem
