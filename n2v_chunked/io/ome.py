@@ -98,30 +98,69 @@ def check_not_input(out: str | os.PathLike[str], source: str | None) -> None:
         raise N2VError(f"refusing to write {out}: it is, contains or lies inside the input {source}")
 
 
+def check_replaceable(
+    path: str, overwrite: bool, storage_options: dict[str, Any] | None = None, *, resumable: bool = False
+) -> bool:
+    """Whether an output exists at ``path``; refuse it unless it may be replaced.
+
+    The one overwrite rule of every writer: an existing output is replaced
+    only with ``overwrite``, and only if it is a Zarr store or an empty
+    folder, so that ``--overwrite`` never eats a user's folder or file.
+
+    Parameters
+    ----------
+    path : str
+        Local path or URL of the output.
+    overwrite : bool
+        Whether the user asked to replace an existing output.
+    storage_options : dict, optional
+        Options of an object store's client.
+    resumable : bool
+        Name ``--resume`` in the refusal (outputs of ``predict``).
+
+    Returns
+    -------
+    bool
+        Whether something exists at ``path`` (and may be replaced).
+
+    Raises
+    ------
+    OutputExistsError
+        It exists and ``overwrite`` is False, or it is not a Zarr store.
+    """
+    loc = local_path(path)
+    if loc is None:  # one listing, and a HEAD only when the prefix is empty
+        names = objects.listdir(path, options=storage_options)
+        is_file = not names and objects.is_file(path, storage_options)
+        exists, is_store = bool(names) or is_file, bool(set(names) & set(ZARR_MARKERS))
+        empty_dir = False
+    else:
+        exists, is_file = loc.exists() or loc.is_symlink(), not loc.is_dir() or loc.is_symlink()
+        is_store = not is_file and any((loc / m).exists() for m in ZARR_MARKERS)
+        empty_dir = exists and not is_file and not any(loc.iterdir())
+    if not exists:
+        return False
+    if not overwrite:
+        also = " (or --resume to finish an interrupted run)" if resumable else ""
+        raise OutputExistsError(f"output {path} exists; pass --overwrite to replace it{also}")
+    if is_file:
+        raise OutputExistsError(f"refusing to overwrite {path}: it is a file, not a Zarr store")
+    if not (is_store or empty_dir):
+        raise OutputExistsError(f"refusing to overwrite {path}: it is a non-empty folder but not a Zarr store")
+    return True
+
+
 def _prepare_location(path: str, overwrite: bool, storage_options: dict[str, Any]) -> None:
     """Check the output can be created; remove an old Zarr output if ``overwrite``.
 
-    Everything is checked before anything is deleted, and only Zarr stores (or
-    empty folders) are ever deleted: ``--overwrite`` must not eat a user's folder.
+    Everything is checked before anything is deleted (:func:`check_replaceable`).
     """
+    exists = check_replaceable(path, overwrite, storage_options)
     loc = local_path(path)
     if loc is None:
-        names = objects.listdir(path, options=storage_options)
-        if names or objects.is_file(path, storage_options):
-            if not overwrite:
-                raise OutputExistsError(f"output {path} exists; pass --overwrite")
-            if not set(names) & set(ZARR_MARKERS):
-                raise N2VError(f"refusing to overwrite {path}: it is not a Zarr store")
+        if exists:
             objects.remove_tree(path, storage_options)
         return
-    if loc.exists() or loc.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(f"output {loc} exists; pass --overwrite")
-        if loc.is_dir() and not loc.is_symlink():
-            if any(loc.iterdir()) and not any((loc / m).exists() for m in ZARR_MARKERS):
-                raise N2VError(f"refusing to overwrite {loc}: it is a non-empty folder but not a Zarr store")
-        else:
-            raise N2VError(f"refusing to overwrite {loc}: it is a file, not a Zarr store")
     ancestor = loc.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -129,7 +168,7 @@ def _prepare_location(path: str, overwrite: bool, storage_options: dict[str, Any
         raise N2VError(f"cannot create output {loc}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise N2VError(f"cannot create output {loc}: {ancestor} is not writable")
-    if loc.exists():
+    if exists:
         try:
             shutil.rmtree(loc)
         except OSError as exc:

@@ -46,10 +46,17 @@ from ..errors import ConfigError, N2VError, OutputExistsError, environment_probl
 from ..inference import blend_tensor
 from ..intensity import choose_normalization
 from ..io import objects
-from ..io.ome import check_dtype, check_ngff_version, check_not_input, create_ome_zarr, mark_complete
+from ..io.ome import (
+    check_dtype,
+    check_ngff_version,
+    check_not_input,
+    check_replaceable,
+    create_ome_zarr,
+    mark_complete,
+)
 from ..io.pyramid import build_pyramid
 from ..io.sources import open_image
-from ..io.stores import REMOTE_READ_AHEAD, ZARR_MARKERS, is_url, local_path, location, redact
+from ..io.stores import REMOTE_READ_AHEAD, is_url, local_path, location, redact
 from ..lock import output_lock
 from ..padding import BOUNDARIES
 from ..progress import Progress
@@ -106,24 +113,18 @@ def _check_options(boundary: str, precision: str, ngff_version: str, dtype: Any,
 
 def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
     """Refuse an existing output unless asked; when resuming it, return its ``n2v_chunked`` attributes."""
-    names = objects.listdir(out)
-    if not objects.exists(out) or (resume and not names and not objects.is_file(out)):  # killed before its metadata
+    if not resume:
+        check_replaceable(out, overwrite, resumable=True)  # replaced later, by the writer
         return None
-    if resume:
-        try:
-            meta = zarr.open_group(store=objects.zarr_store(out, read_only=True), mode="r").attrs.get("n2v_chunked")
-        except Exception:
-            meta = None
-        if not isinstance(meta, dict) or "parameters" not in meta:
-            raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
-        return dict(meta)
-    if not overwrite:
-        raise OutputExistsError(f"output {out} exists; pass --overwrite to replace it (or --resume to finish an interrupted run)")
-    if objects.is_file(out):
-        raise OutputExistsError(f"refusing to overwrite {out}: it is a file, not a Zarr store")
-    if names and not set(names) & set(ZARR_MARKERS):
-        raise OutputExistsError(f"refusing to overwrite {out}: it is a non-empty folder but not a Zarr store")
-    return None
+    if not objects.listdir(out, 1) and not objects.is_file(out):
+        return None  # nothing there, or killed before its metadata
+    try:
+        meta = zarr.open_group(store=objects.zarr_store(out, read_only=True), mode="r").attrs.get("n2v_chunked")
+    except Exception:
+        meta = None
+    if not isinstance(meta, dict) or "parameters" not in meta:
+        raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
+    return dict(meta)
 
 
 def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[str, str]:
