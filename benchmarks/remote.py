@@ -18,20 +18,26 @@ the bucket (through obstore, the store layer of ``s3://``):
   local and remote alternated ``--repeats`` times; the ratio of the medians.
   Target: remote >= 0.8x local.
 
+The image is stored in the chunks ``convert`` and ``predict`` write by
+default (about 2 MiB, one request each); ``--chunk 128`` stores 64 KiB
+chunks instead, the worst case for a store that is paid per request.
+
 Every figure is a ratio of two measurements of the same run; on a machine
 shared with other work, ``load`` (the 1-minute load average at the start of
 each line) says how loaded it was.
 
 Usage::
 
-    python benchmarks/remote.py            # 4 x 1024 x 1024 float32, 128^2 chunks
-    python benchmarks/remote.py --smoke    # tiny, seconds
+    python benchmarks/remote.py              # 4 x 2048 x 2048 float32, convert's default chunks (2 MiB)
+    python benchmarks/remote.py --chunk 128  # 128^2 chunks of 64 KiB: a request per 64 KiB, the worst case
+    python benchmarks/remote.py --smoke      # tiny, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -98,19 +104,20 @@ def sampler_rate(data: Any, n: int, io_threads: int, clock: CpuClock) -> tuple[f
     return got / spent["wall"], spent, nbytes
 
 
-def predict_rate(src: str, out: str, model: Path, chunk: int) -> float:
+def predict_rate(src: str, out: str, model: Path, blocks: tuple[int, ...]) -> float:
     from n2v_chunked.predict import predict
 
-    res = predict(src, out, model, chunks=(1, chunk, chunk), scheduler="threads", progress=False, pyramid=False,
+    res = predict(src, out, model, chunks=blocks, scheduler="threads", progress=False, pyramid=False,
                   overwrite=True)
     return float(res.attrs["predict_stats"]["mpix_per_s"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--side", type=int, default=1024)
+    ap.add_argument("--side", type=int, default=2048)
     ap.add_argument("--planes", type=int, default=4)
-    ap.add_argument("--chunk", type=int, default=128, help="stored chunk side")
+    ap.add_argument("--chunk", default="auto",
+                    help="stored chunk side, or auto: the chunks convert and predict write by default (about 2 MiB)")
     ap.add_argument("--patches", type=int, default=32768, help="patches timed per sampler run")
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--io-threads", default="2,8", help="sampler reader threads to try (train uses 8 for a URL)")
@@ -118,7 +125,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.side, args.planes, args.chunk, args.patches, args.io_threads, args.repeats = 128, 2, 64, 256, "2", 1
+        args.side, args.planes, args.patches, args.io_threads, args.repeats = 128, 2, 256, "2", 1
 
     import numpy as np
     import xarray as xr
@@ -127,7 +134,7 @@ def main() -> None:
     from helpers import make_model_dir
     from n2v_chunked.io import stores
     from n2v_chunked.io.objects import zarr_store
-    from n2v_chunked.io.ome import write_ome_zarr
+    from n2v_chunked.io.ome import default_chunks, write_ome_zarr
     from n2v_chunked.io.sources import open_image
     from s3server import proxy_process, start_moto
 
@@ -141,13 +148,20 @@ def main() -> None:
             rng = np.random.default_rng(0)
             img = xr.DataArray(rng.normal(100, 10, (args.planes, args.side, args.side)).astype("float32"),
                                dims=("t", "y", "x"))
+            if args.chunk == "auto":  # what convert and predict write; predict works in blocks of them
+                chunks = default_chunks(img.shape, img.dims, img.dtype)
+                blocks = chunks
+            else:  # small stored chunks; predict's blocks span 2 x 2 of them
+                chunks = (1, int(args.chunk), int(args.chunk))
+                blocks = (1, 2 * int(args.chunk), 2 * int(args.chunk))
             local = str(tmp / "img.ome.zarr")
             remote = "s3://bench/img.ome.zarr"
-            write_ome_zarr(local, img, chunks=(1, args.chunk, args.chunk), progress=False)
-            write_ome_zarr(remote, img, chunks=(1, args.chunk, args.chunk), progress=False)
+            write_ome_zarr(local, img, chunks=chunks, progress=False)
+            write_ome_zarr(remote, img, chunks=chunks, progress=False)
             model = make_model_dir(tmp / "model", features=8)
             clock = CpuClock(server=moto.proc.pid, proxy=proxy_pid)
-            common = {"latency_ms": args.latency_ms, "shape": list(img.shape), "chunk": args.chunk}
+            common = {"latency_ms": args.latency_ms, "shape": list(img.shape), "chunks": list(chunks),
+                      "chunk_kib": round(math.prod(chunks) * img.dtype.itemsize / 1024)}
 
             level0 = zarr.open_array(store=zarr_store(f"{remote}/0", read_only=True), mode="r")
             level0[0]  # connections opened
@@ -167,11 +181,10 @@ def main() -> None:
                      remote_mb_s=round(remote_mb_s, 2), share_of_store_ceiling=round(remote_mb_s / ceiling, 3),
                      **per(spent, args.patches / 1000), **common)
 
-            chunk = 2 * args.chunk
             p_local, p_remote = [], []
             for _ in range(args.repeats):
-                p_local.append(predict_rate(local, str(tmp / "out_local.zarr"), model, chunk))
-                p_remote.append(predict_rate(remote, str(tmp / "out_remote.zarr"), model, chunk))
+                p_local.append(predict_rate(local, str(tmp / "out_local.zarr"), model, blocks))
+                p_remote.append(predict_rate(remote, str(tmp / "out_remote.zarr"), model, blocks))
             med_local, med_remote = statistics.median(p_local), statistics.median(p_remote)
             emit(bench="predict", local_mpix_s=p_local, remote_mpix_s=p_remote, median_local=med_local,
                  median_remote=med_remote, ratio=round(med_remote / med_local, 3), target=0.8, **common)
