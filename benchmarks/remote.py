@@ -9,8 +9,9 @@ the bucket (through obstore, the store layer of ``s3://``):
   through zarr (all chunk requests in flight at once), and the CPU seconds
   per MB of this process (the client), the S3 server and the proxy.
 * ``sampler``: patches/s of the streaming patch sampler (64x64, batches of
-  128) over ``--patches`` patches after start-up (about 1,000 patches per
-  block read, so dozens of block reads), for several reader-thread counts
+  128) after start-up, over at least ``--patches`` patches and at least
+  ``--min-reads`` block reads (so that the buffer cannot serve the timed
+  window from what it loaded at start-up), for several reader-thread counts
   (``io_threads``: blocks read at once), with the CPU seconds per 1,000
   patches of the client, the server and the proxy, and the remote MB/s as a
   share of the store's ceiling.  Target: remote >= 0.5x local.
@@ -87,8 +88,14 @@ def per(spent: dict[str, float], unit: float) -> dict[str, float]:
     return {f"{k}_cpu_s": round(v / unit, 4) for k, v in spent.items() if k != "wall"}
 
 
-def sampler_rate(data: Any, n: int, io_threads: int, clock: CpuClock) -> tuple[float, dict[str, float], int]:
-    """Patches/s over ``n`` patches after the first batch, the time spent, and the bytes of blocks read."""
+def sampler_rate(data: Any, n: int, min_reads: int, io_threads: int, clock: CpuClock
+                 ) -> tuple[float, dict[str, float], int, int]:
+    """Patches/s after the first batch, over at least ``n`` patches and ``min_reads`` block reads.
+
+    Also returns the time spent, the patches drawn and the bytes of blocks read.
+    Counting block reads keeps the buffer from serving the whole window out of
+    what it loaded at start-up (with 2 MiB chunks it can hold the whole image).
+    """
     from n2v_chunked.sampling.dataset import ZarrPatchDataset
 
     ds = ZarrPatchDataset(data, PATCH, ("y", "x"), io_threads=io_threads, seed=0)
@@ -97,11 +104,13 @@ def sampler_rate(data: Any, n: int, io_threads: int, clock: CpuClock) -> tuple[f
         loaded = s.stats["blocks_loaded"]
         clock.start()
         got = 0
-        while got < n:
+        while got < n or s.stats["blocks_loaded"] - loaded < min_reads:
             got += len(s.next_batch(BATCH))
+            if got > 1000 * n:
+                raise SystemExit(f"remote: only {s.stats['blocks_loaded'] - loaded} block reads in {got} patches")
         spent = clock.stop()
-        nbytes = (s.stats["blocks_loaded"] - loaded) * ds._window_nbytes(int(ds.train_blocks[0]))
-    return got / spent["wall"], spent, nbytes
+        reads = s.stats["blocks_loaded"] - loaded
+    return got / spent["wall"], spent, got, reads * ds._window_nbytes(int(ds.train_blocks[0]))
 
 
 def predict_rate(src: str, out: str, model: Path, blocks: tuple[int, ...]) -> float:
@@ -118,14 +127,15 @@ def main() -> None:
     ap.add_argument("--planes", type=int, default=4)
     ap.add_argument("--chunk", default="auto",
                     help="stored chunk side, or auto: the chunks convert and predict write by default (about 2 MiB)")
-    ap.add_argument("--patches", type=int, default=32768, help="patches timed per sampler run")
+    ap.add_argument("--patches", type=int, default=32768, help="patches timed per sampler run, at least")
+    ap.add_argument("--min-reads", type=int, default=32, help="block reads per timed sampler run, at least")
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--io-threads", default="2,8", help="sampler reader threads to try (train uses 8 for a URL)")
     ap.add_argument("--repeats", type=int, default=3, help="prediction runs per side, alternated")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.side, args.planes, args.patches, args.io_threads, args.repeats = 128, 2, 256, "2", 1
+        args.side, args.planes, args.patches, args.min_reads, args.io_threads, args.repeats = 128, 2, 256, 2, "2", 1
 
     import numpy as np
     import xarray as xr
@@ -173,13 +183,15 @@ def main() -> None:
             emit(bench="store", remote_mb_s=round(ceiling, 2), **per(spent, mb), **common)
 
             for threads in (int(t) for t in args.io_threads.split(",")):
-                r_local, _, _ = sampler_rate(open_image(local), args.patches, threads, clock)
-                r_remote, spent, nbytes = sampler_rate(open_image(remote), args.patches, threads, clock)
+                r_local, _, n_local, _ = sampler_rate(open_image(local), args.patches, args.min_reads, threads, clock)
+                r_remote, spent, n_remote, nbytes = sampler_rate(open_image(remote), args.patches, args.min_reads,
+                                                                 threads, clock)
                 remote_mb_s = nbytes / 1e6 / spent["wall"]
                 emit(bench="sampler", io_threads=threads, local_patches_s=round(r_local, 1),
                      remote_patches_s=round(r_remote, 1), ratio=round(r_remote / r_local, 3), target=0.5,
+                     patches_local=n_local, patches_remote=n_remote, remote_mb_read=round(nbytes / 1e6, 1),
                      remote_mb_s=round(remote_mb_s, 2), share_of_store_ceiling=round(remote_mb_s / ceiling, 3),
-                     **per(spent, args.patches / 1000), **common)
+                     **per(spent, n_remote / 1000), **common)
 
             p_local, p_remote = [], []
             for _ in range(args.repeats):

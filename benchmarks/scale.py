@@ -185,7 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-gb", type=float, nargs="+", default=[1, 100, 1000, 100000],
                     help="logical volume sizes in GB (default 1 100 1000 100000)")
-    ap.add_argument("--blocks", type=int, default=40, help="prediction blocks written per size (default 40)")
+    ap.add_argument("--blocks", type=int, default=100,
+                    help="prediction blocks written per size (default 100: about 2 s of blocks to average over)")
     ap.add_argument("--patches", type=int, default=4096, help="training patches drawn per size (default 4096)")
     ap.add_argument("--child-timeout", type=float, default=1800,
                     help="seconds one size's phase may take before it is reported as timed out (default 1800)")

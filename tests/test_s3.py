@@ -315,6 +315,7 @@ def test_remote_benchmark_smoke(s3, chunk, stored):
     by = {r["bench"]: r for r in records}
     assert set(by) == {"store", "sampler", "predict"}
     assert all(r["chunks"] == stored for r in records)  # auto: what convert writes, one chunk per 128^2 plane here
+    assert by["sampler"]["remote_mb_read"] > 0  # the timed window reads blocks, not only the start-up buffer
     ceiling, sampler, pred = by["store"], by["sampler"], by["predict"]
     # each ratio is the quotient of the two sides measured in the same run (printed rounded: 1, 2 and 3 decimals)
     assert within_rounding(sampler["ratio"], sampler["remote_patches_s"], sampler["local_patches_s"], 0.05)
