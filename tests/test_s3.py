@@ -430,3 +430,15 @@ def test_prediction_from_a_url_reads_ahead(s3_env, files, monkeypatch):
     run.predict("s3://ahead/in.zarr", "s3://ahead/out.zarr", files["model"], chunks=(1, 32, 32), scheduler="sync",
                 progress=False, pyramid=False)
     assert seen["chunks"] == (1, 32, 32) and seen["read_ahead"] is True  # not the store's 16x16
+
+
+@pytest.mark.parametrize("name", ["o.zarr", "o.zarr/0"])
+def test_an_incomplete_output_is_flagged_by_url_as_on_disk(name, s3_env, tmp_path, caplog):
+    """Issue 28 item 6: a group or its level array, named by URL, warns like a local path."""
+    from n2v_chunked.io.ome import create_ome_zarr
+
+    root = f"s3://{_bucket(s3_env, 'partial')}/{tmp_path.name}"
+    create_ome_zarr(f"{root}/o.zarr", (8, 8), "yx")
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        open_image(f"{root}/{name}")
+    assert caplog.text.count("marked incomplete") == 1

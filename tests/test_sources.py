@@ -323,13 +323,20 @@ def test_pyramidal_ome_tiff_levels(tmp_path):
         open_image(tmp_path / "pyr.ome.tif", level=2)
 
 
-def test_incomplete_n2v_output_opens_with_a_warning(tmp_path, caplog):
-    from n2v_chunked.io.ome import create_ome_zarr
+@pytest.mark.parametrize("name", ["o.zarr", "o.zarr/0", "o.zarr/0/"])
+def test_incomplete_n2v_output_opens_with_a_warning_by_any_name(tmp_path, caplog, name):
+    # issue 28 item 6: the level array opened on its own was read without a word (unwritten chunks as zeros)
+    from n2v_chunked.io.ome import create_ome_zarr, mark_complete
 
     create_ome_zarr(tmp_path / "o.zarr", (8, 8), "yx")
     with caplog.at_level("WARNING", logger="n2v_chunked"):
-        open_image(tmp_path / "o.zarr")
-    assert "marked incomplete" in caplog.text
+        open_image(str(tmp_path / name))
+    assert caplog.text.count("marked incomplete") == 1
+    caplog.clear()
+    mark_complete(tmp_path / "o.zarr", True)
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        open_image(str(tmp_path / name))
+    assert "marked incomplete" not in caplog.text
 
 
 # ----------------------------------------------------------------------------

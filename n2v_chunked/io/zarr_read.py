@@ -55,8 +55,6 @@ def open_zarr(source: str, level: int, storage_options: dict[str, Any], url: boo
         node = node["0"]  # bioformats2raw layout: the image is the group "0"
         ms, version = _multiscales(node.attrs.asdict())
     if ms is not None:
-        if (node.attrs.get("n2v_chunked") or {}).get("complete") is False:
-            log.warning("%s is marked incomplete: it is an unfinished or failed n2v-chunked output", source)
         return _open_multiscales(node, ms, version, level, source)
     arrays = sorted(node.array_keys())
     if len(arrays) == 1:
@@ -116,6 +114,9 @@ def _transforms(items: list[dict[str, Any]] | None, ndim: int) -> tuple[np.ndarr
 
 
 def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level: int, source: str) -> Raw:
+    # every way of naming an image (its group, a level array, a URL) comes through here, so all are flagged alike
+    if (group.attrs.get("n2v_chunked") or {}).get("complete") is False:
+        log.warning("%s is marked incomplete: it is an unfinished or failed n2v-chunked output", source)
     datasets = ms.get("datasets") or []
     if not datasets:
         raise UnreadableDataError(f"OME-Zarr {source} lists no datasets in its multiscales metadata")
