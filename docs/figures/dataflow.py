@@ -20,7 +20,7 @@ PREDICT = [("source", "read lazily,\nany size"),
            ("halo plan", "blocks on the U-Net's\ngrid + receptive field"),
            ("per-block predict", "dask map_overlap on\nlocal, SLURM or a cluster"),
            ("writer", "OME-Zarr chunks, resume\nmarkers, pyramid")]
-BOX_W, BOX_H, GAP = 2.3, 1.15, 0.55
+BOX_W, BOX_H, GAP = 2.4, 1.15, 0.5
 
 
 def row(ax, y: float, boxes: list[tuple[str, str]], colour: str, title: str) -> None:
@@ -30,7 +30,7 @@ def row(ax, y: float, boxes: list[tuple[str, str]], colour: str, title: str) -> 
         x = i * (BOX_W + GAP)
         ax.add_patch(FancyBboxPatch((x, y - BOX_H / 2), BOX_W, BOX_H, boxstyle="round,pad=0.04",
                                     facecolor=colour, edgecolor="#333333", linewidth=1.2))
-        ax.text(x + BOX_W / 2, y + 0.25, name, ha="center", va="center", fontsize=12, fontweight="bold")
+        ax.text(x + BOX_W / 2, y + 0.25, name, ha="center", va="center", fontsize=11.5, fontweight="bold")
         ax.text(x + BOX_W / 2, y - 0.22, detail, ha="center", va="center", fontsize=8.5, color="#222222")
         if i:
             ax.add_patch(FancyArrowPatch((x - GAP + 0.04, y), (x - 0.04, y), arrowstyle="-|>",
