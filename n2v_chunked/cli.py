@@ -125,7 +125,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the train step's network (opt-in, for GPUs; compiling takes minutes)")
     g.add_argument("--ema", type=float,
                    help="keep a running average of the weights with this decay (default 0.999, measured better: "
-                   "see README Benchmarks; 0: the last step's weights, the paper's)")
+                   "see docs/defaults.md; 0: the last step's weights, the paper's)")
     g = p.add_argument_group("network")
     g.add_argument("--depth", type=int, default=2)
     g.add_argument("--features", type=int, default=32, help="feature maps at the top level (paper: 32, 96 for natural images)")
@@ -142,7 +142,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="fraction of masked pixels (default 1/64, the paper's)")
     g.add_argument("--replacement", choices=["uniform", "median"],
                    help="value put into a masked pixel: median, the 5x5 neighbourhood's median without the centre "
-                   "(N2V2's; default, measured better: see README Benchmarks), or uniform, a random other pixel "
+                   "(N2V2's; default, measured better: see docs/defaults.md), or uniform, a random other pixel "
                    "of the neighbourhood (the N2V paper's)")
     g.add_argument("--paper", action="store_true",
                    help="the N2V paper's settings where ours differ: uniform replacement, joint channels, no early "

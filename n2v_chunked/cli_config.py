@@ -28,7 +28,7 @@ def add_storage_options(p: argparse.ArgumentParser) -> None:
         "--storage-options", action="append", metavar="KEY=VALUE", default=None,
         help="option for the object store's client (obstore), repeatable: endpoint_url=..., anon=true, "
         "profile=..., region=..., or any of obstore's S3 settings; credentials best come from the AWS "
-        "environment variables or ~/.aws (see README, Object stores)",
+        "environment variables or ~/.aws (see docs/object_stores.md)",
     )
 
 

@@ -107,15 +107,15 @@ def test_bad_model_config(bad):
         ModelConfig(**bad)
 
 
-def test_channel_default_is_independent_as_the_readme_says():
+def test_channel_default_is_independent_as_the_docs_say():
     import re
     from pathlib import Path
 
     from n2v_chunked.checkpoint import configs_from_meta
     from n2v_chunked.cli import build_parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| train | `--joint-channels`"))
+    options = (Path(__file__).resolve().parents[1] / "docs" / "command_line.md").read_text()
+    row = next(line for line in options.splitlines() if line.startswith("| train | `--joint-channels`"))
     assert re.search(r"Default: independent channels", row)
     assert ModelConfig().independent_channels is True
     sub = ["train", "in.tif", "--model-dir", "m"]
