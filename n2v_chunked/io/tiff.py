@@ -26,7 +26,7 @@ import zarr
 
 from ..errors import AxesError, N2VError, UnreadableDataError, first_line
 from .metadata_axes import ASK_AXES, CANONICAL, parse_axes, tiff_stated_axes
-from .readers import ChunkReader, Raw, SourceInfo, from_reader
+from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
 from .stores import grow_chunks
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
@@ -397,10 +397,8 @@ def open_tiff_stack(files: list[str], source: str, axes: Any) -> Raw:
         except Exception as exc:
             raise UnreadableDataError(f"cannot read TIFF {f}: {type(exc).__name__}: {first_line(exc)[:200]}") from None
         if reader.shape != shape or reader.dtype != dtype:
-            raise UnreadableDataError(
-                f"TIFF {f} has shape {reader.shape} {reader.dtype} but {files[0]} has {shape} {dtype}: "
-                "all files of a stack must match"
-            )
+            raise not_one_image(source, f"a set of TIFFs of different shapes or dtypes ({Path(f).name}: "
+                                f"{reader.shape} {reader.dtype}, {Path(files[0]).name}: {shape} {dtype}), not one stack")
         readers.append(reader)
 
     def stack(ch: tuple[int, ...]) -> da.Array:
