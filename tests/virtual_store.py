@@ -46,6 +46,8 @@ class Counts:
     chunk_reads: int = 0  # chunk objects served by virtual://
     listings: int = 0  # ls/find calls on virtual://
     metadata_reads: int = 0  # zarr.json objects served by virtual:// plates
+    in_flight: int = 0  # plate metadata reads under way now
+    max_in_flight: int = 0  # the most at once since the last reset
     chunk_writes: int = 0  # chunk objects discarded by discard://
     bytes_discarded: int = 0
     reads_at_first_write: int = 0  # chunk_reads when discard:// got its first chunk
@@ -59,7 +61,7 @@ class Counts:
 
     def reset(self) -> None:
         self.add(**{k: -getattr(self, k) for k in ("chunk_reads", "listings", "metadata_reads", "chunk_writes",
-                                                   "bytes_discarded")})
+                                                   "bytes_discarded", "max_in_flight")})
         self.write_times.clear()
 
 
@@ -207,9 +209,15 @@ class VirtualFileSystem(AbstractFileSystem):
     def _content(self, path: str) -> bytes:
         name, _, rest = self._strip_protocol(path).strip("/").partition("/")
         if name in _PLATES and rest.endswith("zarr.json"):
-            COUNTS.add(metadata_reads=1)
-            if LATENCY_S:
-                time.sleep(LATENCY_S)
+            with COUNTS.lock:
+                COUNTS.metadata_reads += 1
+                COUNTS.in_flight += 1
+                COUNTS.max_in_flight = max(COUNTS.max_in_flight, COUNTS.in_flight)
+            try:
+                if LATENCY_S:
+                    time.sleep(LATENCY_S)
+            finally:
+                COUNTS.add(in_flight=-1)
             found = _plate_metadata(_PLATES[name], [p for p in rest.split("/")[:-1] if p])
             if found is None:
                 raise FileNotFoundError(path)

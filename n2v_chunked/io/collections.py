@@ -94,6 +94,8 @@ class ImageEntry:
         What ``--select`` patterns are matched against, besides ``name``.
     index : int or None
         Series index (containers only): ``--select 0-3`` picks by range.
+    ngff_version : str or None
+        The image's NGFF version (OME-Zarr images only).
     """
 
     name: str
@@ -106,6 +108,7 @@ class ImageEntry:
     scale: dict[str, float] = dataclasses.field(default_factory=dict)
     keys: tuple[str, ...] = ()
     index: int | None = None
+    ngff_version: str | None = None
 
     @property
     def channels(self) -> int:
@@ -300,9 +303,11 @@ def open_collection(
         arr, si = open_image_info(item.path, axes, level, storage_options=options)
         return ImageEntry(item.name, item.path, tuple(int(n) for n in arr.shape), "".join(arr.dims),
                           si.dtype or str(arr.dtype), arr.attrs["format"], item.label,
-                          dict(arr.attrs["scale"]), item.keys, item.index)
+                          dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"])
 
     images = tuple(_map(entry, items, threads))
+    if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only
+        meta["ngff_version"] = images[0].ngff_version
     out = Collection(str(source), kind, images, level=level, total=len(images), **meta)
     return out if select is None else select_images(out, select)
 

@@ -397,8 +397,8 @@ def open_tiff_stack(files: list[str], source: str, axes: Any) -> Raw:
         except Exception as exc:
             raise UnreadableDataError(f"cannot read TIFF {f}: {type(exc).__name__}: {first_line(exc)[:200]}") from None
         if reader.shape != shape or reader.dtype != dtype:
-            raise not_one_image(source, f"a set of TIFFs of different shapes or dtypes ({Path(f).name}: "
-                                f"{reader.shape} {reader.dtype}, {Path(files[0]).name}: {shape} {dtype}), not one stack")
+            raise not_one_image(source, f"a set of TIFFs of different shapes or dtypes ({Path(f).name} has shape "
+                                f"{reader.shape} {reader.dtype} but {Path(files[0]).name} has {shape} {dtype}), not one stack")
         readers.append(reader)
 
     def stack(ch: tuple[int, ...]) -> da.Array:
