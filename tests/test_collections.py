@@ -19,7 +19,7 @@ import xarray as xr
 import zarr
 
 from n2v_chunked.cli import main
-from n2v_chunked.errors import CollectionError, ConfigError
+from n2v_chunked.errors import CollectionError, ConfigError, N2VError
 from n2v_chunked.io.collections import (
     ImageEntry, check_consistent, collection_kind, open_collection, select_images,
 )
@@ -151,19 +151,40 @@ def test_plate_written_by_ome_zarr_py_is_listed_as_it_and_ome_zarr_models_read_i
     assert fields == NAMES and models
 
 
+def test_a_damaged_plate_is_one_line_naming_the_well(data, tmp_path):
+    import shutil
+
+    plate = shutil.copytree(data["p05"], tmp_path / "p.zarr")
+    shutil.rmtree(plate / "C" / "3" / "1")
+    with pytest.raises(N2VError, match=r"p\.zarr/C/3/1"):
+        open_collection(plate, select="C3")
+    assert [im.name for im in open_collection(plate, select="B*").images] == NAMES[:3]  # C/3/1 is never opened
+    shutil.rmtree(plate / "B" / "4")
+    with pytest.raises(N2VError, match=r"plate well .*p\.zarr/B/4 is missing or not a Zarr group"):
+        open_collection(plate)
+    # bioformats2raw writes a screen as a plate with its layout key: the plate is what counts
+    root = zarr.open_group(str(plate), mode="r+")
+    root.attrs["ome"] = {**root.attrs["ome"], "bioformats2raw.layout": 3}
+    assert collection_kind(plate) == "plate"
+
+
 def test_a_well_is_a_collection_of_its_fields(data):
     coll = open_collection(data["p05"] / "C" / "3")
     assert (coll.kind, [im.name for im in coll.images], coll.ngff_version) == ("well", ["0", "1"], "0.5")
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
-def test_container_series_are_listed_with_their_ome_xml_names(data, version):
+def test_container_series_are_listed_with_their_ome_xml_names(data, version, capsys):
     path = data["c04" if version == "0.4" else "c05"]  # 0.4: consecutive series; 0.5: the OME group's list
     coll = open_collection(path)
     assert coll.kind == "container" and coll.ngff_version == version
     got = [(im.name, im.label, im.shape, im.dtype, im.axes, im.index) for im in coll.images]
     assert got == [("0", "first", (20, 30), "uint16", "yx", 0), ("1", "second", (12, 16), "float32", "yx", 1),
                    ("2", "", (8, 8), "uint8", "yx", 2)]
+    assert main(["info", str(path), "--select", "0,second"]) == 0
+    rows = capsys.readouterr().out.split("\n\n", 1)[1].splitlines()
+    assert rows[0].split()[:3] == ["image", "series", "name"] and [r.split()[:2] for r in rows[1:]] == [
+        ["0", "first"], ["1", "second"]]
     if version == "0.4":  # ome-zarr-models' bioformats2raw model is Zarr v2 (NGFF 0.4) only
         pytest.importorskip("ome_zarr_models")
         from ome_zarr_models.v04 import BioFormats2Raw

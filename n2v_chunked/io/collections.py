@@ -249,7 +249,13 @@ def _map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
     if threads <= 1 or len(items) <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="n2v-list") as pool:
-        return list(pool.map(fn, items))
+        futures = [pool.submit(fn, i) for i in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # the first failure is the answer: do not wait for reads not yet started
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def open_collection(
@@ -298,6 +304,10 @@ def open_collection(
     items, meta = listing(s, options, threads)
     if not items:
         raise UnreadableDataError(f"{source} holds no images")
+    total, patterns = len(items), None
+    if select is not None:  # before opening: an image left out is never read
+        patterns = parse_selection(select)
+        items = _pick(items, patterns, str(source))
 
     def entry(item: _Item) -> ImageEntry:
         arr, si = open_image_info(item.path, axes, level, storage_options=options)
@@ -308,8 +318,8 @@ def open_collection(
     images = tuple(_map(entry, items, threads))
     if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only
         meta["ngff_version"] = images[0].ngff_version
-    out = Collection(str(source), kind, images, level=level, total=len(images), **meta)
-    return out if select is None else select_images(out, select)
+    selection = ",".join(patterns) if patterns else None
+    return Collection(str(source), kind, images, level=level, total=total, selection=selection, **meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +459,7 @@ def parse_selection(spec: str | Sequence[str]) -> list[str]:
     return patterns
 
 
-def _matches(image: ImageEntry, pattern: str) -> bool:
+def _matches(image: ImageEntry | _Item, pattern: str) -> bool:
     rng = _RANGE.fullmatch(pattern)
     if rng and image.index is not None:
         return int(rng.group(1)) <= image.index <= int(rng.group(2))
@@ -473,20 +483,21 @@ def select_images(collection: Collection, spec: str | Sequence[str]) -> Collecti
         A pattern matches no image (a typo must not pass as a smaller selection).
     """
     patterns = parse_selection(spec)
-    chosen: set[int] = set()
-    for pattern in patterns:
-        hits = [i for i, im in enumerate(collection.images) if _matches(im, pattern)]
-        if not hits:
-            raise ConfigError(f"--select {pattern!r} matches none of the {len(collection.images)} images of "
-                              f"{collection.source} ({_examples(collection)})")
-        chosen.update(hits)
-    images = tuple(im for i, im in enumerate(collection.images) if i in chosen)
+    images = tuple(_pick(list(collection.images), patterns, collection.source))
     return dataclasses.replace(collection, images=images, selection=",".join(patterns))
 
 
-def _examples(collection: Collection) -> str:
-    names = [im.name for im in collection.images]
-    return f"e.g. {', '.join(names[:3])}" + (f" ... {names[-1]}" if len(names) > 3 else "")
+def _pick(images: list[Any], patterns: list[str], source: str) -> list[Any]:
+    """The images (entries or listed items) that any pattern matches, in order; refuse a pattern matching none."""
+    chosen: set[int] = set()
+    for pattern in patterns:
+        hits = [i for i, im in enumerate(images) if _matches(im, pattern)]
+        if not hits:
+            names = [im.name for im in images]
+            examples = f"e.g. {', '.join(names[:3])}" + (f" ... {names[-1]}" if len(names) > 3 else "")
+            raise ConfigError(f"--select {pattern!r} matches none of the {len(images)} images of {source} ({examples})")
+        chosen.update(hits)
+    return [im for i, im in enumerate(images) if i in chosen]
 
 
 def _some(names: list[str], limit: int = 3) -> str:
