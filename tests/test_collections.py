@@ -352,3 +352,18 @@ def test_plate_container_and_folder_on_s3_list_as_on_disk(s3_env, data, tmp_path
     assert "selected by --select y* from 2" in capsys.readouterr().out
     for source in (url, f"{url}/*.zarr", "s3://collections/p05.zarr"):
         assert "later version" in one_error(capsys, main(["convert", source, str(tmp_path / "o.zarr")]))
+
+
+def test_listing_a_folder_of_many_tiffs_holds_no_file_handles(tmp_path):
+    import subprocess
+    import sys
+
+    for i in range(120):
+        tifffile.imwrite(tmp_path / f"f{i}.tif", np.zeros((8, 8 + i % 2), "u2"))
+    script = ("import os, resource, sys\n"
+              "from n2v_chunked.io.collections import open_collection\n"
+              "n = len(os.listdir('/proc/self/fd'))\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (n + 48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "print(len(open_collection(sys.argv[1]).images))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "120", proc.stderr[-2000:]

@@ -209,34 +209,39 @@ def collection_kind(source: Any, storage_options: dict[str, Any] | None = None) 
     InputNotFoundError
         A local path that does not exist.
     """
-    import zarr
-
     if not isinstance(source, (str, Path)):
         return None  # arrays are images
-    s, options = _strip_file(str(source)), storage_options or {}
+    return _kind(str(source), storage_options or {})[0]
+
+
+def _kind(source: str, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """:func:`collection_kind` and the root group's attributes (read once: the listing needs them too)."""
+    import zarr
+
+    s = _strip_file(source)
     if _GLOB.search(s):
-        return "folder"
+        return "folder", {}
     if not is_url(s):
         path = Path(s).expanduser()
         if not path.exists():
             raise InputNotFoundError(f"input not found: {source}")
         if not path.is_dir():
-            return None
+            return None, {}
         if not any((path / m).exists() for m in ZARR_MARKERS):
-            return "folder"
+            return "folder", {}
     node = _zarr_node(s, options)
     if not isinstance(node, zarr.Group):
-        return "folder" if node is None and is_url(s) else None
+        return ("folder" if node is None and is_url(s) else None), {}
     attrs = node.attrs.asdict()
     if ome_metadata(attrs, "multiscales")[0]:
-        return None
+        return None, attrs
     if isinstance(ome_metadata(attrs, "plate")[0], dict):
-        return "plate"
+        return "plate", attrs
     if isinstance(ome_metadata(attrs, "well")[0], dict):
-        return "well"
+        return "well", attrs
     if ome_metadata(attrs, "bioformats2raw.layout")[0] is not None:
-        return "container"
-    return None
+        return "container", attrs
+    return None, attrs
 
 
 # ----------------------------------------------------------------------------
@@ -295,13 +300,13 @@ def open_collection(
         ``source`` is one image (not a collection), lists no images, or one of
         its images cannot be opened (the error names it).
     """
-    kind = collection_kind(source, storage_options)
+    s, options = _strip_file(str(source)), storage_options or {}
+    kind, attrs = _kind(s, options) if isinstance(source, (str, Path)) else (None, {})
     if kind is None:
         raise CollectionError(f"{source} is one image, not a collection (plate, container, folder or glob of images): "
                               "describe it with `n2v-chunked info` without --select")
-    s, options = _strip_file(str(source)), storage_options or {}
     listing = {"plate": _plate, "well": _well, "container": _container, "folder": _folder}[kind]
-    items, meta = listing(s, options, threads)
+    items, meta = listing(s, attrs, options, threads)
     if not items:
         raise UnreadableDataError(f"{source} holds no images")
     total, patterns = len(items), None
@@ -340,9 +345,12 @@ def _group_attrs(path: str, options: dict[str, Any], what: str) -> dict[str, Any
     return attrs
 
 
-def _plate(source: str, options: dict[str, Any], threads: int) -> tuple[list[_Item], dict[str, Any]]:
+Listed = tuple[list[_Item], dict[str, Any]]  # the images found, and the collection's own metadata
+
+
+def _plate(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:
     """Wells from the plate metadata, then each well's fields (one well read each, concurrently)."""
-    plate, version = ome_metadata(_group_attrs(source, options, "HCS plate"), "plate")
+    plate, version = ome_metadata(attrs, "plate")
     wells = [str(w.get("path", "")).strip("/") for w in plate.get("wells") or [] if isinstance(w, dict)]
     per_well = _map(lambda w: _fields(_join(source, w), options), wells, threads)
     items = []
@@ -354,25 +362,25 @@ def _plate(source: str, options: dict[str, Any], threads: int) -> tuple[list[_It
     return items, {"ngff_version": version, "name": plate.get("name")}
 
 
-def _fields(well_path: str, options: dict[str, Any]) -> list[str]:
-    well, _ = ome_metadata(_group_attrs(well_path, options, "plate well"), "well")
+def _fields(well_path: str, options: dict[str, Any], attrs: dict[str, Any] | None = None) -> list[str]:
+    well, _ = ome_metadata(attrs or _group_attrs(well_path, options, "plate well"), "well")
     if not isinstance(well, dict):
         raise UnreadableDataError(f"plate well {well_path} has no well metadata")
     return [str(i.get("path", "")).strip("/") for i in well.get("images") or [] if isinstance(i, dict)]
 
 
-def _well(source: str, options: dict[str, Any], threads: int) -> tuple[list[_Item], dict[str, Any]]:
-    _, version = ome_metadata(_group_attrs(source, options, "plate well"), "well")
-    items = [_Item(f, _join(source, f)) for f in _fields(source, options)]
+def _well(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:
+    _, version = ome_metadata(attrs, "well")
+    items = [_Item(f, _join(source, f)) for f in _fields(source, options, attrs)]
     return items, {"ngff_version": version}
 
 
-def _container(source: str, options: dict[str, Any], threads: int) -> tuple[list[_Item], dict[str, Any]]:
+def _container(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:
     """Series ``0/``, ``1/``, ...: as the ``OME`` group's ``series`` lists them, else consecutive from 0.
 
     Names come from ``OME/METADATA.ome.xml``'s ``Image`` elements, in series order.
     """
-    _, version = ome_metadata(_group_attrs(source, options, "bioformats2raw container"), "bioformats2raw.layout")
+    _, version = ome_metadata(attrs, "bioformats2raw.layout")
     ome_attrs = _zarr_attrs(_join(source, "OME"), options) or {}
     series, _ = ome_metadata(ome_attrs, "series")
     if isinstance(series, list) and series:
@@ -440,7 +448,7 @@ def folder_images(source: str, storage_options: dict[str, Any] | None = None,
     return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
-def _folder(source: str, options: dict[str, Any], threads: int) -> tuple[list[_Item], dict[str, Any]]:
+def _folder(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:
     items = [_Item(name, path, keys=(name.rsplit("/", 1)[-1],)) for name, path in folder_images(source, options, threads)]
     return items, {}
 

@@ -208,9 +208,11 @@ def _chain_problem(tf: Any, size: int) -> str | None:
 class _TiffReader(ChunkReader):
     """Reads a TIFF through ``tifffile``'s Zarr store (strip/tile/page chunks).
 
-    With ``keep_open`` the file stays open in each process (one big file read
-    chunk by chunk); without, every read opens and closes it (a folder of
-    thousands of files must not hold thousands of handles).
+    With ``keep_open`` the file stays open in each process from its first
+    read on (one big file read chunk by chunk); without, every read opens and
+    closes it (a folder of thousands of files must not hold thousands of
+    handles).  Opening it only to learn its shape holds no handle, so listing
+    a folder of thousands of TIFFs (``io/collections.py``) does not either.
     """
 
     def __init__(self, path: str, level: int, keep_open: bool) -> None:
@@ -220,10 +222,7 @@ class _TiffReader(ChunkReader):
         handles = self._open(check=True)
         z = handles[2]
         super().__init__(f"TIFF {path}", z.shape, z.dtype, z.chunks)
-        if keep_open:
-            self._handles = handles
-        else:
-            self._close(handles)
+        self._close(handles)
 
     def _open(self, check: bool = False) -> tuple[Any, Any, Any]:
         """Open the file; with ``check``, refuse it unless all its pages and strips are there."""
