@@ -354,6 +354,18 @@ def test_plate_container_and_folder_on_s3_list_as_on_disk(s3_env, data, tmp_path
         assert "later version" in one_error(capsys, main(["convert", source, str(tmp_path / "o.zarr")]))
 
 
+def test_a_container_over_http_which_cannot_list_is_probed_series_by_series(data):
+    from s3server import serve_folder
+
+    url, stop = serve_folder(data["tmp"])
+    try:
+        coll = open_collection(f"{url}/c04.zarr")  # NGFF 0.4, no series list: consecutive series found by probing
+    finally:
+        stop()
+    assert [(im.name, im.label, im.shape) for im in coll.images] == [
+        ("0", "first", (20, 30)), ("1", "second", (12, 16)), ("2", "", (8, 8))]
+
+
 def test_listing_a_folder_of_many_tiffs_holds_no_file_handles(tmp_path):
     import subprocess
     import sys

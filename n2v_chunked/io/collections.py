@@ -386,9 +386,13 @@ def _container(source: str, attrs: dict[str, Any], options: dict[str, Any], thre
     if isinstance(series, list) and series:
         paths = [str(p).strip("/") for p in series]
     else:  # the layout's rule: consecutive integers from 0
-        present = set(objects.listdir(source, options=options))
+        try:
+            present = set(objects.listdir(source, options=options))
+            exists: Callable[[str], bool] = present.__contains__
+        except Exception:  # an HTTP server cannot list: probe 0/, 1/, ... one by one
+            exists = lambda p: _zarr_attrs(_join(source, p), options) is not None  # noqa: E731
         paths = []
-        while str(len(paths)) in present:
+        while exists(str(len(paths))):
             paths.append(str(len(paths)))
     names = _series_names(objects.read(_join(source, "OME/METADATA.ome.xml"), options))
     items = []
