@@ -8,7 +8,6 @@ Images are a few KiB; the S3 tests use the moto server of ``conftest.py``.
 
 from __future__ import annotations
 
-import time
 from importlib import import_module
 from pathlib import Path
 

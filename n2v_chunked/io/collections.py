@@ -27,12 +27,14 @@ Every other command refuses a collection with one line
 lists, what ``--select`` narrows (:func:`select_images`), and what training will
 check with :func:`check_consistent`.
 
-Neither ome-zarr-py nor ome-zarr-models is used here: both validate or load
-a whole plate image by image, serially, and refuse what deviates from the
-specification, while this listing needs only the paths that plate and well
-metadata name (:func:`~n2v_chunked.io.ngff.ome_metadata`) and reads each image
-with the project's own, lenient reader.  The tests check this listing
-against plates that ome-zarr-py writes and ome-zarr-models validates.
+Neither ome-zarr-py nor ome-zarr-models is used here: ome-zarr-models
+validates a plate by loading every well and image model one after another and
+refuses data that bends the specification; ome-zarr-py's plate reader builds
+one stitched pyramid, which needs every field to have one shape.  This listing
+needs only the paths that plate and well metadata name
+(:func:`~n2v_chunked.io.ngff.ome_metadata`) and reads each image with the
+project's own reader.  The tests check it against plates and containers that
+ome-zarr-py writes and reads and ome-zarr-models validates.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from ..errors import CollectionError, ConfigError, InputNotFoundError, N2VError, UnreadableDataError
+from ..errors import CollectionError, ConfigError, InputNotFoundError, UnreadableDataError
 from . import objects
 from .formats import plugin_for
 from .ngff import ome_metadata
