@@ -204,17 +204,29 @@ def add_info(sub: argparse._SubParsersAction) -> None:
         "fsspec URL) without reading its pixels: format and NGFF version, axes, shape, dtype, chunks and "
         "shards, resolution levels, pixel size, and size on disk vs in memory.",
         epilog="examples:\n  n2v-chunked info data/volume.ome.zarr\n  n2v-chunked info stack.tif --axes zyx\n"
-        "  n2v-chunked info 's3://bucket/image.zarr' --level 2",
+        "  n2v-chunked info 's3://bucket/image.zarr' --level 2\n  n2v-chunked info plate.ome.zarr --select 'B3,C*'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="image path, folder, glob or URL")
+    p.add_argument("path", help="image path, folder, glob or URL; or a collection: HCS plate, bioformats2raw "
+                   "container, folder or glob of images")
     p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level to describe (default: 0)")
+    p.add_argument("--select", metavar="PATTERNS",
+                   help="images of a collection to list, comma-separated globs: wells (B3,C*), fields (B3/0, */1), "
+                   "series (0,2-5 or a series name), or file names (*.tif)")
 
     def handler(args: argparse.Namespace) -> int:
-        from .convert import format_info, info
+        from .convert import format_collection, format_info, info
+        from .errors import CollectionError
+        from .io.collections import open_collection
 
-        print(format_info(info(args.path, axes=args.axes, level=args.level)))
+        if args.select is None:
+            try:
+                print(format_info(info(args.path, axes=args.axes, level=args.level)))
+                return 0
+            except CollectionError:  # a plate, container or folder of images: list it instead
+                pass
+        print(format_collection(open_collection(args.path, axes=args.axes, level=args.level, select=args.select)))
         return 0
 
     add_storage_options(p)

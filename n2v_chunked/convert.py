@@ -159,6 +159,50 @@ def format_info(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tally(values: list[str]) -> str:
+    """``zyx`` when all agree, else ``mixed: zyx (380), czyx (4)``."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "mixed: " + ", ".join(f"{v} ({n})" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def format_collection(coll: Any) -> str:
+    """The text ``n2v-chunked info`` prints for a collection (:class:`~n2v_chunked.io.collections.Collection`):
+    a summary in :func:`format_info`'s style, then one row per image."""
+    images = coll.images
+    what = {"plate": "HCS plate", "well": "plate well", "container": "bioformats2raw container",
+            "folder": "folder of images"}[coll.kind]
+    if coll.name:
+        what += f" {coll.name!r}"
+    if coll.ngff_version:
+        what += f" (NGFF {coll.ngff_version})"
+    count = f"{len(images)}"
+    if coll.kind == "plate":
+        count += f" ({len(coll.wells)} wells)"
+    if coll.selection is not None:
+        count += f", selected by --select {coll.selection} from {coll.total}"
+    lines = [
+        f"source:       {coll.source}",
+        f"collection:   {what}",
+        f"images:       {count}",
+        f"axes:         {_tally([im.axes for im in images])}",
+        f"channels:     {_tally([str(im.channels) for im in images])}",
+        f"dtype:        {_tally([im.dtype for im in images])}",
+        f"in memory:    {human_bytes(coll.nbytes)}" + (f"  (level {coll.level})" if coll.level else ""),
+        "",
+    ]
+    named = coll.kind == "container" and any(im.label for im in images)
+    header = ["image"] + (["series name"] if named else []) + ["axes", "channels", "shape", "dtype", "in memory"]
+    rows = [[im.name] + ([im.label] if named else []) + [im.axes, str(im.channels), " x ".join(map(str, im.shape)),
+                                                          im.dtype, human_bytes(im.nbytes)] for im in images]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    return "\n".join(lines)
+
+
 def convert(
     source: Any,
     out: str,

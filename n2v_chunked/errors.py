@@ -51,6 +51,10 @@ class AxesError(N2VError, ValueError):
     """The axes of the input are unknown, invalid, or contradict its metadata."""
 
 
+class CollectionError(N2VError, ValueError):
+    """The input is a collection of images (plate, container, folder) where one image is needed, or its images disagree."""
+
+
 class IncompatibleModelError(N2VError, ValueError):
     """The model cannot be applied to this data (dimensions, channels, size), or its files are unusable."""
 

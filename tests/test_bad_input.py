@@ -195,6 +195,28 @@ def _empty_zarr_group(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, src, m.m2d, names=[str(src)])
 
 
+def _hcs_plate(tmp: Path, m: Models) -> Setup:
+    # a plate is many images: refused, never denoised as its first field
+    src = tmp / "plate.ome.zarr"
+    root = zarr.open_group(str(src), mode="w", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5", "plate": {"rows": [{"name": "B"}], "columns": [{"name": "3"}],
+                                                     "wells": [{"path": "B/3", "rowIndex": 0, "columnIndex": 0}]}}
+    well = root.require_group("B").require_group("3")
+    well.attrs["ome"] = {"version": "0.5", "well": {"images": [{"path": "0"}, {"path": "1"}]}}
+    for field in "01":
+        _ome(src / "B" / "3" / field, _noisy((64, 64)), "yx")
+    return _predict(tmp, src, m.m2d, names=[str(src), f"{src}/B/3/0"])
+
+
+def _bioformats2raw_container(tmp: Path, m: Models) -> Setup:
+    # two series: once trained on series 0 alone, silently
+    src = tmp / "container.zarr"
+    zarr.open_group(str(src), mode="w", zarr_format=3).attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    for series in "01":
+        _ome(src / series, _noisy((64, 64)), "yx")
+    return _train(tmp, src, names=[str(src), f"{src}/0"])
+
+
 def _zarr_group_without_multiscales(tmp: Path, m: Models) -> Setup:
     # two arrays and no multiscales: no single obvious image to pick
     src = tmp / "plain.zarr"
@@ -503,6 +525,10 @@ CASES: list[Case] = [
     Case("axes-contradict-metadata", _axes_contradict_metadata, ("--axes cyx contradicts the metadata", "stored")),
     Case("truncated-tiff", _truncated_tiff, ("is truncated", "ImageJ metadata says 20 images")),
     Case("empty-zarr-group", _empty_zarr_group, ("no OME-Zarr multiscales metadata", "holds no arrays")),
+    Case("hcs-plate", _hcs_plate, ("is an HCS plate of 1 well(s)", "`n2v-chunked info` lists its images",
+                                   "later version")),
+    Case("bioformats2raw-container", _bioformats2raw_container,
+         ("is a bioformats2raw container of several images", "`n2v-chunked info` lists its images")),
     Case("zarr-group-without-multiscales", _zarr_group_without_multiscales,
          ("no OME-Zarr multiscales metadata", "several arrays")),
     Case("ngff-duplicate-axes", _ngff_duplicate_axes, ("axes", "repeated")),

@@ -86,3 +86,13 @@ def test_scale_smoke():
     predict = runs[("predict", 0.004)]
     assert predict["blocks_written"] >= 2 and predict["listings"] == 0 and predict["batch_tasks"] > 0
     assert runs[("startup", 0.004)]["listings_at_startup"] == 0
+
+
+def test_collections_smoke():
+    proc, rows = run_benchmark("collections.py", "--rows", "1", "--columns", "2", "--fields", "2", "--size", "64",
+                               "--chunk", "32", "--latency-ms", "0", "--threads", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    setup, planning = rows
+    assert setup["images"] == 4 and "cpu" in setup
+    assert (planning["images"], planning["wells"], planning["chunk_reads"], planning["listings"]) == (4, 2, 0, 0)
+    assert planning["met"] is True and planning["metadata_reads"] > 4 and planning["threads"] == 4

@@ -11,6 +11,10 @@ every path of n2v_chunked reads and writes them as it would an object store
   same memory as a 1 GB one.  Chunk reads and listings are counted
   (:class:`Counts`), so a test can assert that start-up reads a bounded
   number of chunks and lists nothing.
+* ``virtual://NAME`` may also be an HCS plate (:func:`add_plate`, NGFF 0.5):
+  plate, row, well and field metadata computed from the path, every field
+  such a volume.  Metadata reads are counted and can be made to wait
+  :data:`LATENCY_S` each, as an object store's round trips do.
 * ``discard://NAME`` keeps metadata and small files (``zarr.json``, resume
   markers, the lock) in memory and throws chunk data away, counting it; a
   chunk read back reads as missing (the fill value).
@@ -41,6 +45,9 @@ class Counts:
 
     chunk_reads: int = 0  # chunk objects served by virtual://
     listings: int = 0  # ls/find calls on virtual://
+    metadata_reads: int = 0  # zarr.json objects served by virtual:// plates
+    in_flight: int = 0  # plate metadata reads under way now
+    max_in_flight: int = 0  # the most at once since the last reset
     chunk_writes: int = 0  # chunk objects discarded by discard://
     bytes_discarded: int = 0
     reads_at_first_write: int = 0  # chunk_reads when discard:// got its first chunk
@@ -53,7 +60,8 @@ class Counts:
                 setattr(self, k, getattr(self, k) + v)
 
     def reset(self) -> None:
-        self.add(**{k: -getattr(self, k) for k in ("chunk_reads", "listings", "chunk_writes", "bytes_discarded")})
+        self.add(**{k: -getattr(self, k) for k in ("chunk_reads", "listings", "metadata_reads", "chunk_writes",
+                                                   "bytes_discarded", "max_in_flight")})
         self.write_times.clear()
 
 
@@ -63,6 +71,7 @@ class Enough(Exception):
 
 COUNTS = Counts()
 STOP_AFTER: int | None = None  # chunk writes after which discard:// raises Enough
+LATENCY_S = 0.0  # wait per metadata read of a virtual plate (an object store's round trip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +91,22 @@ class Volume:
         return math.prod(-(-s // c) for s, c in zip(self.shape, self.chunks))
 
 
+@dataclasses.dataclass(frozen=True)
+class Plate:
+    """A virtual HCS plate: ``rows`` x ``columns`` wells of ``fields`` fields, each field ``volume``."""
+
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    fields: int
+    volume: Volume
+
+    @property
+    def images(self) -> int:
+        return len(self.rows) * len(self.columns) * self.fields
+
+
 _VOLUMES: dict[str, Volume] = {}
+_PLATES: dict[str, Plate] = {}
 _PATTERNS: dict[tuple[int, ...], bytes] = {}
 
 
@@ -97,6 +121,39 @@ def add_volume(name: str, shape: Sequence[int], chunks: Sequence[int], axes: str
     """Register a virtual volume and return its URL (``virtual://NAME``)."""
     _VOLUMES[name] = Volume(axes, tuple(int(s) for s in shape), tuple(int(c) for c in chunks))
     return f"{VIRTUAL}://{name}"
+
+
+def add_plate(name: str, rows: int, columns: int, fields: int, shape: Sequence[int], chunks: Sequence[int],
+              axes: str = "yx") -> str:
+    """Register a virtual plate (rows ``A``, ``B``, ...; columns ``1``, ``2``, ...) and return its URL."""
+    vol = Volume(axes, tuple(int(s) for s in shape), tuple(int(c) for c in chunks))
+    _PLATES[name] = Plate(tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:rows]), tuple(str(c + 1) for c in range(columns)),
+                          fields, vol)
+    return f"{VIRTUAL}://{name}"
+
+
+def _plate_metadata(plate: Plate, parts: list[str]) -> bytes | None:
+    """``zarr.json`` of a plate's root, row, well or field (``parts``: the path below the plate, without it)."""
+    def group(attrs: dict[str, Any]) -> bytes:
+        return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()
+
+    if not parts:
+        wells = [{"path": f"{r}/{c}", "rowIndex": i, "columnIndex": j}
+                 for i, r in enumerate(plate.rows) for j, c in enumerate(plate.columns)]
+        return group({"ome": {"version": "0.5", "plate": {
+            "rows": [{"name": r} for r in plate.rows], "columns": [{"name": c} for c in plate.columns],
+            "wells": wells, "field_count": plate.fields, "name": "virtual"}}})
+    if parts[0] not in plate.rows:
+        return None
+    if len(parts) == 1:
+        return group({})
+    if parts[1] not in plate.columns:
+        return None
+    if len(parts) == 2:
+        return group({"ome": {"version": "0.5", "well": {"images": [{"path": str(f)} for f in range(plate.fields)]}}})
+    if not (parts[2].isdigit() and int(parts[2]) < plate.fields):
+        return None
+    return _metadata(plate.volume).get("/".join(parts[3:] + ["zarr.json"]))
 
 
 def _pattern(chunks: tuple[int, ...]) -> np.ndarray:
@@ -139,11 +196,32 @@ class VirtualFileSystem(AbstractFileSystem):
 
     def _split(self, path: str) -> tuple[Volume, str]:
         name, _, rest = self._strip_protocol(path).strip("/").partition("/")
+        plate = _PLATES.get(name)
+        if plate is not None:  # a plate's field is a volume: the rest below ROW/COL/FIELD/
+            parts = rest.split("/")
+            if len(parts) > 3 and _plate_metadata(plate, parts[:3]) is not None:
+                return plate.volume, "/".join(parts[3:])
+            raise FileNotFoundError(path)
         if name not in _VOLUMES:
             raise FileNotFoundError(path)
         return _VOLUMES[name], rest
 
     def _content(self, path: str) -> bytes:
+        name, _, rest = self._strip_protocol(path).strip("/").partition("/")
+        if name in _PLATES and rest.endswith("zarr.json"):
+            with COUNTS.lock:
+                COUNTS.metadata_reads += 1
+                COUNTS.in_flight += 1
+                COUNTS.max_in_flight = max(COUNTS.max_in_flight, COUNTS.in_flight)
+            try:
+                if LATENCY_S:
+                    time.sleep(LATENCY_S)
+            finally:
+                COUNTS.add(in_flight=-1)
+            found = _plate_metadata(_PLATES[name], [p for p in rest.split("/")[:-1] if p])
+            if found is None:
+                raise FileNotFoundError(path)
+            return found
         vol, rest = self._split(path)
         meta = _metadata(vol)
         if rest in meta:

@@ -48,6 +48,26 @@ def dataset_entry(path: str, scale: Sequence[float], translation: Sequence[float
     return {"path": path, "coordinateTransformations": ct}
 
 
+def ome_metadata(attrs: dict[str, Any], key: str) -> tuple[Any, str | None]:
+    """The NGFF ``key`` entry of a group's attributes (``plate``, ``well``, ``series``,
+    ``bioformats2raw.layout``, ...) and its NGFF version: under ``ome`` in 0.5, at the
+    top level in 0.4 (where a ``plate`` or ``well`` carries its own ``version``).
+
+    Returns
+    -------
+    tuple
+        ``(value, version)``; ``(None, None)`` where the attributes have no ``key``.
+    """
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and key in ome:
+        return ome[key], str(ome.get("version", "0.5"))
+    if key not in attrs:
+        return None, None
+    value = attrs[key]
+    version = value.get("version") if isinstance(value, dict) else None
+    return value, str(version) if version is not None else None
+
+
 def read_multiscales(group: Any) -> tuple[dict[str, Any], str]:
     """The first multiscales entry of an OME-Zarr group and its NGFF version."""
     attrs = group.attrs.asdict()

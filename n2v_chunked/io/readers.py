@@ -16,7 +16,7 @@ from typing import Any, Callable
 import dask.array as da
 import numpy as np
 
-from ..errors import N2VError, UnreadableDataError, first_line
+from ..errors import CollectionError, N2VError, UnreadableDataError, first_line
 from .metadata_axes import Stated
 from .stores import with_retries
 
@@ -73,6 +73,23 @@ class Raw:
     # The zarr array ``data`` reads, unchanged (handed over to the sampler,
     # which reads it directly, without a dask graph per read).
     store_array: Any = None
+
+
+def not_one_image(source: str, what: str, example: str | None = None) -> CollectionError:
+    """The one-line refusal of a collection where one image is needed (every command but ``info``).
+
+    Parameters
+    ----------
+    source : str
+        The collection as the user named it.
+    what : str
+        What it is, e.g. ``"an HCS plate of 96 wells"``.
+    example : str, optional
+        The path of one of its images, to show how to give one.
+    """
+    one = f"; give one image instead, e.g. {example}" if example else ""
+    return CollectionError(f"{source} is {what}: `n2v-chunked info` lists its images (--select picks some); "
+                           f"training and prediction on collections come in a later version{one}")
 
 
 class ChunkReader:

@@ -15,7 +15,6 @@ and ``attrs``: ``scale``, ``units``, ``translation`` (dicts keyed by dim),
 
 from __future__ import annotations
 
-import glob
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +26,7 @@ import xarray as xr
 from ..errors import AxesError, InputNotFoundError, N2VError, UnreadableDataError
 from .formats import open_with_bioio
 from .metadata_axes import ASK_AXES, CANONICAL, check_axes_agree, parse_axes
-from .readers import Raw, SourceInfo
+from .readers import Raw, SourceInfo, not_one_image
 from .stores import ZARR_MARKERS, is_url
 from .tiff import TIFF_SUFFIXES, open_tiff, open_tiff_stack
 from .zarr_read import open_zarr
@@ -110,9 +109,13 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
     if is_url(source):
         if source.lower().rstrip("/").endswith(TIFF_SUFFIXES):
             raise N2VError(f"TIFF files are read from local paths only; copy {source} to a local disk")
-        return open_zarr(source, level, storage_options, url=True)
+        try:
+            return open_zarr(source, level, storage_options, url=True)
+        except UnreadableDataError:
+            _refuse_folder(source, storage_options)  # a prefix of images is a collection, not an unreadable image
+            raise
     if any(ch in source for ch in "*?["):
-        files = sorted((f for f in glob.glob(source) if f.lower().endswith(TIFF_SUFFIXES)), key=_natural_key)
+        files = _tiffs_or_refuse(source)
         if not files:
             raise InputNotFoundError(f"no TIFF files match {source}")
         return open_tiff_stack(files, source, axes)
@@ -123,7 +126,7 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
     if path.is_dir():
         if any((path / m).exists() for m in ZARR_MARKERS):
             return open_zarr(str(path), level, storage_options, url=False)
-        files = sorted((str(f) for f in path.iterdir() if f.name.lower().endswith(TIFF_SUFFIXES)), key=_natural_key)
+        files = _tiffs_or_refuse(str(path))
         if files:
             return open_tiff_stack(files, str(path), axes)
         raise UnreadableDataError(
@@ -134,6 +137,29 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
     if path.name in ZARR_MARKERS:  # e.g. img.zarr/zarr.json: the node it describes
         return open_zarr(str(path.parent), level, storage_options, url=False)
     return open_with_bioio(str(path), level)  # PNG, JPEG, vendor formats: the optional [formats] extra
+
+
+def _tiffs_or_refuse(source: str) -> list[str]:
+    """The TIFFs of a local folder or glob, which stack into one image; refuse a mix of images (a collection)."""
+    from .collections import folder_images
+
+    images = folder_images(source)
+    files = [path for _, path in images if path.lower().endswith(TIFF_SUFFIXES)]
+    if len(files) < len(images):
+        raise not_one_image(source, f"a set of {len(images)} images, not all TIFFs", images[0][1])
+    return files
+
+
+def _refuse_folder(source: str, storage_options: dict[str, Any]) -> None:
+    """Refuse a URL prefix (or glob) of images as a collection; return where it holds none."""
+    from .collections import folder_images
+
+    try:
+        images = folder_images(source, storage_options)
+    except Exception:  # listing failed too: the error of opening it says more
+        return
+    if images:
+        raise not_one_image(source, f"a set of {len(images)} images", images[0][1])
 
 
 def _natural_key(s: str) -> list[Any]:

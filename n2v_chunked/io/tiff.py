@@ -26,7 +26,7 @@ import zarr
 
 from ..errors import AxesError, N2VError, UnreadableDataError, first_line
 from .metadata_axes import ASK_AXES, CANONICAL, parse_axes, tiff_stated_axes
-from .readers import ChunkReader, Raw, SourceInfo, from_reader
+from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
 from .stores import grow_chunks
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
@@ -208,9 +208,11 @@ def _chain_problem(tf: Any, size: int) -> str | None:
 class _TiffReader(ChunkReader):
     """Reads a TIFF through ``tifffile``'s Zarr store (strip/tile/page chunks).
 
-    With ``keep_open`` the file stays open in each process (one big file read
-    chunk by chunk); without, every read opens and closes it (a folder of
-    thousands of files must not hold thousands of handles).
+    With ``keep_open`` the file stays open in each process from its first
+    read on (one big file read chunk by chunk); without, every read opens and
+    closes it (a folder of thousands of files must not hold thousands of
+    handles).  Opening it only to learn its shape holds no handle, so listing
+    a folder of thousands of TIFFs (``io/collections.py``) does not either.
     """
 
     def __init__(self, path: str, level: int, keep_open: bool) -> None:
@@ -220,10 +222,7 @@ class _TiffReader(ChunkReader):
         handles = self._open(check=True)
         z = handles[2]
         super().__init__(f"TIFF {path}", z.shape, z.dtype, z.chunks)
-        if keep_open:
-            self._handles = handles
-        else:
-            self._close(handles)
+        self._close(handles)
 
     def _open(self, check: bool = False) -> tuple[Any, Any, Any]:
         """Open the file; with ``check``, refuse it unless all its pages and strips are there."""
@@ -397,10 +396,8 @@ def open_tiff_stack(files: list[str], source: str, axes: Any) -> Raw:
         except Exception as exc:
             raise UnreadableDataError(f"cannot read TIFF {f}: {type(exc).__name__}: {first_line(exc)[:200]}") from None
         if reader.shape != shape or reader.dtype != dtype:
-            raise UnreadableDataError(
-                f"TIFF {f} has shape {reader.shape} {reader.dtype} but {files[0]} has {shape} {dtype}: "
-                "all files of a stack must match"
-            )
+            raise not_one_image(source, f"a set of TIFFs of different shapes or dtypes ({Path(f).name} has shape "
+                                f"{reader.shape} {reader.dtype} but {Path(files[0]).name} has {shape} {dtype}), not one stack")
         readers.append(reader)
 
     def stack(ch: tuple[int, ...]) -> da.Array:

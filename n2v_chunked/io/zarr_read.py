@@ -11,7 +11,8 @@ import zarr
 
 from ..errors import N2VError, UnreadableDataError, first_line
 from .metadata_axes import AXIS_TYPES, CANONICAL
-from .readers import ChunkReader, Raw, SourceInfo, from_reader
+from .ngff import ome_metadata
+from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
 from .objects import zarr_store
 from .stores import diagnose
 
@@ -51,8 +52,10 @@ def open_zarr(source: str, level: int, storage_options: dict[str, Any], url: boo
             return _open_multiscales(group, ms, version, index, source.rstrip("/").rsplit("/", 1)[0])
         return _plain_zarr(node, source)
     ms, version = _multiscales(node.attrs.asdict())
+    if ms is None:
+        _refuse_collection(node, source)
     if ms is None and _is_bioformats2raw(node.attrs.asdict()) and "0" in node:
-        node = node["0"]  # bioformats2raw layout: the image is the group "0"
+        node = node["0"]  # bioformats2raw layout of one series: the image is the group "0"
         ms, version = _multiscales(node.attrs.asdict())
     if ms is not None:
         return _open_multiscales(node, ms, version, level, source)
@@ -66,6 +69,32 @@ def open_zarr(source: str, level: int, storage_options: dict[str, Any], url: boo
         f"({', '.join(arrays)}): open one of them, e.g. {source.rstrip('/')}/{arrays[0]}"
     )
 
+
+
+def _refuse_collection(node: Any, source: str) -> None:
+    """Refuse an HCS plate, a well, or a bioformats2raw container of several images: they are not one image.
+
+    Taking their first image instead would silently train on, or denoise, a
+    fraction of the data (``io/collections.py`` lists them for ``info``).
+    """
+    attrs, root = node.attrs.asdict(), source.rstrip("/")
+    plate, _ = ome_metadata(attrs, "plate")
+    well, _ = ome_metadata(attrs, "well")
+    if isinstance(plate, dict):  # before bioformats2raw: bioformats2raw writes a screen as a plate
+        wells = [str(w.get("path", "")).strip("/") for w in plate.get("wells") or []]
+        example = None
+        if wells:
+            try:
+                first, _ = ome_metadata(node[wells[0]].attrs.asdict(), "well")
+                example = f"{root}/{wells[0]}/{str(first['images'][0]['path']).strip('/')}"
+            except Exception:  # a damaged well: the refusal still stands, without an example
+                pass
+        raise not_one_image(source, f"an HCS plate of {len(wells)} well(s)", example)
+    if isinstance(well, dict):
+        fields = [str(i.get("path", "")).strip("/") for i in well.get("images") or []]
+        raise not_one_image(source, f"a plate well of {len(fields)} field(s)", f"{root}/{fields[0]}" if fields else None)
+    if _is_bioformats2raw(attrs) and "1" in node:
+        raise not_one_image(source, "a bioformats2raw container of several images (series 0, 1, ...)", f"{root}/0")
 
 
 def _is_bioformats2raw(attrs: dict[str, Any]) -> bool:
