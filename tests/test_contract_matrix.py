@@ -297,3 +297,24 @@ def test_matrix(sources, name, runtime, precision, mode, size):
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_matrix_default_cli(sources, name, tmp_path):
     check_cli_defaults(sources, name, tmp_path)
+
+
+def test_zoo_package_that_is_no_torch_module_runs_its_pipeline_in_fp32_and_says_so(tmp_path, monkeypatch, caplog):
+    """Weights that do not load as a plain module: one info line under auto, a one-line refusal for a named runtime."""
+    import logging
+
+    from zoo_helpers import foreign_package
+
+    import n2v_chunked.zoo_import as Z
+
+    pkg = foreign_package(tmp_path / "f")
+    arr = xr.DataArray(noisy((48, 40)), dims=("y", "x"))
+    fast = _predict(pkg, arr, (24, 24))
+    monkeypatch.setattr(Z, "_torch_net", lambda *a: None)
+    with caplog.at_level(logging.INFO, logger="n2v_chunked.predict.run"):
+        slow = _predict(pkg, arr, (24, 24))
+    assert [r for r in caplog.records if "bioimageio.core's pipeline in torch fp32" in r.getMessage()]
+    assert _err(slow, fast) <= AGREE["fp32"]
+    with pytest.raises(ConfigError) as exc:
+        _predict(pkg, arr, (24, 24), runtime="openvino")
+    assert "drop --runtime openvino" in _refusal(exc)

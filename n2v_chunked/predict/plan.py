@@ -107,7 +107,7 @@ def check_compatible(trained: Any, dims: Sequence[str], shape: Sequence[int]) ->
     small = [f"{d}={sizes[d]}" for d, m in zip(spatial, con.grid) if sizes[d] < m]
     if small:
         raise IncompatibleModelError(
-            f"input axis {', '.join(small)} is smaller than the model's grid step {max(con.grid)} (2**depth); "
+            f"input axis {', '.join(small)} is smaller than 2**depth = {max(con.grid)} of the model (its grid step); "
             "such an image is too small for this network"
         )
     return spatial
