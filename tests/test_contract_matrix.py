@@ -146,8 +146,9 @@ def check_case(sources, name: str, runtime: str, precision: str, mode: str, size
     whole = _predict(model, arr, shape, **kw)
     scale = float(np.ptp(arr.values))  # tolerances are fractions of the data's range, as in test_runtime.py
     assert _err(_predict(model, arr, chunks, **kw), whole, scale) <= TOL[precision]
-    ref = _predict(model, arr, shape, **{**kw, "runtime": "torch", "precision": "fp32"})
-    assert _err(whole, ref, scale) <= AGREE[precision]
+    if (runtime, precision) != ("torch", "fp32"):
+        ref = _predict(model, arr, shape, **{**kw, "runtime": "torch", "precision": "fp32"})
+        assert _err(whole, ref, scale) <= AGREE[precision]
 
 
 def check_cli_defaults(sources, name: str, tmp_path: Path) -> None:
