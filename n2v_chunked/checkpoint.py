@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import os
 import pickle
@@ -59,6 +60,10 @@ class Trained:
     blend_weight : numpy.ndarray or None
         Per-channel weight of the network's prediction when blending with the
         noisy input (:func:`blend_weight`); None when the model has no record.
+    weights_digest : str
+        sha256 (hex) of the weights file it was loaded from ("" when built in memory).
+    step : int or None
+        Training step of those weights, when ``config.yaml`` records it.
     """
 
     model: UNet
@@ -67,6 +72,15 @@ class Trained:
     std: np.ndarray
     meta: dict[str, Any]
     blend_weight: np.ndarray | None = None
+    weights_digest: str = ""
+    step: int | None = None
+
+    @property
+    def contract(self) -> Any:
+        """What prediction relies on (:class:`n2v_chunked.predict.contract.ModelContract`)."""
+        from .predict.contract import unet_contract
+
+        return unet_contract(self.config, self.mean, self.std, self.weights_digest, self.step)
 
     @property
     def model_id(self) -> str:
@@ -319,6 +333,9 @@ def load_model(
         name = WEIGHTS_LAST  # trained without validation passes yet
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = safe_torch_load(model_dir / name, "cpu")
+    digest = hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+    # weights_best.pt is saved at the validation that recorded it; weights_last.pt also between validations
+    step = ((meta.get("validation") or {}).get("best") or {}).get("step") if name == WEIGHTS_BEST else None
     model = UNet(model_cfg)
     try:
         model.load_state_dict(state)
@@ -326,4 +343,5 @@ def load_model(
         raise IncompatibleModelError(f"weights in {model_dir / name} do not match config.yaml: {first_line(exc)[:160]}") from None
     model.to(device).eval()
     weight = blend_weight(meta, "best" if name == WEIGHTS_BEST else "last")
-    return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta, blend_weight=weight)
+    return Trained(model=model, config=model_cfg, mean=mean, std=std, meta=meta, blend_weight=weight,
+                   weights_digest=digest, step=None if step is None else int(step))

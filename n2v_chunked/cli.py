@@ -306,6 +306,27 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
         raise ConfigError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
 
 
+class _Choices:
+    """A prediction option's allowed values, read from :class:`~n2v_chunked.predict.options.PredictOptions` on use.
+
+    Declared once there; read lazily so that building the parser imports no torch.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _values(self) -> tuple[str, ...]:
+        from .predict.options import choices
+
+        return choices(self.name)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Any:
+        return iter(self._values())
+
+
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -347,20 +368,22 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="mix in the noisy input with the model's noise-aware weight (higher PSNR, some grain)")
     p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale input (default: 0)")
-    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version: 0.5 = Zarr v3 (default), 0.4 = Zarr v2")
-    p.add_argument("--dtype", default="float32", help="output data type (default: float32); integers are rounded and clipped")
-    p.add_argument("--boundary", choices=["reflect", "nearest", "periodic", "constant"], default="reflect",
+    p.add_argument("--ngff", choices=_Choices("ngff_version"), default=None,
+                   help="NGFF version: 0.5 = Zarr v3 (default), 0.4 = Zarr v2")
+    p.add_argument("--dtype", default="float32",
+                   help="output data type (default: float32); integers are rounded and clipped")
+    p.add_argument("--boundary", choices=_Choices("boundary"), default=None,
                    help="how to extend the image at its borders (default: reflect)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=_Choices("precision"), default=None,
                    help="network arithmetic (default auto: bf16 on CPUs with AVX-512 BF16/AMX and on GPUs "
                    "with bf16, else fp32; bf16 is within 0.01 dB of fp32 on BSD68 and nuclei; fp32 for "
                    "bit-for-bit needs)")
-    p.add_argument("--runtime", choices=["auto", "torch", "torch-compile", "openvino", "onnxruntime"], default="auto",
+    p.add_argument("--runtime", choices=_Choices("runtime"), default=None,
                    help="engine of the network (default auto: OpenVINO on CPU when installed, else ONNX Runtime "
                    "for fp32, else PyTorch; PyTorch on GPUs); OpenVINO installs with n2v-chunked, ONNX Runtime "
                    "with pip install 'n2v-chunked[cpu]'; torch-compile: PyTorch through torch.compile, opt-in "
                    "(compiles each block shape once; not measured to win yet)")
-    p.add_argument("--normalize", choices=["model", "data"], default="model",
+    p.add_argument("--normalize", choices=_Choices("normalize"), default=None,
                    help="model: normalise with the training data's statistics (default; a warning when the input's "
                    "are far from them); data: with the input's own, sampled once per run, for data whose noise is "
                    "of the same kind in another intensity range")
@@ -372,22 +395,19 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
-        from .predict import predict
+        from .predict import PredictOptions, predict
 
-        out = predict(
-            args.input,
-            args.output,
-            args.model_dir,
+        named = {"boundary": "boundary", "precision": "precision", "runtime": "runtime", "ngff_version": "ngff",
+                 "normalize": "normalize"}
+        given = {k: getattr(args, a) for k, a in named.items() if getattr(args, a) is not None}
+        opts = PredictOptions(  # options left out take PredictOptions' defaults, the same as Python's predict()
+            **given,
             chunks=_int_list(args.chunks, "--chunks"),
-            boundary=args.boundary,
             tta=args.tta,
             blend=args.blend,
-            precision=args.precision,
-            runtime=args.runtime,
             resume=args.resume,
             overwrite=args.overwrite,
             scheduler=args.scheduler,
-            ngff_version=str(args.ngff),
             dtype=args.dtype,
             axes=args.axes,
             level=args.level,
@@ -398,8 +418,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
             halo=_int_list(args.halo, "--halo"),
-            normalize=args.normalize,
         )
+        out = predict(args.input, args.output, args.model_dir, opts)
         if args.preview:
             from .plots import write_predict_preview
             from .io.sources import open_image

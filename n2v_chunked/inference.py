@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .augment import dihedral
 from .checkpoint import Trained
 from .errors import N2VError
-from .model import BYTES_PER_PIXEL_FEATURE, halo_width, size_multiple
+from .model import BYTES_PER_PIXEL_FEATURE
 from .padding import NUMPY_PAD_MODE, pad_border
 from .runtime import get_runner, resolve
 from .transfer import compute_done, ready, to_device, to_host
@@ -44,7 +44,7 @@ def pixel_budget(trained: Trained, device: torch.device | None = None) -> int:
         Maximum number of input pixels (summed over the batch) per forward pass.
     """
     device = device or trained.device
-    per_pixel = BYTES_PER_PIXEL_FEATURE * trained.config.features
+    per_pixel = BYTES_PER_PIXEL_FEATURE * trained.contract.features
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(0.5 * free) // per_pixel)
@@ -111,18 +111,19 @@ def pad_to_multiple(x: torch.Tensor, multiples: Sequence[int]) -> tuple[torch.Te
 
 
 def pad_multiples(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> list[int]:
-    """What each spatial axis is padded to a multiple of: ``2**depth``, and the runner's fast width.
+    """What each spatial axis is padded to a multiple of: the model's grid step, and the runner's fast width.
 
     A runner's ``width_multiple`` (:mod:`n2v_chunked.runtime`) applies to the
     last axis, and with TTA to the last two (its rotations swap them).  Padding
     at the end changes no kept pixel: they lie a halo away from it, and the
     pooling grid still starts at the block's start.
     """
-    m = size_multiple(trained.config)
-    out = [m] * trained.config.dims
-    fast = math.lcm(m, getattr(runner, "width_multiple", 1))
+    grid = trained.contract.grid
+    # with TTA the rotations swap y and x: both get the same (common) step
+    out = list(grid[:-2]) + [math.lcm(*grid[-2:])] * 2 if tta else list(grid)
+    width = getattr(runner, "width_multiple", 1)
     for ax in range(-2 if tta else -1, 0):
-        out[ax] = fast
+        out[ax] = math.lcm(out[ax], width)
     return out
 
 
@@ -166,7 +167,7 @@ def run_network(
     device = trained.device
     weight = blend_tensor(trained) if blend else None
     runtime, precision = resolve(runtime, precision, device)
-    runner = get_runner(trained.model, device, runtime, precision)
+    runner = get_runner(trained.model, device, runtime, precision, trained.contract)
     strict = ieee_fp32(device) if precision == "fp32" else _NO_OP
     xt = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
     # The copies run outside the lock, on this thread's side stream: one block's input lands on the GPU
@@ -198,6 +199,7 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
     out = torch.empty_like(xt)
     ks = range(8) if tta else range(1)
     multiples = pad_multiples(trained, runner, tta)
+    out_channels = trained.contract.out_channels
     for start in range(0, n, step):
         part = xt[start : start + step].to(device)
         # Pad once, before any rotation: a rotation maps the padded end onto the start, so
@@ -206,7 +208,8 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
         padded, crop = pad_to_multiple(part, multiples)
         acc = None  # the sum over TTA's symmetries (without TTA the runner's output itself: no extra pass)
         for k in ks:
-            y = runner(dihedral(padded, k) if tta else padded).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
+            xk = dihedral(padded, k) if tta else padded
+            y = _checked(runner(xk), xk, out_channels).to(device, non_blocking=True)  # ONNX runtimes answer on the CPU
             y = dihedral(y.float(), k, inverse=True) if tta else y.float()
             acc = y if acc is None else acc + y
         y = acc[(slice(None), slice(None), *crop)]
@@ -219,6 +222,15 @@ def _run(trained: Trained, runner: Callable[[torch.Tensor], torch.Tensor], devic
     return out
 
 
+def _checked(y: torch.Tensor, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The runner's output, refused unless it has the shape the contract promises (never an empty tensor)."""
+    want = (x.shape[0], channels, *x.shape[2:])
+    if tuple(y.shape) != want:
+        raise N2VError(f"the network returned shape {tuple(y.shape)} for input {tuple(x.shape)} (expected {want}); "
+                       "rerun with --runtime torch")
+    return y
+
+
 def blend_tensor(trained: Trained) -> torch.Tensor:
     """The model's blend weight as a ``(1, C, 1, ...)`` tensor; one clear line when it has none."""
     if trained.blend_weight is None:
@@ -227,7 +239,7 @@ def blend_tensor(trained: Trained) -> torch.Tensor:
             "or not validated yet); predict without --blend, or retrain it"
         )
     w = torch.as_tensor(np.asarray(trained.blend_weight, np.float32))
-    return w.reshape(1, -1, *([1] * trained.config.dims))
+    return w.reshape(1, -1, *([1] * trained.contract.dims))
 
 
 def denoise(
@@ -263,16 +275,16 @@ def denoise(
     numpy.ndarray
         Float32 denoised data in input units, same shape as ``x``.
     """
-    cfg = trained.config
-    if x.ndim != cfg.dims + 2:
-        raise N2VError(f"model is {cfg.dims}D but data has {x.ndim - 2} spatial dims")
-    if x.shape[1] != cfg.in_channels:
-        raise N2VError(f"model expects {cfg.in_channels} channel(s), data has {x.shape[1]}")
+    con = trained.contract
+    if x.ndim != con.dims + 2:
+        raise N2VError(f"model is {con.dims}D but data has {x.ndim - 2} spatial dims")
+    if x.shape[1] != con.in_channels:
+        raise N2VError(f"model expects {con.in_channels} channel(s), data has {x.shape[1]}")
     if boundary not in NUMPY_PAD_MODE:
         raise N2VError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
-    mean = trained.mean.reshape(1, -1, *([1] * cfg.dims))
-    std = trained.std.reshape(1, -1, *([1] * cfg.dims))
-    halo = halo_width(cfg)
+    mean = trained.mean.reshape(1, -1, *([1] * con.dims))
+    std = trained.std.reshape(1, -1, *([1] * con.dims))
+    halo = con.halo
     xn = (np.asarray(x, dtype=np.float32) - mean) / std
     padded = pad_border(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], boundary)
     y = run_network(trained, padded, max_pixels=max_pixels, precision=precision, tta=tta, blend=blend,

@@ -10,11 +10,12 @@ that the two agree to float rounding.  Boundary modes carry dask's names; dask's
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-BOUNDARIES = ("reflect", "nearest", "periodic", "constant")
+Boundary = Literal["reflect", "nearest", "periodic", "constant"]
+BOUNDARIES: tuple[str, ...] = get_args(Boundary)
 
 #: dask's boundary names -> ``numpy.pad`` modes
 NUMPY_PAD_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap", "constant": "constant"}

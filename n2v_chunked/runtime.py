@@ -39,7 +39,7 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import torch
@@ -49,8 +49,10 @@ from .unet_arch import N2VUNet
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "torch-compile", "openvino", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Runtime = Literal["auto", "torch", "torch-compile", "openvino", "onnxruntime"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # what each runtime can run (ONNX Runtime's CPU provider has no bf16/fp16 convolutions)
 SUPPORTED = {"torch": ("fp32", "bf16", "fp16"), "torch-compile": ("fp32", "bf16", "fp16"),
              "openvino": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",)}
@@ -154,8 +156,12 @@ _RUNNERS: dict[tuple, Runner] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
-def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, precision: str) -> Runner:
+def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, precision: str,
+               contract: Any = None) -> Runner:
     """A cached runner for ``model`` with a concrete runtime and precision (see :func:`resolve`).
+
+    ``contract`` (:class:`n2v_chunked.predict.contract.ModelContract`) gives
+    the ONNX export its channels and dimensions (default: read from ``model``).
 
     The cache key holds the model object itself (a retrained model is a new
     object, see ``predict.blocks.get_model``) and the process's torch thread count,
@@ -171,18 +177,19 @@ def get_runner(model: torch.nn.Module, device: torch.device, runtime: str, preci
             if runner is None:
                 for k in [k for k in _RUNNERS if k[0] == key[0] and k[1:] != key[1:] and not k[2].startswith("torch")]:
                     del _RUNNERS[k]  # a compiled model per thread count is enough
-                runner = _build(model, device, runtime, precision, threads)
+                runner = _build(model, device, runtime, precision, threads, contract)
                 _RUNNERS[key] = runner
                 # keep the model alive as long as its key: id() is reused after garbage collection
                 runner.model = model  # type: ignore[attr-defined]
     return runner
 
 
-def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision: str, threads: int) -> Runner:
+def _build(model: torch.nn.Module, device: torch.device, runtime: str, precision: str, threads: int,
+           contract: Any = None) -> Runner:
     if runtime.startswith("torch"):
         return _torch_runner(model, device, precision, compiled=runtime == "torch-compile")
     try:
-        onnx = export_onnx(model)
+        onnx = export_onnx(model, contract)
         if runtime == "openvino":
             return _openvino_runner(onnx, precision, threads)
         return _onnxruntime_runner(onnx, threads)
@@ -225,12 +232,28 @@ def _is_2d(net: torch.nn.Module) -> bool:
     return isinstance(_first_conv(net), torch.nn.Conv2d)
 
 
-def export_onnx(model: torch.nn.Module) -> bytes:
-    """The network as ONNX bytes, with dynamic batch and spatial sizes (exported on CPU, in float32)."""
+def _module_io(net: torch.nn.Module) -> tuple[int, int, bool]:
+    """``(dims, channels, independent)`` of a network without a contract: our U-Net's config, else its first layer."""
+    cfg = getattr(net, "cfg", None)
+    if cfg is not None:
+        return cfg.dims, cfg.in_channels, cfg.independent_channels
+    return (2 if _is_2d(net) else 3), _first_conv(net).in_channels, False
+
+
+def export_onnx(model: torch.nn.Module, contract: Any = None) -> bytes:
+    """The network as ONNX bytes (exported on CPU, in float32).
+
+    Batch and spatial sizes are dynamic; the channel axis has the contract's
+    channel count, and is dynamic too where one network serves every channel
+    independently (``contract.independent_channels``).
+    """
     net = copy.deepcopy(model).float().cpu().eval()
-    nd = 2 if _is_2d(net) else 3
-    x = torch.zeros((1, _first_conv(net).in_channels) + (16,) * nd)
-    axes = {0: "n", **{2 + i: f"s{i}" for i in range(nd)}}
+    if contract is not None:
+        nd, channels, independent = contract.dims, contract.in_channels, contract.independent_channels
+    else:
+        nd, channels, independent = _module_io(net)
+    x = torch.zeros((1, channels) + (16,) * nd)
+    axes = {0: "n", **({1: "c"} if independent else {}), **{2 + i: f"s{i}" for i in range(nd)}}
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

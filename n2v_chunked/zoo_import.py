@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import zipfile
@@ -41,6 +42,8 @@ import torch
 
 from .checkpoint import Trained
 from .config import ModelConfig
+from .model import UNet, halo_width, size_multiple
+from .predict.contract import ModelContract, round_up
 from .errors import N2VError, first_line
 from .zoo_spec import RDF_NAMES, ZooSpec, inspect_description, is_zoo_package, read_description
 
@@ -150,9 +153,11 @@ class ZooRef:
     weight_format : str
         ``pytorch_state_dict`` or ``torchscript``.
     halo : tuple of int
-        Halo per spatial axis of the model (``zyx`` order).
+        Halo per spatial axis of the model (``zyx`` order): ``contract.halo``.
     pre, post : str
         JSON of the (frozen) pre- and post-processing.
+    contract : ModelContract
+        What prediction relies on (:mod:`n2v_chunked.predict.contract`).
     """
 
     path: str
@@ -160,6 +165,7 @@ class ZooRef:
     halo: tuple[int, ...]
     pre: str
     post: str
+    contract: ModelContract | None = None
 
     def __str__(self) -> str:
         return self.path
@@ -167,13 +173,17 @@ class ZooRef:
     @property
     def key(self) -> str:
         """Cache key: the package and the processing (other statistics, other model)."""
-        digest = hashlib.sha256(f"{self.weight_format}|{self.pre}|{self.post}".encode()).hexdigest()[:16]
-        return f"{self.path}#{digest}"
+        digest = hashlib.sha256(f"{self.weight_format}|{self.pre}|{self.post}|{self.contract}".encode()).hexdigest()
+        return f"{self.path}#{digest[:16]}"
 
     def provenance(self) -> dict[str, Any]:
         """What the output records: weights and the processing as applied (statistics frozen)."""
         return {"weight_format": self.weight_format, "halo": list(self.halo),
                 "preprocessing": json.loads(self.pre), "postprocessing": json.loads(self.post)}
+
+    def load(self, device: str | torch.device | None = None) -> "ZooTrained":
+        """The model on ``device`` (:func:`load`)."""
+        return load(self, device)
 
     def token(self) -> str:
         """Changes when the package changes."""
@@ -221,11 +231,13 @@ def prepare(path: str | Path, data: Any, *, halo: Any = None, weight_format: str
     weight_format : str, optional
         ``pytorch_state_dict`` or ``torchscript`` (default: the first the package has).
     check_reach : bool
-        Probe the network (one changed pixel) and refuse a halo smaller than its reach.
+        Refuse a halo smaller than the network's reach (computed for a package
+        of ours, else probed, :func:`probe_grid_and_reach`).
 
     Returns
     -------
     ZooRef
+        With its :class:`~n2v_chunked.predict.contract.ModelContract`.
     """
     path = Path(path).absolute()
     where = f"Zoo model {path.name}"
@@ -238,20 +250,115 @@ def prepare(path: str | Path, data: Any, *, halo: Any = None, weight_format: str
     if sizes.get("c", 1) != spec.channels:
         raise N2VError(f"{where} takes {spec.channels} channel(s) but the input has {sizes.get('c', 1)}")
     h = parse_halo(halo, len(spec.spatial)) or spec.halo
-    if h is None:
-        raise N2VError(f"{where} declares no output halo; pass --halo N (the network's reach in pixels) to "
-                       "predict it block by block")
+    ours = _our_config(descr)
     pre, post = freeze_processing(descr, spec, data, where)
-    ref = ZooRef(str(path), wf, tuple(h), _dump(pre), _dump(post))
-    if check_reach:
+    digest = hashlib.sha256(_package_file(path, _weights_name(descr, wf))).hexdigest()
+    ref = ZooRef(str(path), wf, tuple(h or (0,) * len(spec.spatial)), _dump(pre), _dump(post))
+    if ours is not None:  # our U-Net: its grid and exact halo follow from its config
+        grid, reach = (size_multiple(ours),) * ours.dims, halo_width(ours)
+        features, independent = ours.features, ours.independent_channels
+    elif h is None or check_reach:
         v = sample_values(data, max_bytes=16 * 2**20)
-        reach = measure_reach(load(ref, "cpu"), spec, v.mean(axis=1), np.maximum(v.std(axis=1), 1e-6))
-        short = [f"{d}: {hh} < {r}" for d, hh, r in zip(spec.spatial, h, reach) if r > hh]
-        if short:
-            raise N2VError(f"{where}: halo {list(h)} is smaller than the network's reach {list(reach)} "
-                           f"({', '.join(short)}, measured by changing one pixel); blocks would show seams; "
-                           f"pass --halo {','.join(str(max(a, b)) for a, b in zip(h, reach))}")
-    return ref
+        grid, reach = probe_grid_and_reach(load(ref, "cpu"), spec, v.mean(axis=1), np.maximum(v.std(axis=1), 1e-6))
+        features, independent = 32, False
+    else:  # the declared halo, trusted as asked
+        grid, reach, features, independent = tuple(st for _, st in spec.sizes), h, 32, False
+    exact = round_up(reach, grid)
+    if h is None and ours is None:
+        raise N2VError(f"{where} declares no output halo; pass --halo {','.join(map(str, exact))} (its probed reach "
+                       "on its grid) to predict it block by block")
+    h = exact if h is None else h
+    short = [f"{d}: {hh} < {r}" for d, hh, r in zip(spec.spatial, h, reach) if r > hh]
+    if short and check_reach:
+        how = "computed from its architecture" if ours is not None else "probed"
+        raise N2VError(f"{where}: halo {list(h)} is smaller than the network's reach {list(reach)} "
+                       f"({', '.join(short)}, {how}); blocks would show seams; "
+                       f"pass --halo {','.join(str(max(a, b)) for a, b in zip(round_up(h, grid), exact))}")
+    gain, offset = _fast_affine(ref, spec.channels)
+    if gain is not None and _torch_net(ref, descr, torch.device("cpu")) is None:
+        gain = offset = None  # its weights do not load as a torch module: bioimageio.core's pipeline runs it
+    contract = ModelContract(
+        in_channels=spec.channels, out_channels=spec.channels, dims=len(spec.spatial), grid=tuple(grid),
+        halo=round_up(h, grid), independent_channels=independent,
+        mean=tuple(float(v) for v in -offset / gain) if gain is not None else (0.0,) * spec.channels,
+        std=tuple(float(v) for v in 1.0 / gain) if gain is not None else (1.0,) * spec.channels,
+        features=features, weights_digest=digest, step=_our_step(descr) if ours is not None else None,
+        torch_module=gain is not None,
+    )
+    return dataclasses.replace(ref, halo=contract.halo, contract=contract)
+
+
+def _weights_name(descr: Any, weight_format: str) -> str:
+    src = getattr(descr.weights, weight_format).source
+    return Path(str(src.path if hasattr(src, "path") else src)).name
+
+
+def _our_meta(descr: Any) -> dict[str, Any] | None:
+    """``config.n2v_chunked`` of a package we exported (its architecture is our U-Net), else None."""
+    weights = descr.weights.pytorch_state_dict
+    arch = getattr(weights, "architecture", None)
+    meta = descr.config.model_dump().get("n2v_chunked") if descr.config is not None else None
+    if weights is None or str(getattr(arch, "callable", "")) != "N2VUNet" or not isinstance(meta, dict):
+        return None
+    return meta
+
+
+def _our_config(descr: Any) -> ModelConfig | None:
+    """The :class:`ModelConfig` of a package we exported, else None."""
+    from .checkpoint import configs_from_meta
+
+    meta = _our_meta(descr)
+    if meta is None:
+        return None
+    try:
+        return configs_from_meta(meta)[0]
+    except N2VError:
+        return None
+
+
+def _our_step(descr: Any) -> int | None:
+    step = (((_our_meta(descr) or {}).get("validation") or {}).get("best") or {}).get("step")
+    return None if step is None else int(step)
+
+
+def _affine(text: str, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Frozen processing as one per-channel ``gain * x + offset``; None when it is not affine."""
+    gain, offset = np.ones(channels), np.zeros(channels)
+
+    def per_channel(v: Any) -> np.ndarray:
+        arr = np.asarray(v, np.float64).ravel()
+        return np.broadcast_to(arr, (channels,)) if arr.size in (1, channels) else None
+
+    for op in json.loads(text):
+        kw = op.get("kwargs") or {}
+        if op.get("id") == "ensure_dtype" and str(kw.get("dtype")) in ("float32", "float64"):
+            continue
+        if kw.get("axis") not in (None, "channel"):
+            return None
+        if op.get("id") == "scale_linear":
+            a, b = per_channel(kw.get("gain", 1.0)), per_channel(kw.get("offset", 0.0))
+        elif op.get("id") == "fixed_zero_mean_unit_variance":
+            std = per_channel(kw.get("std"))
+            a = None if std is None else 1.0 / (std + 1e-6)  # bioimageio.core's eps
+            b = None if a is None or per_channel(kw.get("mean")) is None else -per_channel(kw.get("mean")) * a
+        else:
+            return None
+        if a is None or b is None:
+            return None
+        gain, offset = a * gain, a * offset + b
+    return gain, offset
+
+
+def _fast_affine(ref: ZooRef, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The input's affine normalisation when the package runs as a plain torch module, else ``(None, None)``.
+
+    That needs affine pre- and post-processing (applied outside the network,
+    in float32) and weights that load as a module (:func:`_torch_net`).
+    """
+    pre, post = _affine(ref.pre, channels), _affine(ref.post, channels)
+    if pre is None or post is None or not np.all(pre[0] != 0):
+        return None, None
+    return pre
 
 
 def valid_size(n: int, size: tuple[int, int]) -> int:
@@ -307,70 +414,182 @@ class ZooModule(torch.nn.Module):
 class ZooTrained(Trained):
     """A Zoo model in the shape of :class:`~n2v_chunked.checkpoint.Trained`.
 
-    The normalisation is the identity (the module does the model's own), the
-    architecture is unknown (``config`` carries only dims and channels;
-    ``depth=0`` so that nothing pads to a power of two), and ``halo`` replaces
-    the receptive field of our U-Net.
+    ``model`` is the package's network as a plain torch module on normalised
+    data (``mean``/``std`` from the affine preprocessing, the postprocessing
+    folded into its output) where the package allows (any runtime runs it),
+    else bioimageio.core's pipeline with the model's own processing and the
+    identity normalisation (fp32 torch only).  ``config`` carries only dims
+    and channels; ``zoo_contract`` is what prediction relies on.
     """
 
-    halo: tuple[int, ...] = ()
+    zoo_contract: ModelContract | None = None
     torch_device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def device(self) -> torch.device:
         return self.torch_device
 
+    @property
+    def contract(self) -> ModelContract:
+        return self.zoo_contract
+
+    @property
+    def halo(self) -> tuple[int, ...]:
+        return self.zoo_contract.halo
+
+
+class ChannelAffine(torch.nn.Module):
+    """``net(x) * gain + offset`` per channel: a package's postprocessing, mapped back to normalised units."""
+
+    def __init__(self, net: torch.nn.Module, gain: np.ndarray, offset: np.ndarray, dims: int) -> None:
+        super().__init__()
+        self.net = net
+        shape = (1, -1) + (1,) * dims
+        self.register_buffer("gain", torch.as_tensor(np.asarray(gain, np.float32)).reshape(shape))
+        self.register_buffer("offset", torch.as_tensor(np.asarray(offset, np.float32)).reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float() * self.gain + self.offset
+
+
+def _torch_net(ref: ZooRef, descr: Any, device: torch.device) -> torch.nn.Module | None:
+    """The package's network as a torch module on ``device`` (None when its weights do not load as one)."""
+    try:
+        if ref.weight_format == "pytorch_state_dict":
+            cfg = _our_config(descr)
+            if cfg is not None:  # ours: our own U-Net class (its fast layouts), from the package's weights
+                net = UNet(cfg)
+                net.load_state_dict(init_source(ref.path)[1])
+            else:
+                from bioimageio.core.backends.pytorch_backend import load_torch_model
+
+                net = load_torch_model(descr.weights.pytorch_state_dict, devices=[str(device)])
+        else:
+            data = _package_file(Path(ref.path), _weights_name(descr, ref.weight_format))
+            net = torch.jit.load(io.BytesIO(data), map_location=device)
+        return net.to(device).eval()
+    except Exception:  # the package's own code or weights: the pipeline path says so
+        return None
+
+
+def _fast_model(ref: ZooRef, descr: Any, spec: ZooSpec, dev: torch.device) -> tuple[Any, Any, Any] | None:
+    """``(module, mean, std)`` of the package as a plain torch module, or None."""
+    gain, offset = _fast_affine(ref, spec.channels)
+    if gain is None or (ref.contract is not None and not ref.contract.torch_module):
+        return None
+    net = _torch_net(ref, descr, dev)
+    if net is None:
+        return None
+    mean, std = -offset / gain, 1.0 / gain
+    post_gain, post_offset = _affine(ref.post, spec.channels)
+    a, b = post_gain / std, (post_offset - mean) / std  # the output back in the input's normalised units
+    if not (np.allclose(a, 1.0, rtol=1e-5) and np.allclose(b, 0.0, atol=1e-5)):
+        net = ChannelAffine(net, a, b, len(spec.spatial)).to(dev).eval()
+        if isinstance(net.net, torch.jit.ScriptModule):  # the ONNX exporter traces no script module inside a plain one
+            net = torch.jit.script(net)
+    return net, mean.astype(np.float32), std.astype(np.float32)
+
 
 def load(ref: ZooRef, device: str | torch.device | None = None) -> ZooTrained:
-    """Build the prediction pipeline of a prepared Zoo model on ``device``."""
-    from bioimageio.core import create_prediction_pipeline
-
+    """The prepared Zoo model on ``device``: a torch module where the package allows, else its pipeline."""
     descr = read_description(ref.path)
-    spec = inspect_description(descr, f"Zoo model {Path(ref.path).name}")
+    name = Path(ref.path).name
+    spec = inspect_description(descr, f"Zoo model {name}")
     inp = descr.inputs[0].model_copy(update={"preprocessing": _load_ops(ref.pre, "pre")})
     out = descr.outputs[0].model_copy(update={"postprocessing": _load_ops(ref.post, "post")})
     descr = descr.model_copy(update={"inputs": [inp], "outputs": [out]})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        pipeline = create_prediction_pipeline(descr, devices=[str(dev)], weights_format=ref.weight_format)
-    except Exception as exc:  # the package's own architecture code or weights failed to load
-        first = first_line(exc) or type(exc).__name__
-        raise N2VError(f"cannot load Zoo model {Path(ref.path).name} ({ref.weight_format}): {first[:200]}") from None
     c = spec.channels
+    fast = _fast_model(ref, descr, spec, dev)
+    if fast is not None:
+        module, mean, std = fast
+    elif ref.contract is not None and ref.contract.torch_module:
+        raise N2VError(f"cannot load Zoo model {name} ({ref.weight_format}) as a torch module on {dev}")
+    else:
+        from bioimageio.core import create_prediction_pipeline
+
+        try:
+            pipeline = create_prediction_pipeline(descr, devices=[str(dev)], weights_format=ref.weight_format)
+        except Exception as exc:  # the package's own architecture code or weights failed to load
+            first = first_line(exc) or type(exc).__name__
+            raise N2VError(f"cannot load Zoo model {name} ({ref.weight_format}): {first[:200]}") from None
+        module, mean, std = ZooModule(pipeline, spec), np.zeros(c, np.float32), np.ones(c, np.float32)
+    contract = ref.contract or ModelContract(  # a provisional one, for the probes of :func:`prepare`
+        in_channels=c, out_channels=c, dims=len(spec.spatial), grid=tuple(st for _, st in spec.sizes),
+        halo=round_up(ref.halo, [st for _, st in spec.sizes]), independent_channels=False,
+        mean=tuple(map(float, mean)), std=tuple(map(float, std)), torch_module=fast is not None)
     cfg = ModelConfig(dims=len(spec.spatial), in_channels=c, depth=0)
     meta = {"model_id": str(getattr(descr, "id", None) or descr.name), "zoo_package": ref.path}
-    return ZooTrained(model=ZooModule(pipeline, spec), config=cfg, mean=np.zeros(c, np.float32),
-                      std=np.ones(c, np.float32), meta=meta, halo=ref.halo, torch_device=dev)
+    return ZooTrained(model=module, config=cfg, mean=mean, std=std, meta=meta, zoo_contract=contract,
+                      weights_digest=contract.weights_digest, step=contract.step, torch_device=dev)
 
 
-def measure_reach(trained: ZooTrained, spec: ZooSpec, mean: np.ndarray, std: np.ndarray,
-                  size: int | None = None) -> tuple[int, ...]:
-    """How far one changed input pixel moves the output, per spatial axis.
+def probe_grid_and_reach(trained: ZooTrained, spec: ZooSpec, mean: np.ndarray, std: np.ndarray,
+                         size: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The network's grid step and its full reach per spatial axis, probed.
 
-    Two runs on a random image of side ``size`` (default :data:`PROBE_MAX`)
-    with the input's per-channel ``mean`` and ``std``: as it is, and with its
-    centre pixel raised by ten standard deviations.  The farthest changed output pixel is the network's reach (a
-    lower bound: the probe cannot see beyond its own border).
+    The grid: the smallest power of two ``p`` by which shifting the input
+    shifts the output alike (a network that pools ``k`` times has ``2**k``).
+    The reach: how far a changed input pixel moves the output, as the union
+    over a few random images (input ``mean``/``std``), both signs of a change
+    of ten standard deviations, and every position of the changed pixel
+    relative to the grid, so no ReLU dead zone or pooling phase hides part of
+    it.  The probe image (side ``size``, default :data:`PROBE_MAX`) must be
+    wider than twice the reach; a reach that touches its border is refused.
     """
     dims = len(spec.spatial)
     side = size or PROBE_MAX[dims]
     side = max(valid_size(side, sz) for sz in spec.sizes)
-    rng = np.random.default_rng(0)
     shape = (1, -1) + (1,) * dims
-    x = rng.normal(0.0, 1.0, (1, spec.channels) + (side,) * dims) * std.reshape(shape) + mean.reshape(shape)
-    x = x.astype(np.float32)
-    centre = (0, slice(None)) + (side // 2,) * dims
-    x2 = x.copy()
-    x2[centre] += 10.0 * std.astype(np.float32)
-    with torch.inference_mode():
-        a = trained.model(torch.from_numpy(x)).numpy()
-        b = trained.model(torch.from_numpy(x2)).numpy()
-    diff = np.abs(a - b).max(axis=(0, 1))
-    tol = 1e-6 * max(float(np.abs(a).max()), 1e-12)
-    changed = np.argwhere(diff > tol)
-    if changed.size == 0:
-        return (0,) * dims
-    return tuple(int(np.abs(changed[:, k] - side // 2).max()) for k in range(dims))
+    m, sd = (np.asarray(v, np.float32).reshape(shape) for v in (mean, std))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        xn = (x - trained.mean.reshape(shape)) / trained.std.reshape(shape)
+        with torch.inference_mode():
+            return trained.model(torch.from_numpy(np.ascontiguousarray(xn, np.float32))).float().numpy()
+
+    images = [np.random.default_rng(seed).normal(0.0, 1.0, (1, spec.channels) + (side,) * dims).astype(np.float32)
+              * sd + m for seed in (0, 1)]
+    base = [run(x) for x in images]
+    tol = 1e-5 * max(float(np.abs(base[0]).max()), 1e-12)
+    grid = [_period(run, images[0], base[0], ax, tol) for ax in range(dims)]
+    reach = np.zeros(dims, int)
+    for k in range(max(grid)):  # every phase of the changed pixel relative to the grid
+        changed = np.zeros((side,) * dims, bool)
+        for x, y in zip(images, base):
+            for sign in (1.0, -1.0):
+                x2 = x.copy()
+                x2[(0, slice(None)) + (side // 2 + k,) * dims] += sign * 10.0 * np.ravel(sd)
+                changed |= np.abs(run(x2) - y).max(axis=(0, 1)) > tol
+        where = np.argwhere(changed)
+        if where.size:
+            reach = np.maximum(reach, np.abs(where - (side // 2 + k)).max(axis=0))
+    reach = tuple(int(r) for r in reach)
+    if any(r >= side // 2 - max(grid) for r in reach):
+        raise N2VError(f"Zoo model {Path(trained.meta.get('zoo_package', '')).name}: its reach exceeds the probe "
+                       f"({side} pixels); pass --halo N with the network's reach")
+    return tuple(grid), reach
+
+
+def _period(run: Any, x: np.ndarray, y: np.ndarray, axis: int, tol: float) -> int:
+    """Smallest power of two by which a shift of the input along ``axis`` shifts the output alike."""
+    n = x.shape[2 + axis]
+    for p in (1, 2, 4, 8, 16, 32):
+        if 4 * p >= n:
+            break
+        cut = [slice(None)] * x.ndim
+        cut[2 + axis] = slice(p, None)
+        pad = [(0, 0)] * x.ndim
+        pad[2 + axis] = (0, p)
+        shifted = run(np.pad(x[tuple(cut)], pad, mode="edge"))  # same size: valid for the network
+        inner = [slice(None)] * x.ndim
+        inner[2 + axis] = slice(n // 4, n // 2)  # far from both borders (the reach is below n / 2)
+        moved = list(inner)
+        moved[2 + axis] = slice(n // 4 - p, n // 2 - p)
+        if np.abs(shifted[tuple(moved)] - y[tuple(inner)]).max() <= tol:
+            return p
+    raise N2VError(f"cannot find the grid of this network along axis {axis} (no shift up to {p} moves its output "
+                   "alike); it cannot be predicted block by block")
 
 
 # ----------------------------------------------------------------------------
@@ -398,8 +617,6 @@ def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     -------
     meta, state_dict
     """
-    import io
-
     from . import checkpoint as ckpt
 
     path = Path(path)
@@ -408,13 +625,11 @@ def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         best = path / ckpt.WEIGHTS_BEST
         return meta, ckpt.safe_torch_load(best if best.is_file() else path / ckpt.WEIGHTS_LAST)
     descr = read_description(path)
-    weights = descr.weights.pytorch_state_dict
-    arch = getattr(weights, "architecture", None)
-    meta = (descr.config.model_dump().get("n2v_chunked") if descr.config is not None else None)
-    if weights is None or str(getattr(arch, "callable", "")) != "N2VUNet" or not isinstance(meta, dict):
+    meta = _our_meta(descr)
+    if meta is None:
         raise N2VError(f"Zoo package {path.name} is not an N2V model of n2v_chunked (no pytorch_state_dict of "
                        "N2VUNet with config.n2v_chunked); --init-from continues only our own exported models")
-    name = Path(str(weights.source.path if hasattr(weights.source, "path") else weights.source)).name
+    name = _weights_name(descr, "pytorch_state_dict")
     try:
         state = torch.load(io.BytesIO(_package_file(path, name)), map_location="cpu", weights_only=True)
     except Exception as exc:  # a missing member, a truncated file, a pickle that is more than tensors

@@ -19,14 +19,17 @@ from n2v_chunked.masking import grid_cell
 from n2v_chunked.model import UNet
 
 
-def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0, blend=False):
+def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0, blend=False,
+                   independent_channels=True):
     """Random weights, batch norm in eval mode with non-trivial running statistics.
 
     ``blend=True`` also records a noise level and a validation MSE, as training
     does, so the model has a blend weight (0.3 to 0.5 across channels).
+    ``independent_channels=False``: one network sees all channels (joint).
     """
     torch.manual_seed(seed)
-    cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2)
+    cfg = ModelConfig(dims=dims, in_channels=channels, depth=depth, features=features, n2v2=n2v2,
+                      independent_channels=independent_channels)
     net = UNet(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

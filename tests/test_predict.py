@@ -77,6 +77,7 @@ def whole_image(model_dir, arr, dims, **kw):
 
 
 def chunked(model_dir, arr, dims, chunks, **kw):
+    kw = {"runtime": "torch", "precision": "fp32", **kw}  # the engine of whole_image's denoise, unless named
     y = P.predict(xr.DataArray(arr, dims=tuple(dims)), None, model_dir, chunks=chunks, **kw)
     assert isinstance(y, xr.DataArray) and isinstance(y.data, da.Array)
     return y.data.compute(scheduler="sync")

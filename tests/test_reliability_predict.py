@@ -195,7 +195,8 @@ def test_second_prediction_on_the_same_output_refuses(tmp_path):
             P.predict(str(src), str(out), model, chunks=(1, 32, 32), scheduler="sync", progress=False, **flags)
     assert first.wait(300) == 0, first.stderr.read()[-2000:]
     assert is_complete(out) and not Path(L.lock_path(str(out))).exists()
-    ref = P.predict(str(src), str(tmp_path / "ref.zarr"), model, chunks=(1, 32, 32), scheduler="sync", progress=False)
+    ref = P.predict(str(src), str(tmp_path / "ref.zarr"), model, chunks=(1, 32, 32), scheduler="sync", progress=False,
+                    runtime="torch", precision="fp32")  # the engine _cli names
     assert np.array_equal(_level0(out), ref.values)  # the refused runs did not touch it
 
 

@@ -83,7 +83,7 @@ def test_openvino_bf16_runs_at_its_fast_width_and_stays_exact(tmp_path, monkeypa
     arr = noisy((1, 41, 45), seed=2)
     kw = dict(runtime="openvino", precision="bf16", tta=tta)
     whole = whole_image(md, arr, "tyx", **kw)
-    h = I.halo_width(trained.config)[0]
+    h = trained.contract.halo[0]
     up = lambda n, m: -(-n // m) * m  # noqa: E731
     assert set(shapes) == {(up(41 + 2 * h, 32 if tta else 4), up(45 + 2 * h, 32))}
     assert np.abs(chunked(md, arr, "tyx", (1, 16, 20), **kw) - whole).max() / np.ptp(arr) <= TOL
@@ -148,7 +148,7 @@ def test_impossible_combinations_are_one_line(monkeypatch):
 
 
 def test_a_runtime_that_cannot_load_the_network_is_one_line(monkeypatch):
-    def broken(model):
+    def broken(model, contract=None):
         raise RuntimeError("exporter exploded\nsecond line")
 
     monkeypatch.setattr(R, "export_onnx", broken)

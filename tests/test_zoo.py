@@ -211,13 +211,14 @@ def test_halo_option_when_the_package_declares_none(tmp_path):
 
 
 def test_probe_measures_the_reach_of_a_foreign_network(tmp_path):
-    from n2v_chunked.zoo_import import load, measure_reach, prepare
+    from n2v_chunked.zoo_import import load, probe_grid_and_reach, prepare
     from n2v_chunked.zoo_spec import inspect_description, read_description
 
     pkg = foreign_package(tmp_path / "f")
     ref = prepare(pkg, xr.DataArray(_image((64, 64)), dims=("y", "x")), check_reach=False)
     spec = inspect_description(read_description(pkg), "m")
-    assert measure_reach(load(ref, "cpu"), spec, np.array([100.0]), np.array([20.0])) == (3, 3)  # 5x5 then 3x3
+    # 5x5 then 3x3, no pooling (grid 1)
+    assert probe_grid_and_reach(load(ref, "cpu"), spec, np.array([100.0]), np.array([20.0])) == ((1, 1), (3, 3))
     assert TwoConv  # the architecture the reach comes from
 
 

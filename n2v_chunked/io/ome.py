@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 import xarray as xr
@@ -38,7 +38,8 @@ from .pyramid import build_pyramid, store_blocks
 from .sources import open_image
 from .stores import ZARR_MARKERS, local_path, location, summary
 
-NGFF_VERSIONS = ("0.4", "0.5")  # 0.4 = Zarr v2, 0.5 = Zarr v3
+NgffVersion = Literal["0.4", "0.5"]  # 0.4 = Zarr v2, 0.5 = Zarr v3
+NGFF_VERSIONS: tuple[str, ...] = get_args(NgffVersion)
 DEFAULT_CHUNK_BYTES = 2 * 2**20  # 1-4 MiB chunks: good for object stores and viewers
 COMPRESSION_LEVEL = 1  # Blosc zstd, byte shuffle (see create_ome_zarr)
 

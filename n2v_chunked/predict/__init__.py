@@ -1,5 +1,7 @@
 """Chunked prediction: source -> halo plan -> per-block predict -> writer.
 
+- :mod:`~n2v_chunked.predict.contract`: what every model source promises (:class:`ModelContract`);
+- :mod:`~n2v_chunked.predict.options`: every setting, declared once (:class:`PredictOptions`);
 - :mod:`~n2v_chunked.predict.plan`: the halo and the block grid (:func:`plan`, pure);
 - :mod:`~n2v_chunked.predict.blocks`: the worker's model cache, :func:`predict_block`,
   and the graph of a batch of blocks with its borders padded;
@@ -9,11 +11,14 @@
 """
 
 from .blocks import batch_prediction, get_model, model_token, predict_block
+from .contract import BlockModel, ModelContract, ModelDir, ModelSource, open_source
+from .options import PredictOptions
 from .plan import BLOCK_ACTIVATION_BYTES, Plan, check_compatible, model_spatial_dims, plan
 from .run import predict
 from .writer import MARKER_DIR, done_blocks
 
 __all__ = [
-    "BLOCK_ACTIVATION_BYTES", "MARKER_DIR", "Plan", "batch_prediction", "check_compatible", "done_blocks",
-    "get_model", "model_spatial_dims", "model_token", "plan", "predict", "predict_block",
+    "BLOCK_ACTIVATION_BYTES", "MARKER_DIR", "BlockModel", "ModelContract", "ModelDir", "ModelSource", "Plan",
+    "PredictOptions", "batch_prediction", "check_compatible", "done_blocks", "get_model", "model_spatial_dims",
+    "model_token", "open_source", "plan", "predict", "predict_block",
 ]

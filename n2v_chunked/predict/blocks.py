@@ -1,20 +1,22 @@
 """Per-block prediction: the worker's model cache, :func:`predict_block`, and the graph of a batch of blocks.
 
+Blocks know a model only by its contract and its source
+(:mod:`n2v_chunked.predict.contract`): which kind of model it is (a model
+directory, a Zoo package) is the source's business.
+
 :func:`batch_prediction` builds the lazy prediction of a hyper-rectangle of the
 plan's grid: the region extended by the halo, its image borders padded from the
 source itself (:func:`n2v_chunked.padding.pad_index`, the same rule as
 :func:`n2v_chunked.inference.denoise`), then :func:`dask.array.map_overlap` of
 :func:`predict_block`.  The model is loaded once per worker process
-(:func:`get_model`); tasks carry only the model directory's path.
+(:func:`get_model`); tasks carry only the model's (small, picklable) source.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 import dask.array as da
@@ -23,51 +25,39 @@ from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
 from ..cluster.scheduling import resolve_threads, worker_device
 from ..errors import N2VError, UnreadableDataError, environment_problem, first_line, rephrased
 from ..inference import run_network
 from ..padding import pad_index
-from ..zoo_import import load as load_zoo_model
+from .contract import BlockModel, ModelSource, open_source
 from .plan import Plan, model_spatial_dims
 
 _MODELS: dict[tuple[str, str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def model_token(model_dir: str | os.PathLike[str]) -> str:
-    """A token that changes when the model directory's config or weights change."""
-    if not isinstance(model_dir, (str, os.PathLike)):  # a prepared Zoo model (zoo_import.ZooRef)
-        return model_dir.token()
-    p = Path(model_dir)
-    parts = []
-    for name in (ckpt.CONFIG, ckpt.WEIGHTS_BEST, ckpt.WEIGHTS_LAST):
-        with contextlib.suppress(OSError):
-            st = (p / name).stat()
-            parts.append(f"{name}:{st.st_mtime_ns}:{st.st_size}")
-    return "|".join(parts)
+def model_token(source: ModelSource | str | os.PathLike[str]) -> str:
+    """A token that changes when the model's files (config, weights) change."""
+    return open_source(source).token()
 
 
-def get_model(model_dir: str | os.PathLike[str], token: str = "", device: str | None = None) -> Any:
-    """The model of ``model_dir`` on ``device``, loaded once per process.
+def get_model(source: ModelSource | str | os.PathLike[str], token: str = "", device: str | None = None) -> BlockModel:
+    """The model of ``source`` (a :class:`~n2v_chunked.predict.contract.ModelSource`) on ``device``, loaded once per process.
 
-    The cache key is ``(model_dir, token, device)`` with ``token`` from
+    The cache key is ``(source.key, token, device)`` with ``token`` from
     :func:`model_token`, so a long-lived worker picks up a retrained model.
     """
+    source = open_source(source)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    zoo = not isinstance(model_dir, (str, os.PathLike))  # a prepared Zoo model (zoo_import.ZooRef)
-    key = (model_dir.key if zoo else str(Path(model_dir).absolute()), token, str(dev))
+    key = (source.key, token, str(dev))
     trained = _MODELS.get(key)
     if trained is None:
         with _MODELS_LOCK:
             trained = _MODELS.get(key)
             if trained is None:
-                if zoo:
-                    trained = load_zoo_model(model_dir, dev)
-                else:
-                    trained = ckpt.load_model(model_dir, device=dev)
+                trained = source.load(dev)
                 for k in [k for k in _MODELS if k[0] == key[0] and k[2] == key[2]]:
-                    del _MODELS[k]  # an older version of the same directory
+                    del _MODELS[k]  # an older version of the same model
                 _MODELS[key] = trained
     return trained
 
@@ -101,8 +91,9 @@ def predict_block(
     block : numpy.ndarray
         Input in input units with axes ``dims``, extended by ``halo[i]`` on both
         sides of every spatial axis (image borders already padded).
-    model_dir : str or Path
-        Model directory (loaded once per process, see :func:`get_model`).
+    model_dir : ModelSource, str or Path
+        The model's source (:mod:`~n2v_chunked.predict.contract`; a path is a
+        model directory), loaded once per process (:func:`get_model`).
     dims : sequence of str
         Axis names of ``block``.
     halo : sequence of int
@@ -306,7 +297,7 @@ def batch_prediction(
     hi: Sequence[int],
     *,
     trained: Any,
-    model_dir: str,
+    model_dir: ModelSource | str,
     boundary: str = "reflect",
     precision: str = "fp32",
     tta: bool = False,
@@ -333,7 +324,7 @@ def batch_prediction(
         _predict_task, xin, depth=depth, boundary="none", trim=False, allow_rechunk=False,
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * xin.ndim, np.float32),
         lo=tuple(lo), halo_blocks=tuple(ax in depth for ax in range(xin.ndim)), threads=threads,
-        model_dir=os.fspath(model_dir) if isinstance(model_dir, os.PathLike) else model_dir, dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
+        model_dir=open_source(model_dir), dims=p.dims, halo=p.halo, precision=precision, tta=tta, blend=blend,
         device=device, model_token=model_token(model_dir), token="n2v-predict", norm=norm, runtime=runtime,
     )
     # drop the halo donors (chunk-aligned: their tasks are culled, never run)

@@ -1,9 +1,9 @@
 """The halo plan: how an array is cut into blocks for prediction.
 
-:func:`plan` is pure: from the model's receptive field (the halo,
-:func:`n2v_chunked.model.halo_width`), its ``2**depth`` and the data's shape and
-stored chunks it chooses working chunks and the dask block grid.  Nothing is
-read or computed here.
+:func:`plan` is pure: from the model's contract
+(:class:`~n2v_chunked.predict.contract.ModelContract`: its exact halo and the
+size step of its grid) and the data's shape and stored chunks it chooses
+working chunks and the dask block grid.  Nothing is read or computed here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ConfigError, IncompatibleModelError
-from ..model import BYTES_PER_PIXEL_FEATURE, halo_width
+from ..model import BYTES_PER_PIXEL_FEATURE
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class Plan:
         The model's spatial axes (``("y", "x")`` or ``("z", "y", "x")``); other
         axes except ``c`` are sample axes (``t``, and ``z`` for a 2D model).
     halo : tuple of int
-        Halo per axis: receptive-field half-width rounded up to a multiple of
-        :attr:`multiple` on spatial axes, 0 elsewhere.
+        Halo per axis: the contract's halo (a multiple of the grid step) on
+        spatial axes, 0 elsewhere.
     chunks : tuple of int
         Working chunk per axis, also the output's Zarr chunk shape.
     grid : tuple of tuple of int
@@ -56,7 +56,7 @@ class Plan:
     rechunked : bool
         Whether ``grid`` differs from the input's dask chunks.
     multiple : int
-        ``2**depth`` of the model.
+        The largest grid step of the model (``2**depth`` of our U-Net).
     """
 
     dims: tuple[str, ...]
@@ -83,7 +83,7 @@ class Plan:
 
 def model_spatial_dims(trained: Any) -> tuple[str, ...]:
     """The spatial axes a model works on: ``yx`` (2D) or ``zyx`` (3D)."""
-    return ("z", "y", "x")[3 - trained.config.dims :]
+    return trained.contract.spatial
 
 
 def check_compatible(trained: Any, dims: Sequence[str], shape: Sequence[int]) -> tuple[str, ...]:
@@ -91,24 +91,23 @@ def check_compatible(trained: Any, dims: Sequence[str], shape: Sequence[int]) ->
 
     Returns the model's spatial axes.
     """
-    cfg = trained.config
+    con = trained.contract
     sizes = dict(zip(dims, shape))
-    spatial = model_spatial_dims(trained)
+    spatial = con.spatial
     missing = [d for d in spatial if d not in sizes]
     if missing:
         have = "".join(dims)
         raise IncompatibleModelError(
-            f"model is {cfg.dims}D (axes {''.join(spatial)}) but the input has axes {have}: "
+            f"model is {con.dims}D (axes {''.join(spatial)}) but the input has axes {have}: "
             f"no {''.join(missing)} axis (n2v-chunked info shows the input's axes)"
         )
     channels = sizes.get("c", 1)
-    if channels != cfg.in_channels:
-        raise IncompatibleModelError(f"model was trained for {cfg.in_channels} channel(s) but the input has {channels}")
-    m = 2**cfg.depth
-    small = [f"{d}={sizes[d]}" for d in spatial if sizes[d] < m]
+    if channels != con.in_channels:
+        raise IncompatibleModelError(f"model was trained for {con.in_channels} channel(s) but the input has {channels}")
+    small = [f"{d}={sizes[d]}" for d, m in zip(spatial, con.grid) if sizes[d] < m]
     if small:
         raise IncompatibleModelError(
-            f"input axis {', '.join(small)} is smaller than 2**depth = {m} of the model; "
+            f"input axis {', '.join(small)} is smaller than 2**depth = {max(con.grid)} of the model (its grid step); "
             "such an image is too small for this network"
         )
     return spatial
@@ -142,16 +141,24 @@ def _chunk_list(chunks: Any, dims: Sequence[str], spatial: Sequence[str]) -> dic
 
 
 def _default_spatial_chunks(
-    sizes: Sequence[int], halo: Sequence[int], m: int, features: int, store: Sequence[int | None]
+    sizes: Sequence[int], halo: Sequence[int], grid: Sequence[int], features: int, store: Sequence[int | None]
 ) -> list[int]:
     """Near-cubic working chunks whose extended block fits the activation budget.
 
     Axes that fit in one block (with the budget left by the others) take their
     whole size; the rest share the budget equally.  Where the stored chunk is a
-    multiple of ``m`` and fits, a block is a whole number of stored chunks (no
-    chunk is read twice); otherwise the axis is split into equal blocks, so no
-    thin last block wastes a halo.
+    multiple of the axis's ``grid`` step and fits, a block is a whole number of
+    stored chunks (no chunk is read twice); otherwise the axis is split into
+    equal blocks on the grid, so no thin last block wastes a halo.
+
+    Examples
+    --------
+    A 3001 x 3001 image, depth-2 U-Net (grid 4, halo 24): blocks on the grid.
+
+    >>> _default_spatial_chunks([3001, 3001], [24, 24], [4, 4], 32, [None, None])
+    [1004, 1004]
     """
+    m = math.lcm(*grid)
     budget = BLOCK_ACTIVATION_BYTES / (BYTES_PER_PIXEL_FEATURE * features)
     n = len(sizes)
     whole: set[int] = set()
@@ -172,13 +179,14 @@ def _default_spatial_chunks(
         if i in whole:
             out.append(sizes[i])
             continue
+        g = grid[i]
         c = max(side, halo[i])
         s = store[i]
-        if s and s % m == 0 and halo[i] <= s <= c:
+        if s and s % g == 0 and halo[i] <= s <= c:
             c = (c // s) * s
         else:
             k = math.ceil(sizes[i] / c)
-            c = max(halo[i], -(-math.ceil(sizes[i] / k) // m) * m)
+            c = max(halo[i], -(-math.ceil(sizes[i] / k) // g) * g)
         out.append(min(c, sizes[i]))
     return out
 
@@ -192,7 +200,7 @@ def _samples_per_block(
         min(c, shape[dims.index(d)]) + 2 * halo[dims.index(d)] for d, c in zip(spatial, sp_chunks)
     )
     per *= shape[dims.index("c")] if "c" in dims else 1
-    budget = BLOCK_ACTIVATION_BYTES / (BYTES_PER_PIXEL_FEATURE * trained.config.features)
+    budget = BLOCK_ACTIVATION_BYTES / (BYTES_PER_PIXEL_FEATURE * trained.contract.features)
     return max(1, int(budget // per))
 
 
@@ -228,7 +236,7 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
     chunks : sequence of int or dict, optional
         Working (and output) chunks: one size per axis of the data, one per
         spatial axis of the model, or ``{dim: size}``.  Spatial sizes are
-        rounded up to a multiple of ``2**depth`` and to at least the halo;
+        rounded up to a multiple of the model's grid step and to at least the halo;
         ``c`` is always one chunk.  Default: sized so one block's activations
         take about :data:`BLOCK_ACTIVATION_BYTES`, aligned to the stored chunks.
 
@@ -243,7 +251,8 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
 
     >>> import types, dask.array as da, xarray as xr
     >>> from n2v_chunked.config import ModelConfig
-    >>> trained = types.SimpleNamespace(config=ModelConfig(dims=2, depth=2))
+    >>> from n2v_chunked.predict.contract import unet_contract
+    >>> trained = types.SimpleNamespace(contract=unet_contract(ModelConfig(dims=2, depth=2), [0.0], [1.0]))
     >>> x = xr.DataArray(da.zeros((3, 1000, 700), chunks=(1, 256, 256)), dims=("t", "y", "x"))
     >>> p = plan(trained, x, chunks=(256, 256))
     >>> p.halo, p.chunks, p.nblocks
@@ -254,8 +263,9 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
     dims = tuple(str(d) for d in data_array.dims)
     shape = tuple(int(s) for s in data_array.shape)
     spatial = check_compatible(trained, dims, shape)
-    m = 2**trained.config.depth
-    hw = dict(zip(spatial, getattr(trained, "halo", None) or halo_width(trained.config)))  # a Zoo model declares its own
+    con = trained.contract
+    step = dict(zip(spatial, con.grid))
+    hw = dict(zip(spatial, con.halo))
     halo = tuple(hw.get(d, 0) for d in dims)
     user = _chunk_list(chunks, dims, spatial)
     data = data_array.data
@@ -265,7 +275,7 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
         sp_chunks = [user[d] for d in spatial]
     else:
         sp_chunks = _default_spatial_chunks(
-            [shape[i] for i in sp_idx], [halo[i] for i in sp_idx], m, trained.config.features, [src[i] for i in sp_idx]
+            [shape[i] for i in sp_idx], [halo[i] for i in sp_idx], con.grid, con.features, [src[i] for i in sp_idx]
         )
         sp_chunks = [user.get(d, c) for d, c in zip(spatial, sp_chunks)]
     work: list[int] = []
@@ -273,12 +283,13 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
         n = shape[ax]
         if d in spatial:
             asked = sp_chunks[spatial.index(d)]
+            m = step[d]
             c = max(-(-asked // m) * m, halo[ax])
             if c >= n:
                 c = n  # one block spans the axis: no halo exchange, any size
             elif d in user and c != asked:
-                log.warning("chunk %d along %s rounded up to %d (a multiple of 2**depth = %d, at least the halo %d)",
-                            asked, d, c, m, halo[ax])
+                log.warning("chunk %d along %s rounded up to %d (a multiple of the model's grid step %d, at least "
+                            "the halo %d)", asked, d, c, m, halo[ax])
         elif d == "c":
             if d in user and user[d] != n:
                 log.warning("chunk %d along c ignored: every block holds all %d channel(s)", user[d], n)
@@ -289,7 +300,7 @@ def plan(trained: Any, data_array: xr.DataArray, chunks: Any = None) -> Plan:
         work.append(c)
     grid = tuple(_grid(n, c, h) for n, c, h in zip(shape, work, halo))
     current = tuple(tuple(int(v) for v in c) for c in data.chunks) if isinstance(data, da.Array) else None
-    return Plan(dims, shape, spatial, halo, tuple(work), grid, current != grid, m)
+    return Plan(dims, shape, spatial, halo, tuple(work), grid, current != grid, max(con.grid))
 
 
 def batches(numblocks: Sequence[int], batch_blocks: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:

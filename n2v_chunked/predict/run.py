@@ -32,7 +32,6 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import dask.array as da
@@ -47,8 +46,6 @@ from ..inference import blend_tensor
 from ..intensity import choose_normalization
 from ..io import objects
 from ..io.ome import (
-    check_dtype,
-    check_ngff_version,
     check_not_input,
     check_replaceable,
     create_ome_zarr,
@@ -58,19 +55,18 @@ from ..io.pyramid import build_pyramid
 from ..io.sources import open_image
 from ..io.stores import REMOTE_READ_AHEAD, is_url, local_path, location, redact
 from ..lock import output_lock
-from ..padding import BOUNDARIES
 from ..progress import Progress
 from ..runtime import describe as describe_runtime
 from ..runtime import resolve as resolve_runtime
-from ..zoo_import import prepare
 from ..zoo_spec import is_zoo_package
-from .blocks import batch_prediction, get_model, model_token
+from .blocks import batch_prediction, get_model
+from .contract import BlockModel, ModelDir, ModelSource, open_source
+from .options import PredictOptions
 from .plan import Plan, batches, plan
 from .writer import MARKER_DIR, done_blocks, has_level0, marker_dir, remove_markers, sync_output, write_task
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
 
 
@@ -96,21 +92,6 @@ class _Bar:
         self.bar.close()
 
 
-def _check_options(boundary: str, precision: str, ngff_version: str, dtype: Any, batch_blocks: int | None,
-                   resume: bool, overwrite: bool) -> None:
-    if boundary not in BOUNDARIES:
-        raise ConfigError(f"unknown boundary mode {boundary!r}; use one of {', '.join(BOUNDARIES)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    check_ngff_version(ngff_version)
-    if dtype is not None:
-        check_dtype(dtype)
-    if batch_blocks is not None and batch_blocks < 1:
-        raise ConfigError(f"batch_blocks must be >= 1, got {batch_blocks}")
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
-
-
 def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
     """Refuse an existing output unless asked; when resuming it, return its ``n2v_chunked`` attributes."""
     if not resume:
@@ -127,9 +108,22 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     return dict(meta)
 
 
-def _resolve_runtime(runtime: str, precision: str, device: str | None) -> tuple[str, str]:
-    """``auto`` made concrete once, on the client: workers run it and the provenance records it."""
-    runtime, precision = resolve_runtime(runtime, precision, device)
+def _engine(trained: BlockModel, source: ModelSource, opts: PredictOptions) -> tuple[str, str]:
+    """The concrete ``(runtime, precision)``, made once on the client: workers run it, the provenance records it.
+
+    A model whose network is a plain torch module runs on every runtime; a
+    Zoo pipeline (processing or weights that are not) runs in torch fp32 only:
+    said in one line under ``auto``, refused when another engine is named.
+    """
+    if not trained.contract.torch_module:
+        if opts.runtime in ("auto", "torch") and opts.precision in ("auto", "fp32"):
+            log.info("%s runs through bioimageio.core's pipeline in torch fp32 (its processing or weights do not "
+                     "load as a plain torch module, so the faster runtimes cannot run it)", source)
+            return "torch", "fp32"
+        raise ConfigError(f"{source} runs through bioimageio.core's pipeline in fp32 only (its processing or weights "
+                          f"do not load as a plain torch module); drop --runtime {opts.runtime} "
+                          f"--precision {opts.precision}")
+    runtime, precision = resolve_runtime(opts.runtime, opts.precision, opts.device)
     log.info("network runtime: %s", describe_runtime(runtime, precision))
     return runtime, precision
 
@@ -147,31 +141,15 @@ def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> N
 def predict(
     source: Any,
     output: str | os.PathLike[str] | None = None,
-    model_dir: str | os.PathLike[str] | None = None,
-    *,
-    chunks: Any = None,
-    boundary: str = "reflect",
-    tta: bool = False,
-    blend: bool = False,
-    precision: str = "fp32",
-    runtime: str = "torch",
-    resume: bool = False,
-    overwrite: bool = False,
-    scheduler: Any = None,
-    ngff_version: str = "0.5",
-    dtype: Any = "float32",
-    axes: str | None = None,
-    level: int = 0,
-    batch_blocks: int | None = None,
-    progress: bool = True,
-    device: str | None = None,
-    pyramid: bool = True,
-    jobqueue_config: str | None = None,
-    jobs: int | None = None,
-    halo: Any = None,
-    normalize: str = "model",
+    model_dir: Any = None,
+    options: PredictOptions | None = None,
+    **kwargs: Any,
 ) -> xr.DataArray:
     """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
+
+    Every option is a field of :class:`~n2v_chunked.predict.options.PredictOptions`:
+    pass ``options``, or the fields as keyword arguments (they replace the
+    ``options``' values), checked once.
 
     Parameters
     ----------
@@ -179,9 +157,12 @@ def predict(
         Anything :func:`~n2v_chunked.io.sources.open_image` reads.
     output : str or Path, optional
         OME-Zarr to write.  None returns the lazy (dask-backed) prediction.
-    model_dir : str or Path
+    model_dir : str, Path or ModelSource
         Model directory written by training, or a BioImage Model Zoo package
-        (``.zip`` or a folder with ``rdf.yaml``; see :mod:`n2v_chunked.zoo_import`).
+        (``.zip`` or a folder with ``rdf.yaml``; see :mod:`n2v_chunked.zoo_import`),
+        or a prepared source (:mod:`n2v_chunked.predict.contract`).
+    options : PredictOptions, optional
+        The settings below as one object.
     chunks : sequence of int or dict, optional
         Working and output chunks (see :func:`plan`).
     boundary : {"reflect", "nearest", "periodic", "constant"}
@@ -192,11 +173,12 @@ def predict(
         Mix the prediction with the noisy input with the model's weight
         (:func:`n2v_chunked.checkpoint.blend_weight`): higher PSNR under
         pixel-independent noise, at the price of some visible grain.
-    precision : {"fp32", "bf16", "fp16", "auto"}
-        Arithmetic of the network (the CLI's default is ``auto``; here fp32,
-        which ``denoise`` shares, so chunked == whole image by default).
-    runtime : {"torch", "openvino", "onnxruntime", "auto"}
-        Engine of the network (:mod:`n2v_chunked.runtime`; the CLI's default is ``auto``).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Arithmetic of the network (default ``auto``, as on the command line:
+        bf16 where the hardware has it, else fp32; :func:`n2v_chunked.runtime.resolve`).
+    runtime : {"auto", "torch", "torch-compile", "openvino", "onnxruntime"}
+        Engine of the network (default ``auto``, as on the command line;
+        ``runtime="torch", precision="fp32"`` for bit-for-bit float32).
     resume : bool
         Finish an interrupted run into ``output``: blocks already written are skipped.
     overwrite : bool
@@ -238,74 +220,95 @@ def predict(
         blocks computed and skipped), or the lazy prediction when ``output`` is None.
     """
     check_not_spawn_reimport()  # a worker re-importing a script without the __main__ guard: stop here
-    ngff_version = str(ngff_version)
-    _check_options(boundary, precision, ngff_version, dtype, batch_blocks, resume, overwrite)
+    opts = PredictOptions.of(options, **kwargs)
     if model_dir is None:
         raise ConfigError("predict needs a model (--model)")
-    if is_zoo_package(model_dir):  # the second block-function provider: any Zoo model (zoo_import.py)
-        data = open_image(source, axes=axes, level=level)
-        model_dir = prepare(model_dir, data, halo=halo)
-    elif halo is not None:
-        raise ConfigError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
-    if isinstance(model_dir, (str, os.PathLike)):
-        runtime, precision = _resolve_runtime(runtime, precision, device)
-    elif runtime in ("auto", "torch") and precision in ("auto", "fp32"):
-        runtime, precision = "torch", "fp32"  # bioimageio.core's own pipeline runs a Zoo model, in float32
-    else:
-        raise ConfigError(f"a Zoo model runs through bioimageio.core's pipeline in fp32; --runtime {runtime} "
-                          f"--precision {precision} is for n2v_chunked models")
-    trained = get_model(model_dir, model_token(model_dir), "cpu")  # validates it; cached for local CPU runs
-    if isinstance(model_dir, (str, os.PathLike)):
-        data = open_image(source, axes=axes, level=level)
-        model_dir = str(Path(model_dir).absolute())
-    p = plan(trained, data, chunks)
+    data, src, trained = _open(source, model_dir, opts)
+    runtime, precision = _engine(trained, src, opts)
+    p = plan(trained, data, opts.chunks)
     remote = isinstance(source, str) and is_url(source)
-    if remote and isinstance(model_dir, str):  # one read task per working block: its chunks requested at once
-        data = open_image(source, axes=axes, level=level, chunks=p.chunks)
-    if isinstance(model_dir, str):  # ours; a Zoo model freezes its own processing (zoo_import.prepare)
-        norm_record = choose_normalization(data, trained.mean, trained.std, normalize)
-    elif normalize != "model":
-        raise ConfigError("--normalize data is for n2v_chunked models; a Zoo model brings its own preprocessing")
-    else:
-        norm_record = None
-    norm = (norm_record["mean"], norm_record["std"]) if normalize == "data" else None
-    if blend:
-        blend_tensor(trained)  # a model without a blend weight fails here, before any output exists
-        if trained.meta.get("mask", {}).get("replacement") == "median":
-            # the weight assumes a blind prediction; a median-trained network already passes some of each pixel
-            log.warning("--blend: this model was trained with median replacement, which already lets part of each "
-                        "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
-    kw = dict(trained=trained, model_dir=model_dir, boundary=boundary, precision=precision, tta=tta, blend=blend,
-              device=device, norm=norm, runtime=runtime)
+    if remote:  # one read task per working block: its chunks requested at once
+        data = open_image(source, axes=opts.axes, level=opts.level, chunks=p.chunks)
+    norm_record = _normalization(data, trained, src, opts)
+    if opts.blend:
+        _check_blend(trained)
+    kw = dict(trained=trained, model_dir=src, boundary=opts.boundary, precision=precision, tta=opts.tta,
+              blend=opts.blend, device=opts.device, runtime=runtime,
+              norm=(norm_record["mean"], norm_record["std"]) if opts.normalize == "data" else None)
     if output is None:
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
+    return _write(location(output), data, p, trained, src, opts, kw, norm_record, remote)
 
-    out = location(output)
+
+def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, ModelSource, BlockModel]:
+    """The input, the model's source and the model loaded on the client's CPU (which validates it).
+
+    A Zoo package is prepared for the input (its processing frozen), so the input comes first there.
+    """
+    def read() -> xr.DataArray:
+        return open_image(source, axes=opts.axes, level=opts.level)
+
+    data = read() if is_zoo_package(model) else None
+    src = open_source(model, data, halo=opts.halo)
+    trained = get_model(src, src.token(), "cpu")  # cached for local CPU runs
+    return (read() if data is None else data), src, trained
+
+
+def _normalization(data: xr.DataArray, trained: BlockModel, src: ModelSource, opts: PredictOptions) -> Any:
+    """The statistics the input is normalised with (recorded in the provenance); a Zoo model brings its own."""
+    if isinstance(src, ModelDir):
+        return choose_normalization(data, trained.mean, trained.std, opts.normalize)
+    if opts.normalize != "model":
+        raise ConfigError("--normalize data is for n2v_chunked models; a Zoo model brings its own preprocessing")
+    return None
+
+
+def _check_blend(trained: BlockModel) -> None:
+    """A model without a blend weight fails here, before any output exists."""
+    blend_tensor(trained)
+    if trained.meta.get("mask", {}).get("replacement") == "median":
+        # the weight assumes a blind prediction; a median-trained network already passes some of each pixel
+        log.warning("--blend: this model was trained with median replacement, which already lets part of each "
+                    "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
+
+
+def _provenance(data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSource, opts: PredictOptions,
+                kw: dict[str, Any], norm_record: Any) -> dict[str, Any]:
+    """What the output records of its making (compared on resume, except ``engine`` and the weights)."""
+    con = trained.contract
+    extra = src.provenance()
+    return {
+        "command": "predict",
+        "model_id": trained.model_id,
+        "model_dir": str(src),
+        **({"zoo": extra} if extra else {}),
+        "weights": {"digest": con.weights_digest, "step": con.step},
+        "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
+        "engine": describe_runtime(kw["runtime"], kw["precision"]),  # with the package version; not compared on resume
+        "parameters": {
+            "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
+            "boundary": opts.boundary, "tta": bool(opts.tta), "blend": bool(opts.blend),
+            "precision": kw["precision"], "runtime": kw["runtime"],
+            "dtype": str(np.dtype(data.dtype if opts.dtype is None else opts.dtype)), "level": int(opts.level),
+            "normalize": opts.normalize,
+        },
+        "normalization": norm_record,
+    }
+
+
+def _write(out: str, data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSource, opts: PredictOptions,
+           kw: dict[str, Any], norm_record: Any, remote: bool) -> xr.DataArray:
+    """Predict into the OME-Zarr ``out`` under its lock: create or resume it, run the blocks, mark it complete."""
     check_not_input(out, data.attrs.get("source"))
     with output_lock(out) as held:  # a second run on the same output refuses instead of interleaving
-        out_dtype = np.dtype(data.dtype if dtype is None else dtype)
-        stored = _existing_output(out, overwrite, resume)
+        stored = _existing_output(out, opts.overwrite, opts.resume)
         if stored is not None:
-            p = plan(trained, data, stored["parameters"].get("chunks") if chunks is None else chunks)
-        prov = {
-            "command": "predict",
-            "model_id": trained.model_id,
-            "model_dir": str(model_dir),
-            **({} if isinstance(model_dir, str) else {"zoo": model_dir.provenance()}),
-            "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
-            "engine": describe_runtime(runtime, precision),  # with the package version; not compared on resume
-            "parameters": {
-                "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
-                "boundary": boundary, "tta": bool(tta), "blend": bool(blend), "precision": precision,
-                "runtime": runtime,
-                "dtype": str(out_dtype), "level": int(level), "normalize": normalize,
-            },
-            "normalization": norm_record,
-        }
+            p = plan(trained, data, stored["parameters"].get("chunks") if opts.chunks is None else opts.chunks)
+        prov = _provenance(data, p, trained, src, opts, kw, norm_record)
         if stored is not None:
             _check_resumable(out, stored, prov)
-            if normalize == "data" and stored.get("normalization"):  # the statistics the written blocks used
+            if opts.normalize == "data" and stored.get("normalization"):  # the statistics the written blocks used
                 prov["normalization"] = stored["normalization"]
                 kw["norm"] = (stored["normalization"]["mean"], stored["normalization"]["std"])
             if stored.get("complete"):
@@ -313,37 +316,44 @@ def predict(
                 remove_markers(out)  # a kill between the complete flag and their removal leaves them
                 return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
         if p.rechunked:
-            log.info("rechunking input %s -> working chunks %s (multiples of 2**depth = %d on %s, halo %s)",
+            log.info("rechunking input %s -> working chunks %s (multiples of the model's grid step %d on %s, halo %s)",
                      tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
         t0 = time.perf_counter()
-        with scheduler_context(scheduler, jobqueue_config=jobqueue_config, jobs=jobs, device=device) as sched, \
-                _interrupted(out):
-            if stored is None or not has_level0(out):  # a kill before level 0 existed: nothing to keep
-                create_ome_zarr(
-                    out, p.shape, p.dims, dtype=out_dtype, chunks=p.chunks, ngff_version=ngff_version,
-                    scale=data.attrs.get("scale"), units=data.attrs.get("units"),
-                    translation=data.attrs.get("translation"), provenance=prov, overwrite=overwrite or resume,
-                )
-                done: set[tuple[int, ...]] = set()
-                sync_output(out)  # the metadata a resume needs, before any marker
-            else:
-                done = done_blocks(out)
-            if local_path(out) is not None:
-                os.makedirs(marker_dir(out), exist_ok=True)
-            stats = _run(data.data, p, out, done, sched, batch_blocks or DEFAULT_BATCH_BLOCKS, progress, kw,
-                         held.check, read_ahead=remote)
-            if pyramid:
-                build_pyramid(out, progress=progress)
+        with scheduler_context(opts.scheduler, jobqueue_config=opts.jobqueue_config, jobs=opts.jobs,
+                               device=opts.device) as sched, _interrupted(out):
+            done = _create_or_reopen(out, data, p, opts, stored, prov)
+            stats = _run(data.data, p, out, done, sched, opts.batch_blocks or DEFAULT_BATCH_BLOCKS, opts.progress,
+                         kw, held.check, read_ahead=remote)
+            if opts.pyramid:
+                build_pyramid(out, progress=opts.progress)
             sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
             held.check()  # a run whose lock was taken over must not mark the other run's output complete
             mark_complete(out, True)
             sync_output(out, recursive=False)  # the flag itself
         remove_markers(out)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
-        stats["runtime"] = f"{runtime} {precision}"
+        stats["runtime"] = f"{kw['runtime']} {kw['precision']}"
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
         return _result(out, stats)
+
+
+def _create_or_reopen(out: str, data: xr.DataArray, p: Plan, opts: PredictOptions, stored: Any,
+                      prov: dict[str, Any]) -> set[tuple[int, ...]]:
+    """Create the output (a fresh run, or a resume killed before level 0 existed), else list its finished blocks."""
+    if stored is None or not has_level0(out):  # a kill before level 0 existed: nothing to keep
+        create_ome_zarr(
+            out, p.shape, p.dims, dtype=prov["parameters"]["dtype"], chunks=p.chunks, ngff_version=opts.ngff_version,
+            scale=data.attrs.get("scale"), units=data.attrs.get("units"),
+            translation=data.attrs.get("translation"), provenance=prov, overwrite=opts.overwrite or opts.resume,
+        )
+        sync_output(out)  # the metadata a resume needs, before any marker
+        done: set[tuple[int, ...]] = set()
+    else:
+        done = done_blocks(out)
+    if local_path(out) is not None:
+        os.makedirs(marker_dir(out), exist_ok=True)
+    return done
 
 
 @contextlib.contextmanager
