@@ -92,6 +92,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_precisions() -> tuple[str, ...]:
+    """The precisions OpenVINO's CPU plugin really runs here (its ``OPTIMIZATION_CAPABILITIES``).
+
+    Without native bf16/fp16 the plugin ignores the precision hint and runs
+    f32, so asking for bf16 there would be an option silently dropped.
+    """
+    import openvino as ov
+
+    caps = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return ("fp32",) + tuple(p for p, cap in (("bf16", "BF16"), ("fp16", "FP16")) if cap in caps)
+
+
+def can_run(runtime: str, precision: str) -> bool:
+    """Whether ``runtime`` (installed) runs ``precision`` on this machine's CPU, not only in principle."""
+    if precision not in SUPPORTED[runtime]:
+        return False
+    return runtime != "openvino" or precision in openvino_precisions()
+
+
 def installed(runtime: str) -> bool:
     """Whether the runtime's package can be imported here (torch always can)."""
     return runtime.startswith("torch") or importlib.util.find_spec(runtime) is not None
@@ -130,7 +150,7 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
     if runtime == "auto":
         if cuda:
             runtime = "torch"
-        elif installed("openvino"):
+        elif installed("openvino") and can_run("openvino", precision):
             runtime = "openvino"
         elif installed("onnxruntime") and precision == "fp32":
             runtime = "onnxruntime"
@@ -139,6 +159,10 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
     if precision not in SUPPORTED[runtime]:
         raise N2VError(f"runtime {runtime} cannot run precision {precision}; "
                        f"use --precision {' or '.join(SUPPORTED[runtime])}, or another --runtime")
+    if runtime == "openvino" and installed(runtime) and not can_run(runtime, precision):
+        raise N2VError(f"runtime openvino cannot run precision {precision} on this CPU (OpenVINO runs "
+                       f"{', '.join(openvino_precisions())} here: no native {precision}); use --precision "
+                       f"{' or '.join(openvino_precisions())}, or --runtime torch (emulated {precision}, slower)")
     if not installed(runtime):
         if runtime not in _WARNED:  # once per process, not once per block
             _WARNED.add(runtime)

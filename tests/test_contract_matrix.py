@@ -138,7 +138,7 @@ def check_case(sources, name: str, runtime: str, precision: str, mode: str, size
         msg = _refusal(exc)
         assert "smaller than the network's reach" in msg and msg.endswith("pass --halo 24,24"), msg
         kw["halo"] = (24, 24)
-    if precision not in R.SUPPORTED[runtime] or (mode == "blend" and kind != "dir"):
+    if not R.can_run(runtime, precision) or (mode == "blend" and kind != "dir"):
         with pytest.raises(N2VError) as exc:
             _predict(model, arr, chunks, **kw)
         assert any(w in _refusal(exc) for w in ("cannot run precision", "cannot blend")), exc.value

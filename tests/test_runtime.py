@@ -50,6 +50,10 @@ def test_chunked_equals_whole_in_every_runtime_and_precision(tmp_path, runtime, 
     md = make_model_dir(tmp_path / "m", **model)
     arr = noisy(shape, seed=seed)
     kw = dict(runtime=runtime, precision=precision)
+    if not R.can_run(runtime, precision):  # e.g. OpenVINO bf16 on a CPU without it: refused, never run as fp32
+        with pytest.raises(N2VError, match=f"cannot run precision {precision} on this CPU"):
+            chunked(md, arr, dims, chunks, **kw)
+        return
     got = chunked(md, arr, dims, chunks, **kw)
     err = np.abs(got - whole_image(md, arr, dims, **kw)).max() / np.ptp(arr)
     print(f"chunked vs whole {case} {runtime} {precision}: {err:.2e} of the range")
@@ -64,6 +68,9 @@ def test_openvino_bf16_runs_at_its_fast_width_and_stays_exact(tmp_path, monkeypa
     rotations swap them); the padding at the end changes no kept pixel: chunked == whole image."""
     _skip_missing("openvino")
     import n2v_chunked.inference as I
+
+    # the padding is what is tested: on a CPU without bf16 OpenVINO runs it in f32, which pads alike
+    monkeypatch.setattr(R, "openvino_precisions", lambda: ("fp32", "bf16", "fp16"))
 
     shapes = []
 
@@ -109,7 +116,7 @@ def test_bf16_is_close_to_fp32(tmp_path):
     trained = ckpt.load_model(md, "cpu")
     x = noisy((1, 1, 64, 64))
     ref = denoise(trained, x, precision="fp32", runtime="torch")
-    for runtime in [rt for rt in ("torch", "openvino") if R.installed(rt)]:
+    for runtime in [rt for rt in ("torch", "openvino") if R.installed(rt) and R.can_run(rt, "bf16")]:
         got = denoise(trained, x, precision="bf16", runtime=runtime)
         assert 0 < np.abs(got - ref).max() / np.ptp(x) < 0.05, runtime
 
@@ -117,6 +124,7 @@ def test_bf16_is_close_to_fp32(tmp_path):
 def test_resolve_auto(monkeypatch):
     monkeypatch.setattr(R, "installed", lambda rt: rt in ("torch", "openvino", "onnxruntime"))
     monkeypatch.setattr(R, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(R, "openvino_precisions", lambda: ("fp32", "bf16", "fp16"))
     assert R.resolve("auto", "auto", "cpu") == ("openvino", "bf16")
     assert R.resolve("auto", "fp32", "cpu") == ("openvino", "fp32")
     assert R.resolve("torch", "auto", "cpu") == ("torch", "bf16")
@@ -127,6 +135,17 @@ def test_resolve_auto(monkeypatch):
     assert R.resolve("auto", "bf16", "cpu") == ("torch", "bf16")  # ONNX Runtime has no bf16
     monkeypatch.setattr(R, "installed", lambda rt: rt == "torch")
     assert R.resolve("auto", "auto", "cpu") == ("torch", "fp32")
+
+
+def test_openvino_without_native_bf16_is_never_asked_for_it(monkeypatch):
+    """OpenVINO's CPU plugin runs a bf16 hint as f32 where the CPU lacks bf16: auto avoids it, a named one is refused."""
+    monkeypatch.setattr(R, "installed", lambda rt: rt in ("torch", "openvino"))
+    monkeypatch.setattr(R, "openvino_precisions", lambda: ("fp32",))
+    monkeypatch.setattr(R, "cpu_has_bf16", lambda: False)
+    assert R.resolve("auto", "auto", "cpu") == ("openvino", "fp32")
+    assert R.resolve("auto", "bf16", "cpu") == ("torch", "bf16")  # torch emulates it: the option takes effect
+    with pytest.raises(N2VError, match=r"^runtime openvino cannot run precision bf16 on this CPU .*--runtime torch"):
+        R.resolve("openvino", "bf16", "cpu")
 
 
 def test_named_runtime_not_installed_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
