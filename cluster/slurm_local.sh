@@ -94,7 +94,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire: a requeued job may start again after this (default 120 s; the restart tests requeue)
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import logging
 import os
 import pickle
 import uuid
@@ -41,6 +42,8 @@ CONFIG = "config.yaml"
 WEIGHTS_BEST = "weights_best.pt"
 WEIGHTS_LAST = "weights_last.pt"
 STATE = "training_state.pt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -120,6 +123,21 @@ def never_checkpointed(model_dir: str | Path) -> bool:
     nothing to resume and nothing a fresh start could destroy.
     """
     return not any((Path(model_dir) / name).exists() for name in (STATE, WEIGHTS_LAST, WEIGHTS_BEST))
+
+
+def resume_or_start(model_dir: str | Path, resume: bool) -> bool:
+    """``resume``, unless there is nothing to resume: then say so in one line and start a new model.
+
+    Nothing to resume is a ``model_dir`` that does not exist yet, or holds
+    neither a ``config.yaml`` nor a checkpoint (a run killed before it wrote
+    either): so ``train --resume`` is the one command that starts a job and
+    restarts it after a kill or a requeue.
+    """
+    path = Path(model_dir)
+    if resume and not path.is_file() and not (path / CONFIG).exists() and never_checkpointed(path):
+        log.warning("nothing to resume in %s (no model there yet): starting a new model", model_dir)
+        return False
+    return resume
 
 
 def remove_stale_temp_files(model_dir: str | Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .cli_config import add_storage_options, apply_config_file, configure_stores
-from .errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, environment_problem, first_line
+from .errors import INTERNAL_ERROR_EXIT, PREEMPTED_EXIT, ConfigError, N2VError, environment_problem, first_line
 
 log = logging.getLogger("n2v_chunked")
 
@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except N2VError as exc:
         if debug:
             raise
-        what = "" if exc.exit_code == 130 else "error: "  # 130: interrupted, not a mistake
+        what = "" if exc.exit_code in (130, PREEMPTED_EXIT) else "error: "  # interrupted or stopped: no mistake
         print(f"n2v-chunked: {what}{stores.redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

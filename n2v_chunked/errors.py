@@ -17,6 +17,9 @@ from __future__ import annotations
 # sysexits.h EX_SOFTWARE: "an internal software error has been detected";
 # distinct from 2 (a user error) and from 1 (what a crashed Python returns).
 INTERNAL_ERROR_EXIT = 70
+# sysexits.h EX_TEMPFAIL: "a temporary failure ... the user is invited to retry later": a run stopped
+# on its batch system's warning signal with what --resume needs saved (cluster/*.sbatch requeue on it).
+PREEMPTED_EXIT = 75
 
 
 class N2VError(Exception):
@@ -65,6 +68,13 @@ class OutputExistsError(N2VError, FileExistsError):
 
 class LockHeldError(N2VError, BlockingIOError):
     """Another live run holds the lock of this output or model directory."""
+
+
+class Preempted(N2VError):
+    """A run stopped cleanly on a signal (SLURM's time-limit warning, preemption); ``--resume`` continues it."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT) -> None:
+        super().__init__(message, exit_code)
 
 
 class ConfigError(N2VError, ValueError):

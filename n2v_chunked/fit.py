@@ -125,6 +125,8 @@ def fit(
     data = open_image(source, axes=axes, level=level)
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
+    if init_from is None:  # (with --init-from, --resume stays refused below)
+        resume = ckpt.resume_or_start(model_dir, resume)
     if resume:
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .augment import augment_batch
 from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
-from .errors import N2VError, first_line
+from .cluster import preemption
+from .errors import N2VError, Preempted, first_line
 from .lock import HeldLock, output_lock
 from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
 from .model import UNet, size_multiple
@@ -250,6 +251,7 @@ def train(
         lock = None
         if info.is_main:  # one run per model directory: two would overwrite each other's checkpoints
             lock = stack.enter_context(output_lock(str(model_dir), "a training run"))
+        stack.enter_context(preemption.handlers())  # SIGUSR1 (and SIGTERM under SLURM): checkpoint and stop
         return _train(batches, val_patches, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume,
                       device=device, sampler=sampler, axes=axes, extra_meta=extra_meta, progress=progress, info=info,
                       init_weights=init_weights, tensorboard=tensorboard, lock=lock)
@@ -268,7 +270,7 @@ def _train(
     state: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     model_id = None
-    if resume:
+    if ckpt.resume_or_start(model_dir, resume):
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
         # the step and time budgets and early stopping may change on resume; the rest is fixed
@@ -414,6 +416,7 @@ def _train(
     start_time = time.perf_counter()
     wait_time, patches, local_patches = 0.0, 0, 0
     last_loss = float("nan")
+    preempted = False
     if state is None:
         save()  # step 0: from now on a killed run can always be resumed
     model.train()
@@ -421,6 +424,9 @@ def _train(
         while step < train_cfg.steps:
             if train_cfg.time_budget and time.perf_counter() - start_time > train_cfg.time_budget:
                 log.info("time budget of %.0f s reached at step %d", train_cfg.time_budget, step)
+                break
+            if preemption.requested():  # a batch system's warning signal: save (as at a checkpoint) and stop
+                preempted = True
                 break
             if train_cfg.schedule == "cosine":
                 # the budget is the step count or the time, whichever runs out first
@@ -470,12 +476,15 @@ def _train(
         settle(losses.flush())
     finally:
         bar.close()
-    if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
+    if not preempted and (not history or history[-1]["step"] != step):  # stopped early: validate the final weights
         # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
         evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
     save()
     if pictures is not None:
         pictures.close()
+    if preempted:  # the state of this step is saved: a resumed run continues as if never stopped
+        raise Preempted(f"stopped at step {step} of {train_cfg.steps} on {preemption.signal_name()}; the training "
+                        f"state is saved: rerun with --resume to continue")
     seconds = time.perf_counter() - start_time
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)

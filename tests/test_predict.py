@@ -315,6 +315,43 @@ def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
     assert again.attrs["predict_stats"]["blocks_computed"] == 0
 
 
+def test_warning_signal_stops_with_status_75_and_resume_finishes_exactly(tmp_path, monkeypatch, caplog):
+    """SIGUSR1 (SLURM's time-limit warning) after the 3rd block: exit 75, incomplete, 3 marked; resume equals."""
+    import logging
+    import signal
+
+    from n2v_chunked.errors import PREEMPTED_EXIT, Preempted
+    from n2v_chunked.predict import run
+
+    md = make_model_dir(tmp_path / "m")
+    arr = noisy((150, 131))
+    kw = dict(chunks=(32, 48), scheduler="sync", progress=False)
+    full = P.predict(arr, str(tmp_path / "full.zarr"), md, **kw).values
+    real, written = run.write_task, []
+
+    def write_then_signal(block, block_info=None, **kwargs):  # map_blocks passes block_info by name
+        res = real(block, block_info=block_info, **kwargs)
+        written.append(1)
+        if len(written) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return res
+
+    monkeypatch.setattr(run, "write_task", write_then_signal)
+    out = tmp_path / "out.zarr"
+    caplog.set_level(logging.WARNING, logger="n2v_chunked")
+    with pytest.raises(Preempted, match="stopped on SIGUSR1; .* stays marked incomplete, rerun with --resume") as info:
+        P.predict(arr, str(out), md, resume=True, **kw)  # nothing there yet: --resume starts it
+    assert info.value.exit_code == PREEMPTED_EXIT and "\n" not in str(info.value)
+    assert [r.getMessage() for r in caplog.records if "nothing to resume" in r.getMessage()] == \
+        [f"nothing to resume at {out} (no output there yet): starting it"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert not is_complete(out) and len(P.done_blocks(out)) == 3
+    monkeypatch.undo()
+    res = P.predict(arr, str(out), md, resume=True, **kw)
+    assert res.attrs["predict_stats"]["blocks_computed"] == 12 - 3
+    assert np.array_equal(res.values, full) and is_complete(out)
+
+
 def test_distributed_local_cluster_writes_the_same(tmp_path, local_cluster):
     from distributed import Client
 

@@ -131,6 +131,20 @@ def test_training_killed_before_its_first_checkpoint_restarts_or_resumes(tmp_pat
         assert ckpt.load_training_state(where)["step"] == 6 and (where / ckpt.WEIGHTS_BEST).exists()
 
 
+@pytest.mark.parametrize("left", ["nothing", "an empty directory"])
+def test_resume_with_nothing_to_resume_starts_a_new_model_in_one_line(tmp_path, capsys, left):
+    """A job killed before its model directory (or anything in it) existed restarts with the same command."""
+    from n2v_chunked import cli
+
+    src, model = _stack(tmp_path / "in.zarr"), tmp_path / "model"
+    if left == "an empty directory":
+        model.mkdir()
+    assert cli.main(_train_cmd(src, model, 2, resume=True)[3:]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "resume" in line]
+    assert said == [f"n2v-chunked: warning: nothing to resume in {model} (no model there yet): starting a new model"]
+    assert ckpt.load_training_state(model)["step"] == 2
+
+
 def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
     """Training writes its state before the first step, so a kill at any step leaves something to resume."""
     from n2v_chunked.fit import fit

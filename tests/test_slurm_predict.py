@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -87,12 +88,21 @@ def _submit(
     return job_id, Path(str(log).replace("%j", job_id))
 
 
-def _wait(job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> tuple[str, str]:
-    """Poll ``scontrol show job`` (no accounting here) until the job ends; return (JobState, ExitCode)."""
+def _wait(
+    job_id: str, log: Path, timeout: float = JOB_TIMEOUT, requeued: Callable[[str], None] | None = None
+) -> tuple[str, str]:
+    """Poll ``scontrol show job`` (no accounting here) until the job ends; return (JobState, ExitCode).
+
+    ``requeued(job_id)`` is called each time the job is back in the queue after a requeue.
+    """
     deadline = time.monotonic() + timeout
     fields: dict[str, str] = {}
+    restarts = 0
     while time.monotonic() < deadline:
         fields = _job_fields(job_id)
+        if requeued is not None and fields.get("JobState") == "PENDING" and int(fields.get("Restarts", 0)) > restarts:
+            restarts = int(fields["Restarts"])
+            requeued(job_id)
         if fields.get("JobState") in FINAL_STATES:
             return fields["JobState"], fields.get("ExitCode", "?")
         time.sleep(0.5)
@@ -101,6 +111,12 @@ def _wait(job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> tuple[str, st
         f"job {job_id} still {fields.get('JobState', '?')} ({fields.get('Reason', '?')}) after {timeout:g} s; "
         f"cancelled it. Log tail:\n{_tail(log)}"
     )
+
+
+def _update(job_id: str, *settings: str) -> None:
+    res = subprocess.run(["scontrol", "update", f"JobId={job_id}", *settings], capture_output=True, text=True,
+                         timeout=10)
+    assert res.returncode == 0, res.stderr
 
 
 def _squeue_names(name: str) -> list[str]:
@@ -293,3 +309,117 @@ def test_train_sbatch_two_processes(slurm, noisy: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         y = trained.model(torch.zeros(1, 1, 32, 32))
     assert y.shape == (1, 1, 32, 32) and torch.isfinite(y).all()
+
+
+# ----------------------------------------------------------------------------
+# restart: the warning signal before the time limit, requeue, resume
+# ----------------------------------------------------------------------------
+
+
+def _steps_per_second(noisy: Path, workdir: Path) -> float:
+    """Training speed of this machine in the configuration of the time-limit test (one thread, as the job)."""
+    import torch
+
+    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.fit import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = fit(str(noisy), workdir / "probe", axes="tyx", model_cfg=ModelConfig(features=4), device="cpu",
+                  train_cfg=TrainConfig(steps=40, batch_size=4, patch_size=[32, 32], seed=1, stop_patience=0),
+                  progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return res.step / res.seconds
+
+
+@pytest.mark.timeout(400)
+def test_train_sbatch_time_limit_requeues_and_finishes_all_steps(slurm, noisy: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """A 1-minute time limit with the warning 15 s before it, and about 60 s of training.
+
+    slurmctld looks at time limits every 30 s and sends the warning at the first
+    look that is less than warning + 30 s before the limit: here 15-45 s into
+    the job, mid-training.  The step in progress finishes, the training state
+    is saved (exit 75), the job requeues itself, and the requeued job resumes
+    to the last step with the validations of an uninterrupted run.  Once the
+    training has stopped on the warning, the requeued job is given 5 minutes,
+    so the test ends after that restart.
+    """
+    from n2v_chunked import checkpoint as ckpt
+
+    every = max(5, int(_steps_per_second(noisy, tmp_path) * 60 / 4))
+    steps = 4 * every  # validations at every, 2*every, ...: the grid an uninterrupted run validates on
+    mdir = tmp_path / "model"
+    args = ["--axes", "tyx", "--steps", str(steps), "--val-interval", str(every), "--stop-patience", "0",
+            "--batch-size", "4", "--features", "4", "--no-progress", "--device", "cpu", "--seed", "1"]
+    job_id, log = _submit(
+        TRAIN_SBATCH, tmp_path,
+        {"INPUT": str(noisy), "MODEL_DIR": str(mdir), "N2V_PYTHON_ENV": str(VENV), "EXTRA_ARGS": " ".join(args)},
+        ["--cpus-per-task=1", "--mem=2G", "--time=1", "--signal=B:USR1@15"],
+        TRAIN_PATCH,
+    )
+    fields = _job_fields(job_id)
+    assert fields["TimeLimit"] == "00:01:00" and fields["Requeue"] == "1", fields
+
+    def requeued(job: str) -> None:
+        # a warning that came while Python was still starting killed it (nothing saved yet): another minute
+        saved = "training exited with status 75" in log.read_text(errors="replace")
+        if saved:
+            _update(job, "TimeLimit=5")
+
+    state, exit_code = _wait(job_id, log, requeued=requeued)
+    text = log.read_text(errors="replace")  # --open-mode=append: every run
+    assert (state, exit_code) == ("COMPLETED", "0:0"), f"{state} {exit_code}\n{_tail(log, 30)}"
+    assert int(_job_fields(job_id)["Restarts"]) >= 1, _tail(log, 30)
+    stopped = [line for line in text.splitlines() if f" of {steps} on SIGUSR1;" in line]
+    assert len(stopped) == 1 and "n2v-chunked: stopped at step" in stopped[0], _tail(log, 30)
+    assert 0 < int(stopped[0].split("step ")[1].split()[0]) < steps
+    assert "training exited with status 75" in text and f"requeueing job {job_id}" in text
+    assert "nothing to resume" in text and "training exited with status 0" in text
+    final = ckpt.load_training_state(mdir)
+    assert final["step"] == steps
+    assert [h["step"] for h in final["history"]] == [every, 2 * every, 3 * every, steps]  # nothing off the grid
+
+
+@pytest.mark.timeout(400)  # includes the module fixtures (training)
+def test_predict_sbatch_stopped_by_the_warning_signal_requeues_and_equals_local_run(
+    slurm, noisy: Path, model_dir: Path, jobqueue_yaml: Path, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """The time-limit warning (sent here with ``scancel --signal=USR1 --batch``, as slurmctld sends it) after
+    the first blocks: the job stops, cancels its worker job, requeues itself, and the requeued job finishes the
+    output, equal to a local run."""
+    from n2v_chunked.cli import main
+    from n2v_chunked.predict.writer import MARKER_DIR
+
+    chunks = "1,32,32"  # 36 blocks (at least the halo, 24), one graph each (--batch-blocks 1): still running at the signal
+    ref = tmp_path / "local.ome.zarr"
+    assert main(["predict", str(noisy), str(ref), "--model-dir", str(model_dir), "--axes", "tyx", "--chunks", chunks,
+                 "--scheduler", "sync", "--no-progress"]) == 0
+    jq, name = jobqueue_yaml, yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
+    out = tmp_path / "slurm-job.ome.zarr"
+    job_id, log = _submit(
+        PREDICT_SBATCH, tmp_path,
+        {"INPUT": str(noisy), "OUTPUT": str(out), "MODEL_DIR": str(model_dir), "JOBQUEUE_CONFIG": str(jq),
+         "N2V_PYTHON_ENV": str(VENV), "EXTRA_ARGS": "--axes tyx --jobs 1 --no-progress --batch-blocks 1"},
+        ["--cpus-per-task=1", "--mem=1G"],
+        ["--chunks", chunks],
+    )
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not (out / MARKER_DIR).is_dir() or len(list((out / MARKER_DIR).iterdir())) < 3:
+            assert time.monotonic() < deadline and _job_fields(job_id).get("JobState") in ("PENDING", "RUNNING"), \
+                _tail(log)
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=10)
+        state, exit_code = _wait(job_id, log)  # requeued, it starts again after 10 s (slurm_local.sh)
+    finally:
+        _assert_no_jobs(name)
+    text = log.read_text(errors="replace")
+    assert (state, exit_code) == ("COMPLETED", "0:0"), f"{state} {exit_code}\n{_tail(log, 30)}"
+    assert _job_fields(job_id)["Restarts"] == "1", _tail(log, 30)
+    assert f"n2v-chunked: stopped on SIGUSR1; {out} stays marked incomplete" in text, _tail(log, 30)
+    assert "exited with status 75" in text and f"requeueing job {job_id}" in text
+    done = [line for line in text.splitlines() if "block(s) computed" in line]
+    assert len(done) == 1 and int(done[0].split(" skipped")[0].rsplit(" ", 1)[1]) >= 3, _tail(log, 30)
+    _assert_same_output(out, ref)

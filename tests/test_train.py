@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,40 @@ def test_resume_continues_exactly(tmp_path, schedule, ema):
     assert sa["step"] == sb["step"] == 10
     assert sa["scheduler"] == sb["scheduler"]
     assert [h["lr"] for h in sa["history"]][-1] == [h["lr"] for h in sb["history"]][-1]
+
+
+class _SignalledCrops(RandomCrops):
+    """Sends this process SIGUSR1 (SLURM's time-limit warning) while serving the batch of step ``at``."""
+
+    def __init__(self, *args, at: int, **kw):
+        super().__init__(*args, **kw)
+        self.at = at
+
+    def __iter__(self):
+        for served, batch in enumerate(super().__iter__(), start=1):
+            if served == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+
+def test_warning_signal_saves_the_current_step_and_resume_continues_exactly(tmp_path):
+    """SIGUSR1: step 8 finishes, its state is saved (the last checkpoint was step 5), Preempted (exit 75)."""
+    from n2v_chunked.errors import PREEMPTED_EXIT, Preempted
+
+    _fit(tmp_path, steps=10, name="straight")
+    clean, noisy = _noisy_image()
+    with pytest.raises(Preempted, match="stopped at step 8 of 10 on SIGUSR1.*--resume") as info:
+        _fit(tmp_path, steps=10, name="split", source=_SignalledCrops(noisy[None], 32, 16, seed=1, at=8))
+    assert info.value.exit_code == PREEMPTED_EXIT == 75
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler lives only while training runs
+    state = ckpt.load_training_state(tmp_path / "split")
+    assert state["step"] == 8 and [h["step"] for h in state["history"]] == [5]  # no off-grid validation
+    res = _fit(tmp_path, steps=10, name="split", resume=True, source=RandomCrops(noisy[None], 32, 16, seed=99))
+    assert res.step == 10
+    sa, sb = ckpt.load_training_state(tmp_path / "straight"), ckpt.load_training_state(tmp_path / "split")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert [(h["step"], h["val_loss"]) for h in sa["history"]] == [(h["step"], h["val_loss"]) for h in sb["history"]]
 
 
 def test_ema_average_follows_its_decay_schedule():

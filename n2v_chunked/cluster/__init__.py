@@ -6,7 +6,9 @@ Every scheduler concern lives here:
 - :mod:`~n2v_chunked.cluster.slurm`: the ``jobqueue: slurm:`` YAML file and SLURM clusters;
 - :mod:`~n2v_chunked.cluster.common`: the dashboard link, teardown, the ``__main__`` guard;
 - :mod:`~n2v_chunked.cluster.scheduling`: which scheduler a run uses (:func:`scheduler_context`),
-  cores and GPUs per worker, feeding batches of tasks to it.
+  cores and GPUs per worker, feeding batches of tasks to it;
+- :mod:`~n2v_chunked.cluster.preemption`: a batch system's time-limit warning or preemption
+  (SIGUSR1/SIGTERM) turned into a clean, resumable stop.
 
 :func:`cluster_client` is the one entry point.  It is a context manager that
 yields a :class:`distributed.Client` and owns the life of whatever cluster it

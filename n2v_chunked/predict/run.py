@@ -39,9 +39,18 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ..cluster import preemption
 from ..cluster.common import check_not_spawn_reimport
 from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
-from ..errors import ConfigError, N2VError, OutputExistsError, environment_problem, first_line, rephrased
+from ..errors import (
+    ConfigError,
+    N2VError,
+    OutputExistsError,
+    Preempted,
+    environment_problem,
+    first_line,
+    rephrased,
+)
 from ..inference import blend_tensor
 from ..intensity import choose_normalization
 from ..io import objects
@@ -97,8 +106,9 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     if not resume:
         check_replaceable(out, overwrite, resumable=True)  # replaced later, by the writer
         return None
-    if not objects.listdir(out, 1) and not objects.is_file(out):
-        return None  # nothing there, or killed before its metadata
+    if not objects.listdir(out, 1) and not objects.is_file(out):  # nothing there, or killed before its metadata
+        log.warning("nothing to resume at %s (no output there yet): starting it", redact(out))
+        return None
     try:
         meta = zarr.open_group(store=objects.zarr_store(out, read_only=True), mode="r").attrs.get("n2v_chunked")
     except Exception:
@@ -320,7 +330,8 @@ def _write(out: str, data: xr.DataArray, p: Plan, trained: BlockModel, src: Mode
                      tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
         t0 = time.perf_counter()
         with scheduler_context(opts.scheduler, jobqueue_config=opts.jobqueue_config, jobs=opts.jobs,
-                               device=opts.device) as sched, _interrupted(out):
+                               device=opts.device) as sched, \
+                _interrupted(out), preemption.handlers(interrupt=True):
             done = _create_or_reopen(out, data, p, opts, stored, prov)
             stats = _run(data.data, p, out, done, sched, opts.batch_blocks or DEFAULT_BATCH_BLOCKS, opts.progress,
                          kw, held.check, read_ahead=remote)
@@ -358,10 +369,17 @@ def _create_or_reopen(out: str, data: xr.DataArray, p: Plan, opts: PredictOption
 
 @contextlib.contextmanager
 def _interrupted(out: str) -> Iterator[None]:
-    """Ctrl-C: one line that says what became of the output (exit status 130)."""
+    """Ctrl-C, or a batch system's warning signal: one line that says what became of the output.
+
+    The exit status is 130 for Ctrl-C and :data:`~n2v_chunked.errors.PREEMPTED_EXIT` for the
+    signal (:mod:`n2v_chunked.cluster.preemption`), on which ``cluster/predict.sbatch`` requeues.
+    """
     try:
         yield
     except KeyboardInterrupt:
+        if preemption.requested():
+            raise Preempted(f"stopped on {preemption.signal_name()}; {out} stays marked incomplete, rerun with "
+                            "--resume to finish it") from None
         raise N2VError(f"interrupted; {out} stays marked incomplete, rerun with --resume to finish it",
                        exit_code=130) from None
 
