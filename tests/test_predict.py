@@ -315,6 +315,34 @@ def test_failure_stays_incomplete_then_resume_is_bit_identical(tmp_path):
     assert again.attrs["predict_stats"]["blocks_computed"] == 0
 
 
+def test_resume_refuses_an_output_begun_with_other_weights_of_the_same_model(tmp_path):
+    """Issue 28 item 3: retraining keeps the model's id; resuming must not mix old and new weights."""
+    md = make_model_dir(tmp_path / "m", blend=True)  # with a validation record: the weights' step is known
+    arr = noisy((150, 131))
+    kw = dict(chunks=(32, 48), scheduler="sync", progress=False)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(N2VError):
+        P.predict(_failing(arr, (32, 48), (3, 1)), str(out), md, **kw)
+    stored = zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]
+    old = stored["weights"]["digest"]
+    assert len(old) == 64 and stored["model_id"] == ckpt.load_model(md, "cpu").model_id
+    trained = ckpt.load_model(md, "cpu")  # the same directory trained further: other weights, same model_id
+    with torch.no_grad():
+        for p_ in trained.model.parameters():
+            p_.add_(0.01)
+    ckpt.save_weights(md, trained.model, ckpt.WEIGHTS_BEST)
+    new = ckpt.load_model(md, "cpu").contract.weights_digest
+    assert new != old
+    with pytest.raises(N2VError) as err:
+        P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, resume=True, **kw)
+    msg = str(err.value)
+    assert "\n" not in msg and f"written with sha256 {old[:12]}, step 1" in msg and f"holds sha256 {new[:12]}" in msg
+    assert "--overwrite" in msg and not is_complete(out)
+    res = P.predict(da.from_array(arr, chunks=(32, 48)), str(out), md, overwrite=True, **kw)  # the way out
+    assert zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]["weights"]["digest"] == new
+    assert res.attrs["predict_stats"]["blocks_skipped"] == 0
+
+
 def test_warning_signal_stops_with_status_75_and_resume_finishes_exactly(tmp_path, monkeypatch, caplog):
     """SIGUSR1 (SLURM's time-limit warning) after the 3rd block: exit 75, incomplete, 3 marked; resume equals."""
     import logging

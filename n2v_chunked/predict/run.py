@@ -138,7 +138,19 @@ def _engine(trained: BlockModel, source: ModelSource, opts: PredictOptions) -> t
     return runtime, precision
 
 
+def _weights(record: dict[str, Any] | None) -> str:
+    """The weights of a provenance record in one phrase: their sha256 (12 digits) and training step."""
+    digest, step = (record or {}).get("digest"), (record or {}).get("step")
+    return f"sha256 {digest[:12]}" + ("" if step is None else f", step {step}") if digest else "unrecorded weights"
+
+
 def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    # the same model directory retrained (train --resume keeps its model_id) would write a patchwork of two
+    # weight versions: the digest of the weights that wrote the first blocks must be the one that runs now
+    if (stored.get("weights") or {}).get("digest") != now["weights"]["digest"]:
+        raise OutputExistsError(
+            f"cannot resume {out}: its blocks were written with {_weights(stored.get('weights'))}, the model now "
+            f"holds {_weights(now['weights'])}; finishing it would mix two versions of the weights: use --overwrite")
     diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
     # older outputs: model normalisation; started before runtimes existed: torch (resumable with --runtime torch)
     sp, np_ = {"normalize": "model", "runtime": "torch", **stored.get("parameters", {})}, now["parameters"]
