@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
-from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
+from .config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
 from .errors import N2VError, first_line
 from .lock import HeldLock, output_lock
 from .masking import MaskedBatch, actual_density, grid_cell, mask_batch, masked_mse
@@ -57,6 +57,7 @@ class TrainResult:
     history: list[dict[str, float]]
     seconds: float
     patches_per_second: float
+    not_learned: str | None = None  # why the model may not have learned anything (:func:`not_learned`)
 
 
 @dataclasses.dataclass
@@ -184,6 +185,81 @@ def ema_model(model: torch.nn.Module, cap: float) -> torch.optim.swa_utils.Avera
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+# The loop's clock (seconds, monotonic); tests replace it to give steps a duration.
+_clock = time.perf_counter
+
+
+def budget_allows(elapsed: float, last_step: float, budget: float) -> bool:
+    """Whether another step fits the time budget (``--minutes``).
+
+    A step starts only if it is expected to end within the budget, its
+    duration estimated as the previous step's (validation and checkpoint
+    included): so a run of 60 s steps under a 2-minute budget stops after
+    two steps instead of starting a third at 119 s.  The first step always
+    runs (nothing to estimate it from).  0: no budget.
+
+    Examples
+    --------
+    >>> budget_allows(119.0, 60.0, 120.0), budget_allows(50.0, 60.0, 120.0), budget_allows(999.0, 1.0, 0.0)
+    (False, True, True)
+    """
+    return not budget or elapsed + last_step <= budget
+
+
+def divergence_cause(model: torch.nn.Module, batch: torch.Tensor | None, cfg: TrainConfig) -> str:
+    """Why the loss stopped being finite, and what to do: the first of the weights, the data and the arithmetic.
+
+    The loss is read a step late, so the weights checked are those after the
+    update that followed it, and the batch is the latest one.
+    """
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return (f"the weights became non-finite ({bad[0]}, {len(bad)} tensor(s)): an update overflowed; "
+                f"lower the learning rate (--lr, now {cfg.lr:g})")
+    if batch is not None:
+        peak = float(batch.abs().max())
+        if peak > 1e4:
+            return (f"the normalised patches reach |{peak:.3g}|: the data's std is tiny against its values "
+                    "(a near-constant image, or a few extreme pixels); check the data or use --min-std")
+    if cfg.precision != "fp32":
+        return f"the {cfg.precision} arithmetic overflowed with finite weights and data; use --precision fp32"
+    return "weights and data are finite, so the loss itself overflowed; please report it with the data's shape"
+
+
+def not_learned(record: dict[str, Any], best: float, steps: int, cfg: TrainConfig) -> str | None:
+    """Why a trained model may not have learned anything (None when it has), with what to do.
+
+    Parameters
+    ----------
+    record : dict
+        ``config.yaml``'s ``validation`` section: ``initial`` holds the
+        validation loss of the untrained network.
+    best : float
+        The best validation loss reached.
+    steps : int
+        Steps trained in all.
+    cfg : TrainConfig
+        The schedule.
+
+    Examples
+    --------
+    >>> not_learned({"initial": {"loss": 1.0}}, 0.7, 400, TrainConfig()) is None
+    True
+    >>> print(not_learned({"initial": {"loss": 1.0}}, 1.0, 3, TrainConfig(time_budget=120.0)))
+    trained only 3 steps, fewer than one validation interval (100) and its validation loss 1 is no better than the untrained network's 1: the model has likely not learned; train longer (--minutes, --steps; continue with --resume), with smaller patches (--patch), or in 2D (--dims 2)
+    """
+    initial = (record.get("initial") or {}).get("loss")
+    reasons = []
+    if steps < cfg.val_interval:
+        reasons.append(f"trained only {steps} steps, fewer than one validation interval ({cfg.val_interval})")
+    if initial is not None and not best < initial:
+        reasons.append(f"its validation loss {best:.4g} is no better than the untrained network's {initial:.4g}")
+    if not reasons:
+        return None
+    return (" and ".join(reasons) + ": the model has likely not learned; train longer (--minutes, --steps; continue "
+            "with --resume), with smaller patches (--patch), or in 2D (--dims 2)")
+
+
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
 
@@ -264,16 +340,15 @@ def _train(
 ) -> TrainResult:
     """The body of :func:`train`, run while the model directory's lock (``lock``) is held."""
     mask_cfg = mask_cfg or MaskConfig()
-    train_cfg = train_cfg or TrainConfig()
     state: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     model_id = None
+    new_lr = False
     if resume:
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
-        # the step and time budgets and early stopping may change on resume; the rest is fixed
-        train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
-                                        stop_patience=train_cfg.stop_patience, compile=train_cfg.compile)
+        train_cfg = resumed(stored_train, resume_changes(train_cfg))  # the one resume rule (config.ON_RESUME)
+        new_lr = train_cfg.lr != stored_train.lr
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
         model_id = meta.get("model_id")
@@ -290,6 +365,7 @@ def _train(
         log.warning("%s holds only the config of a run stopped before its first checkpoint: starting afresh",
                     model_dir)
         ckpt.remove_stale_temp_files(model_dir)
+    train_cfg = train_cfg or TrainConfig()
     if not train_cfg.patch_size:
         train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
     _check_patch(train_cfg.patch_size, model_cfg)
@@ -333,12 +409,19 @@ def _train(
             averaged.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.patience = train_cfg.plateau_patience  # the stored state holds the first run's
+        if new_lr:  # --lr on resume: the rate from here on (a plateau schedule halves it from there)
+            for group in optimiser.param_groups:
+                group["lr"] = train_cfg.lr
         step, best, history = int(state["step"]), float(state["best_val_loss"]), list(state["history"])
         gen.set_state(state["rng"]["generator"].to("cpu") if device.type == "cpu" else state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         if sampler is not None and state.get("sampler") is not None:
             sampler.load_state_dict(state["sampler"])
         log.info("resumed %s at step %d", model_dir, step)
+    if state is not None and meta is not None and info.is_main:  # the settings that took effect, recorded
+        meta["train"] = to_dict(train_cfg)
+        ckpt.write_meta(model_dir, meta)
     elif info.is_main:
         raw_val = val_patches.cpu().numpy() if isinstance(val_patches, torch.Tensor) else np.asarray(val_patches)
         meta = ckpt.write_config(
@@ -400,42 +483,52 @@ def _train(
         return val_loss
 
     losses = LateScalar()
+    clock = _clock  # read once: tests replace train._clock with a fake one
 
     def settle(read: tuple[int, float] | None) -> None:
-        """Take a step's loss read back from the device; stop a diverged run."""
+        """Take a step's loss read back from the device; stop a diverged run, naming why."""
         nonlocal last_loss
         if read is not None:
             done, last_loss = read
             if not math.isfinite(last_loss):
-                raise N2VError(f"training diverged at step {done} (loss {last_loss}); lower the learning rate")
+                cause = divergence_cause(model, current, train_cfg)
+                raise N2VError(f"training diverged at step {done} (loss {last_loss}): {cause}")
 
     it: Iterator[Any] = iter(batches)
-    bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main)
-    start_time = time.perf_counter()
+    start_time = clock()
+    bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main,
+                   budget=train_cfg.time_budget or None)
     wait_time, patches, local_patches = 0.0, 0, 0
-    last_loss = float("nan")
+    last_loss = math.nan  # no step's loss read yet: shown as "-", never checked
+    current: torch.Tensor | None = None  # the last normalised batch, for a divergence's diagnosis
+    step_seconds = 0.0  # the last step's duration: the estimate of the next one's
     if state is None:
+        if meta is not None:  # the untrained network's score: what "has it learned?" compares with
+            meta.setdefault("validation", {})["initial"] = {"loss": validate(kept, val, train_cfg.precision,
+                                                                             train_cfg.batch_size)[0]}
         save()  # step 0: from now on a killed run can always be resumed
     model.train()
     try:
         while step < train_cfg.steps:
-            if train_cfg.time_budget and time.perf_counter() - start_time > train_cfg.time_budget:
-                log.info("time budget of %.0f s reached at step %d", train_cfg.time_budget, step)
+            t_step = clock()
+            if not budget_allows(t_step - start_time, step_seconds, train_cfg.time_budget):
+                log.info("time budget of %.0f s reached at step %d (the next step, about %.0f s, would overrun it)",
+                         train_cfg.time_budget, step, step_seconds)
                 break
             if train_cfg.schedule == "cosine":
                 # the budget is the step count or the time, whichever runs out first
                 progress = (step + 0.5) / train_cfg.steps  # mid-step: neither the first nor the last rate is 0
                 if train_cfg.time_budget:
-                    progress = max(progress, (time.perf_counter() - start_time) / train_cfg.time_budget)
+                    progress = max(progress, (clock() - start_time) / train_cfg.time_budget)
                 for group in optimiser.param_groups:
                     group["lr"] = train_cfg.lr * cosine_factor(progress, train_cfg.warmup)
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 raw = next(it)
             except StopIteration:
                 raise N2VError("the patch source ran dry before training finished") from None
-            x = norm(_to_tensor(raw, device))
-            wait_time += time.perf_counter() - t0
+            x = current = norm(_to_tensor(raw, device))
+            wait_time += clock() - t0
             masked = augment_and_mask(x, mask_cfg, gen, train_cfg.augment)
             inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
             with autocast_context(device, train_cfg.precision):
@@ -454,14 +547,15 @@ def _train(
             checkpoint = step % train_cfg.checkpoint_interval == 0
             if validated or checkpoint:  # this step's loss is recorded, and a diverged run is never saved
                 settle(losses.flush())
-            elapsed = time.perf_counter() - start_time
-            postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
-                       "patch/s": f"{patches / elapsed:.0f}"}
+            elapsed = clock() - start_time
+            postfix = {"loss": f"{last_loss:.4f}" if math.isfinite(last_loss) else "-",
+                       "lr": f"{optimiser.param_groups[0]['lr']:.1e}", "patch/s": f"{patches / elapsed:.0f}"}
             if validated:
                 postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
             bar.update(1, postfix)
             if checkpoint:
                 save()
+            step_seconds = clock() - t_step
             if validated and stalled(history, train_cfg.stop_patience):
                 log.info("early stop at step %d: no better validation loss in the last %d validations (best %.5g); "
                          "the best weights are kept (--stop-patience 0 trains all %d steps)",
@@ -472,11 +566,18 @@ def _train(
         bar.close()
     if not history or history[-1]["step"] != step:  # stopped early: validate the final weights too
         # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
-        evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
+        evaluate(last_loss, clock() - start_time, scheduled=False)
+    warning = None
+    if meta is not None and info.is_main:
+        warning = not_learned(meta.get("validation", {}), best, step, train_cfg)
+        meta.pop("not_learned", None)
+        if warning:
+            meta["not_learned"] = warning  # predict repeats it (checkpoint.check_trained)
+        ckpt.write_meta(model_dir, meta)
     save()
     if pictures is not None:
         pictures.close()
-    seconds = time.perf_counter() - start_time
+    seconds = clock() - start_time
     if seconds > 0 and info.is_main:
         log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
-    return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0)
+    return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0, warning)

@@ -40,6 +40,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .. import checkpoint as ckpt
 from ..cluster.common import check_not_spawn_reimport
 from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
 from ..errors import ConfigError, N2VError, OutputExistsError, environment_problem, first_line, rephrased
@@ -170,6 +171,7 @@ def predict(
     jobs: int | None = None,
     halo: Any = None,
     normalize: str = "model",
+    allow_unvalidated: bool = False,
 ) -> xr.DataArray:
     """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
 
@@ -230,6 +232,9 @@ def predict(
         input's are far from them), or with the input's own, sampled once per
         run (:func:`n2v_chunked.intensity.choose_normalization`); recorded in
         the output's provenance (``normalization``).
+    allow_unvalidated : bool
+        Use a model directory without validated weights (see
+        :func:`n2v_chunked.checkpoint.check_trained`); refused by default.
 
     Returns
     -------
@@ -248,6 +253,7 @@ def predict(
     elif halo is not None:
         raise ConfigError("--halo is for Zoo models; an n2v_chunked model directory knows its exact receptive field")
     if isinstance(model_dir, (str, os.PathLike)):
+        ckpt.check_trained(model_dir, allow_unvalidated)  # never step 0's random weights without a word
         runtime, precision = _resolve_runtime(runtime, precision, device)
     elif runtime in ("auto", "torch") and precision in ("auto", "fp32"):
         runtime, precision = "torch", "fp32"  # bioimageio.core's own pipeline runs a Zoo model, in float32
