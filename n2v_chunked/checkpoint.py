@@ -318,13 +318,13 @@ def check_trained(model_dir: str | Path, allow_unvalidated: bool = False) -> Non
     meta = read_config(model_dir)
     if not (model_dir / WEIGHTS_BEST).is_file():
         step = reached_step(model_dir)
-        where = f"at step {step}" if step is not None else "before its first checkpoint"
+        where = f"last checkpoint: step {step}" if step is not None else "no checkpoint"
         if not allow_unvalidated:
             raise UnvalidatedModelError(
-                f"{model_dir} holds no validated weights: its training stopped {where}, before the first validation; "
+                f"{model_dir} holds no validated weights: its training stopped before the first validation ({where}); "
                 f"continue it with 'n2v-chunked train INPUT --model-dir {model_dir} --resume', or pass "
                 "--allow-unvalidated to use these weights as they are")
-        log.warning("using the unvalidated weights of %s (training stopped %s)", model_dir, where)
+        log.warning("using the unvalidated weights of %s (%s)", model_dir, where)
     elif meta.get("not_learned"):
         log.warning("%s: %s", model_dir, meta["not_learned"])
 

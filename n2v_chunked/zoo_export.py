@@ -290,6 +290,7 @@ def export(
     Path
         The written package.
     """
+    check_trained(model_dir, allow_unvalidated)  # no package of step 0's random weights without a word
     require_bioimageio()
     from bioimageio.spec import save_bioimageio_package
 
@@ -298,7 +299,6 @@ def export(
         raise N2VError(f"export writes a .zip package, got {out}")
     if out.exists() and not overwrite:
         raise N2VError(f"{out} exists; pass --overwrite to replace it")
-    check_trained(model_dir, allow_unvalidated)  # no package of step 0's random weights without a word
     trained = load_model(model_dir, device="cpu")
     with tempfile.TemporaryDirectory(prefix="n2v-export-") as tmp:
         try:
