@@ -59,9 +59,9 @@ def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: 
 def _refuse_new_network(model_cfg: ModelConfig | None, stored_model: ModelConfig, mask_cfg: MaskConfig | None,
                         stored_mask: MaskConfig) -> None:
     """On resume the network and masking are the stored ones: a different one asked for is refused, not dropped."""
-    asked = [(f"model.{k}", v, getattr(stored_model, k)) for k, v in vars(model_cfg or stored_model).items()
+    asked = [(f"network setting {k}", v, getattr(stored_model, k)) for k, v in vars(model_cfg or stored_model).items()
              if k not in ("dims", "in_channels") and v != getattr(stored_model, k)]
-    asked += [(f"mask.{k}", v, getattr(stored_mask, k)) for k, v in vars(mask_cfg or stored_mask).items()
+    asked += [(f"masking setting {k}", v, getattr(stored_mask, k)) for k, v in vars(mask_cfg or stored_mask).items()
               if v != getattr(stored_mask, k)]
     if asked:
         name, value, was = asked[0]
