@@ -419,9 +419,9 @@ def _train(
         if sampler is not None and state.get("sampler") is not None:
             sampler.load_state_dict(state["sampler"])
         log.info("resumed %s at step %d", model_dir, step)
-    if state is not None and meta is not None and info.is_main:  # the settings that took effect, recorded
-        meta["train"] = to_dict(train_cfg)
-        ckpt.write_meta(model_dir, meta)
+        if meta is not None and info.is_main:  # the settings that took effect, recorded
+            meta["train"] = to_dict(train_cfg)
+            ckpt.write_meta(model_dir, meta)
     elif info.is_main:
         raw_val = val_patches.cpu().numpy() if isinstance(val_patches, torch.Tensor) else np.asarray(val_patches)
         meta = ckpt.write_config(
