@@ -143,7 +143,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "directory (its network, masking and normalisation are used; --depth etc. are ignored)")
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
-    g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
+    g.add_argument("--minutes", type=float, default=0.0,
+                   help="time budget: no step starts that would end after it, judged by the previous step's "
+                   "duration (0: no limit)")
     g.add_argument("--batch-size", type=int, default=128, help="patches per step (default 128)")
     g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 4e-4, the paper's)")

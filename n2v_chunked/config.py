@@ -199,7 +199,9 @@ class TrainConfig:
     checkpoint_interval : int
         Steps between checkpoints (a checkpoint is also written at the end).
     time_budget : float
-        Stop after this many seconds of training (0 = no limit).
+        Stop after this many seconds of training (0 = no limit): a step starts
+        only if it is expected to end within the budget, its duration
+        estimated as the previous step's (:func:`n2v_chunked.train.budget_allows`).
     seed : int
         Seed for patch sampling, masking and weights.
     num_workers : int

@@ -79,7 +79,7 @@ def fit(
     dims: int | None = None,
     model_cfg: ModelConfig | None = None,
     mask_cfg: MaskConfig | None = None,
-    train_cfg: TrainConfig | None = None,
+    train_cfg: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
     val_fraction: float | None = None,
@@ -157,6 +157,8 @@ def fit(
             raise ConfigError(f"--val-fraction cannot change on --resume (stored {stored_fraction}, asked "
                               f"{val_fraction}): the held-out blocks are fixed when training starts")
         val_fraction = stored_fraction
+    elif isinstance(train_cfg, dict):
+        raise ConfigError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
     val_fraction = 0.1 if val_fraction is None else val_fraction
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
