@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed
+from .config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
 from .errors import ConfigError
 from .errors import N2VError
 from .io.sources import open_image
@@ -223,8 +223,10 @@ def fit(
     else:
         stream = batches(dataset, train_cfg.batch_size, pin=pin)
     label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
+    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
     return train(
-        stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
+        resume=resume, device=device,
         sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
         extra_meta={"input": label, "val_fraction": val_fraction,
                     "spatial_dims": list(spatial), "world_size": info.world_size,

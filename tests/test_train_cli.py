@@ -164,12 +164,15 @@ def test_resume_after_an_early_stop_takes_the_given_options(tmp_path, monkeypatc
     assert ckpt.load_training_state(model)["step"] == 8
     train_cfg = yaml.safe_load((model / ckpt.CONFIG).read_text())["train"]
     assert (train_cfg["stop_patience"], train_cfg["ema"], train_cfg["lr"], train_cfg["steps"]) == (0, 0.0, 0.001, 8)
+    # an option set back to its default value is a change too, through fit and the loop alike
+    assert main([*base, "--resume", "--steps", "10", "--stop-patience", "10"]) == 0
+    assert yaml.safe_load((model / ckpt.CONFIG).read_text())["train"]["stop_patience"] == 10
     # what cannot take effect is refused with one line naming it; the model is untouched
     capsys.readouterr()
-    assert main([*base, "--resume", "--steps", "10", "--seed", "3"]) == 2
+    assert main([*base, "--resume", "--steps", "12", "--seed", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seed cannot change on --resume (stored 0, asked 3)" in err[0]
-    assert ckpt.load_training_state(model)["step"] == 8
+    assert ckpt.load_training_state(model)["step"] == 10
 
 
 def test_config_file_options_count_as_given_on_resume(tmp_path):
