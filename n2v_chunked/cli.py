@@ -577,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = apply_config_file(parser, argv)
         glued = _glue_negative_values(parser, argv)
         args = parser.parse_args(glued)
-        args.given = given_options(parser, glued, args)
+        # what train --resume was asked to change (the one command that needs it: a second parse)
+        args.given = given_options(parser, glued, args) if args.command == "train" else frozenset()
         from .logs import setup_logging
         from .progress import set_interval
 

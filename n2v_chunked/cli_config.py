@@ -103,20 +103,23 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: ar
     if sp is None:
         return frozenset()
     unset = object()
+    # options that add to their default (--author A --author B) start from None instead: None is "not given"
+    adding = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._ExtendAction)
     actions = [a for a in sp._actions if a.option_strings and a.default is not argparse.SUPPRESS]
     saved = [(a, a.default) for a in actions], dict(sp._defaults)
     try:
         for a in actions:
-            a.default = unset
+            a.default = None if isinstance(a, adding) else unset
             if a.dest in sp._defaults:
-                sp._defaults[a.dest] = unset
+                sp._defaults[a.dest] = a.default
         again = parser.parse_args(argv)
     finally:
         for a, default in saved[0]:
             a.default = default
         sp._defaults.clear()
         sp._defaults.update(saved[1])
-    from_line = {k for k, v in vars(again).items() if v is not unset}
+    from_line = {k for k, v in vars(again).items()
+                 if v is not unset and not (v is None and k in {a.dest for a in actions if isinstance(a, adding)})}
     return frozenset(from_line | set(getattr(args, "config_given", ())))
 
 

@@ -188,3 +188,15 @@ def test_config_file_options_count_as_given_on_resume(tmp_path):
     given = given_options(parser, argv, args)
     # --steps given at its default value counts; so does the file's stop_patience; --lr, not given, does not
     assert {"steps", "stop_patience", "resume"} <= given and "lr" not in given
+
+
+def test_given_options_with_repeatable_options():
+    from n2v_chunked.cli import build_parser
+    from n2v_chunked.cli_config import given_options
+
+    parser = build_parser()
+    for argv, author in ((["export", "p.zip", "--model-dir", "m", "--author", "A", "--author", "B"], True),
+                         (["export", "p.zip", "--model-dir", "m"], False)):
+        args = parser.parse_args(argv)
+        assert ("author" in given_options(parser, argv, args)) is author
+        assert parser.parse_args(argv).author == (["A", "B"] if author else [])  # defaults restored
