@@ -35,8 +35,10 @@ import yaml
 
 from . import __version__
 from .config import MaskConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .errors import IncompatibleModelError, InputNotFoundError, N2VError, first_line, rephrased
+from .errors import IncompatibleModelError, InputNotFoundError, N2VError, UnvalidatedModelError, first_line, rephrased
 from .model import UNet
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 WEIGHTS_BEST = "weights_best.pt"
@@ -319,6 +321,45 @@ def configs_from_meta(
         raise rephrased(exc, f"{where}: {exc}") from None
 
 
+def reached_step(model_dir: str | Path) -> int | None:
+    """The step of the latest checkpoint in ``model_dir`` (None when there is none or it cannot be read)."""
+    try:
+        return int(load_training_state(model_dir)["step"])
+    except (N2VError, KeyError, TypeError, ValueError):
+        return None
+
+
+def check_trained(model_dir: str | Path, allow_unvalidated: bool = False) -> None:
+    """Refuse a model directory without validated weights; warn about a model that has not learned.
+
+    The doors that use a model directory's weights (``predict``, ``export``,
+    ``train --init-from``) call this first.  Without ``weights_best.pt`` the
+    only weights are those of a run stopped before its first validation,
+    step 0's random ones at worst: refused with one line naming the step and
+    how to continue, unless ``allow_unvalidated`` (``--allow-unvalidated``).
+    A model whose training found it has not learned
+    (:func:`n2v_chunked.train.not_learned`) is used with one WARNING line.
+
+    Raises
+    ------
+    UnvalidatedModelError
+        No validated weights and ``allow_unvalidated`` is False.
+    """
+    model_dir = Path(model_dir)
+    meta = read_config(model_dir)
+    if not (model_dir / WEIGHTS_BEST).is_file():
+        step = reached_step(model_dir)
+        where = f"last checkpoint: step {step}" if step is not None else "no checkpoint"
+        if not allow_unvalidated:
+            raise UnvalidatedModelError(
+                f"{model_dir} holds no validated weights: its training stopped before the first validation ({where}); "
+                f"continue it with 'n2v-chunked train INPUT --model-dir {model_dir} --resume', or pass "
+                "--allow-unvalidated to use these weights as they are")
+        log.warning("using the unvalidated weights of %s (%s)", model_dir, where)
+    elif meta.get("not_learned"):
+        log.warning("%s: %s", model_dir, meta["not_learned"])
+
+
 def load_model(
     model_dir: str | Path, device: str | torch.device | None = None, which: str = "best"
 ) -> Trained:
@@ -348,7 +389,7 @@ def load_model(
         raise IncompatibleModelError(f"corrupt {model_dir / CONFIG}: normalisation does not match {model_cfg.in_channels} channel(s)")
     name = WEIGHTS_BEST if which == "best" else WEIGHTS_LAST
     if which == "best" and not (model_dir / name).is_file() and (model_dir / WEIGHTS_LAST).is_file():
-        name = WEIGHTS_LAST  # trained without validation passes yet
+        name = WEIGHTS_LAST  # not validated yet: the doors refuse this unless asked (check_trained)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = safe_torch_load(model_dir / name, "cpu")
     digest = hashlib.sha256((model_dir / name).read_bytes()).hexdigest()

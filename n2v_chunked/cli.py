@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .cli_config import add_storage_options, apply_config_file, configure_stores
+from .cli_config import add_storage_options, apply_config_file, configure_stores, given_options
 from .errors import INTERNAL_ERROR_EXIT, PREEMPTED_EXIT, ConfigError, N2VError, environment_problem, first_line
 
 log = logging.getLogger("n2v_chunked")
@@ -51,6 +51,44 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress-interval", metavar="SECONDS|PERCENT",
                    help="without a terminal (batch jobs), print a progress line this often: seconds (default 30) "
                    "or a share of the work, e.g. 10%%")
+
+
+def _add_allow_unvalidated(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-unvalidated", action="store_true",
+                   help=f"{what} a model directory whose training stopped before its first validation (refused by "
+                   "default: its weights may be step 0's random ones)")
+
+
+#: ``train`` options and the config field each sets (``section.field``; ``--paper`` sets those it presets).
+_TRAIN_FIELDS = {
+    "depth": "model.depth", "features": "model.features", "kernel_size": "model.kernel_size",
+    "n2v2": "model.n2v2", "independent_channels": "model.independent_channels",
+    "mask_density": "mask.density", "replacement": "mask.replacement", "struct_span": "mask.struct_span",
+    "struct_axes": "mask.struct_axes", "minutes": "train.time_budget", "workers": "train.num_workers",
+    "patch": "train.patch_size", **{k: f"train.{k}" for k in (
+        "steps", "batch_size", "lr", "schedule", "val_interval", "stop_patience", "checkpoint_interval",
+        "precision", "seed", "compile", "ema")},
+}
+_PAPER_SETS = {"replacement", "mask_density", "lr", "stop_patience", "independent_channels", "ema"}
+
+
+def _resumed_configs(args: argparse.Namespace, model_cfg: Any, mask_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any]:
+    """What ``train --resume`` asks for: the stored network and masking with the given options over them
+    (fit refuses any difference), and the given training settings (each takes effect or is refused,
+    :func:`n2v_chunked.config.resumed`)."""
+    import dataclasses
+
+    from . import checkpoint as ckpt
+
+    given = set(args.given) | (_PAPER_SETS if "paper" in args.given else set())
+    asked: dict[str, dict[str, Any]] = {"model": {}, "mask": {}, "train": {}}
+    for dest, target in _TRAIN_FIELDS.items():
+        section, field = target.split(".")
+        if dest in given:
+            asked[section][field] = getattr({"model": model_cfg, "mask": mask_cfg, "train": train_cfg}[section], field)
+    stored_model, stored_mask, _ = ckpt.configs_from_meta(ckpt.read_config(args.model_dir), args.model_dir)
+    return (dataclasses.replace(stored_model, **asked["model"]), dataclasses.replace(stored_mask, **asked["mask"]),
+            asked["train"])
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +143,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "directory (its network, masking and normalisation are used; --depth etc. are ignored)")
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=2000, help="total optimiser steps (default 2000)")
-    g.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
+    g.add_argument("--minutes", type=float, default=0.0,
+                   help="time budget: no step starts that would end after it, judged by the previous step's "
+                   "duration (0: no limit)")
     g.add_argument("--batch-size", type=int, default=128, help="patches per step (default 128)")
     g.add_argument("--patch", help="patch shape, e.g. 64,64 or 32,32,32 (default fits the data)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 4e-4, the paper's)")
@@ -150,13 +190,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--struct-span", type=int, default=0, help="structN2V: length of the masked line (odd; 0 off)")
     g.add_argument("--struct-axes", default="x", help="structN2V line axes, e.g. x or yx (default x)")
     g = p.add_argument_group("sampler")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of blocks held out (default 0.1)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of blocks held out (default 0.1; fixed when training starts)")
     g.add_argument("--buffer-mb", type=float, default=256, help="decoded-block buffer per stream in MiB (default 256)")
     g.add_argument("--min-std", type=float, help="foreground filter: skip patches with a lower std (input units)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events to MODEL_DIR/tensorboard (pip install 'n2v-chunked[tensorboard]'); "
                    "training.png, training.csv and preview.png are always written")
+    _add_allow_unvalidated(p, "--init-from: start from")
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
@@ -182,14 +224,24 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                 time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
                                 stop_patience=option("stop_patience", TrainConfig.stop_patience), compile=args.compile,
                                 ema=option("ema", TrainConfig.ema))
+        if args.resume and args.init_from is None:  # nothing to resume: a new model, said in one line
+            from . import checkpoint as ckpt
+
+            args.resume = ckpt.resume_or_start(args.model_dir, args.resume)
+        if args.resume:  # the stored settings, changed only where an option was given (or refused)
+            model_cfg, mask_cfg, train_cfg = _resumed_configs(args, model_cfg, mask_cfg, train_cfg)
         res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
                   model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
-                  device=args.device, val_fraction=args.val_fraction, buffer_bytes=int(args.buffer_mb * 2**20),
+                  device=args.device,
+                  val_fraction=args.val_fraction if "val_fraction" in args.given or not args.resume else None,
+                  buffer_bytes=int(args.buffer_mb * 2**20),
                   min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from,
-                  tensorboard=args.tensorboard)
+                  tensorboard=args.tensorboard, allow_unvalidated=args.allow_unvalidated)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
             print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
                   f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
+            if res.not_learned:
+                print(f"n2v-chunked: warning: {res.not_learned}", file=sys.stderr)
         return 0
 
     add_storage_options(p)
@@ -392,6 +444,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only")
     p.add_argument("--preview", action="store_true",
                    help="also write OUTPUT.preview.png: the middle slice, noisy | denoised")
+    _add_allow_unvalidated(p, "predict with")
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
@@ -418,6 +471,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
             halo=_int_list(args.halo, "--halo"),
+            allow_unvalidated=args.allow_unvalidated,
         )
         out = predict(args.input, args.output, args.model_dir, opts)
         if args.preview:
@@ -456,12 +510,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--author", action="append", default=[], help="author name (repeat for several)")
     p.add_argument("--license", default="CC-BY-4.0", help="SPDX licence id (default: CC-BY-4.0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    _add_allow_unvalidated(p, "export")
 
     def handler(args: argparse.Namespace) -> int:
         from .zoo_export import export
 
         out = export(args.model_dir, args.output, name=args.name, authors=args.author, license=args.license,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, allow_unvalidated=args.allow_unvalidated)
         print(f"n2v-chunked: wrote {out}", flush=True)
         return 0
 
@@ -556,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = next((a for a in argv if stores.protocol(a)), "the object store")
     try:
         top = apply_config_file(parser, argv)
-        args = parser.parse_args(_glue_negative_values(parser, argv))
+        glued = _glue_negative_values(parser, argv)
+        args = parser.parse_args(glued)
+        # what train --resume was asked to change (the one command that needs it: a second parse)
+        args.given = given_options(parser, glued, args) if args.command == "train" else frozenset()
         from .logs import setup_logging
         from .progress import set_interval
 

@@ -83,11 +83,44 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> A
     where = f"config file {known.config}, section '{command}'"
     sp.set_defaults(**{k.replace("-", "_"): _option_value(actions[k.replace("-", "_")], k, v, where)
                        for k, v in section.items()})
+    sp.set_defaults(config_given=frozenset(k.replace("-", "_") for k in section))  # for given_options
     # Positionals given in the file satisfy argparse only if they are optional there.
     for action in sp._actions:
         if action.dest in {k.replace("-", "_") for k in section} and not action.option_strings:
             action.nargs = "?"
     return top
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace) -> frozenset[str]:
+    """The options (``dest`` names) the user gave: on the command line or in the ``--config`` file.
+
+    An option given with its default value counts as given, unlike a
+    comparison with the defaults could tell: ``train --resume`` needs to know
+    what was asked, to apply it or refuse it (:func:`n2v_chunked.config.resumed`).
+    """
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sp = subparsers.choices.get(getattr(args, "command", None))
+    if sp is None:
+        return frozenset()
+    unset = object()
+    # options that add to their default (--author A --author B) start from None instead: None is "not given"
+    adding = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._ExtendAction)
+    actions = [a for a in sp._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+    saved = [(a, a.default) for a in actions], dict(sp._defaults)
+    try:
+        for a in actions:
+            a.default = None if isinstance(a, adding) else unset
+            if a.dest in sp._defaults:
+                sp._defaults[a.dest] = a.default
+        again = parser.parse_args(argv)
+    finally:
+        for a, default in saved[0]:
+            a.default = default
+        sp._defaults.clear()
+        sp._defaults.update(saved[1])
+    from_line = {k for k, v in vars(again).items()
+                 if v is not unset and not (v is None and k in {a.dest for a in actions if isinstance(a, adding)})}
+    return frozenset(from_line | set(getattr(args, "config_given", ())))
 
 
 # String options that a config file may also give as a YAML list

@@ -199,7 +199,9 @@ class TrainConfig:
     checkpoint_interval : int
         Steps between checkpoints (a checkpoint is also written at the end).
     time_budget : float
-        Stop after this many seconds of training (0 = no limit).
+        Stop after this many seconds of training (0 = no limit): a step starts
+        only if it is expected to end within the budget, its duration
+        estimated as the previous step's (:func:`n2v_chunked.train.budget_allows`).
     seed : int
         Seed for patch sampling, masking and weights.
     num_workers : int
@@ -328,3 +330,90 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+#: What a change of each training setting does on ``train --resume``: None, it takes effect from the
+#: resumed step on; a text, why it cannot (the run would no longer be the one its checkpoint continues).
+ON_RESUME: dict[str, str | None] = {
+    "steps": None, "time_budget": None, "stop_patience": None, "val_interval": None,
+    "checkpoint_interval": None, "compile": None, "precision": None, "augment": None,
+    "lr": None,  # the rate from the resumed step on (the peak of a cosine schedule)
+    "plateau_patience": None,
+    "ema": None,  # 0 stops averaging; a new decay applies to the stored average, or one starts at these weights
+    "patch_size": "the patch stream and the network's input shape are fixed when training starts",
+    "batch_size": "the sampler's stream position counts patches of the first run's batch size",
+    "val_patches": "the validation set is drawn once, when training starts",
+    "schedule": "the learning-rate schedule is fixed when training starts",
+    "warmup": "the cosine schedule's shape is fixed when training starts",
+    "seed": "the sampling, masking and weight streams are seeded when training starts",
+    "num_workers": "the sampler's streams are split among the workers when training starts",
+}
+
+#: Command-line names of training settings whose option is not ``--`` plus the name with dashes.
+TRAIN_OPTION = {"time_budget": "--minutes", "num_workers": "--workers", "patch_size": "--patch",
+                "val_patches": "val_patches", "plateau_patience": "plateau_patience", "warmup": "warmup",
+                "augment": "augment"}
+
+
+def train_option(name: str) -> str:
+    """The command-line option (or config key) of ``TrainConfig`` field ``name``."""
+    return TRAIN_OPTION.get(name, "--" + name.replace("_", "-"))
+
+
+def resume_changes(requested: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """The settings a resumed run is asked to change.
+
+    A mapping is taken as it is; a :class:`TrainConfig` gives its fields that
+    differ from the defaults (to set a field back to its default on resume,
+    pass a mapping); None changes nothing.
+    """
+    if requested is None:
+        return {}
+    if isinstance(requested, dict):
+        unknown = sorted(set(requested) - set(ON_RESUME))
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) to change on resume: {', '.join(unknown)}")
+        return dict(requested)
+    default = TrainConfig()
+    return {f.name: getattr(requested, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(requested, f.name) != getattr(default, f.name)}
+
+
+def resumed(stored: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """The one rule of ``train --resume``: the stored settings, with each change taking effect or refused.
+
+    Parameters
+    ----------
+    stored : TrainConfig
+        The settings recorded in the model directory.
+    changes : dict
+        Field -> value asked for (:func:`resume_changes`); a value equal to the
+        stored one is no change.
+
+    Returns
+    -------
+    TrainConfig
+        The settings the resumed run uses (and records).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the first change that cannot take effect, and why.
+
+    Examples
+    --------
+    >>> resumed(TrainConfig(steps=60), {"steps": 100, "stop_patience": 0}).steps
+    100
+    >>> resumed(TrainConfig(batch_size=8), {"batch_size": 16})
+    Traceback (most recent call last):
+    ...
+    n2v_chunked.errors.ConfigError: --batch-size cannot change on --resume (stored 8, asked 16): the sampler's stream position counts patches of the first run's batch size; resume without it, or train a new model in another --model-dir
+    """
+    real = {k: v for k, v in changes.items() if getattr(stored, k) != v}
+    for name, value in real.items():
+        why = ON_RESUME[name]
+        if why is not None:
+            raise ConfigError(f"{train_option(name)} cannot change on --resume (stored {getattr(stored, name)!r}, "
+                              f"asked {value!r}): {why}; resume without it, or train a new model in another "
+                              "--model-dir")
+    return dataclasses.replace(stored, **real)  # __post_init__ checks the new values

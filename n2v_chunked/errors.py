@@ -62,6 +62,10 @@ class IncompatibleModelError(N2VError, ValueError):
     """The model cannot be applied to this data (dimensions, channels, size), or its files are unusable."""
 
 
+class UnvalidatedModelError(IncompatibleModelError):
+    """The model directory holds no validated weights (its training stopped before the first validation)."""
+
+
 class OutputExistsError(N2VError, FileExistsError):
     """The output already exists and neither ``overwrite`` nor ``resume`` was asked for."""
 

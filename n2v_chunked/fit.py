@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .config import MaskConfig, ModelConfig, TrainConfig
+from .config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
+from .errors import ConfigError
 from .errors import N2VError
 from .io.sources import open_image
 from .io.stores import REMOTE_IO_THREADS, protocol, redact
@@ -55,6 +56,20 @@ def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: 
     return patch
 
 
+def _refuse_new_network(model_cfg: ModelConfig | None, stored_model: ModelConfig, mask_cfg: MaskConfig | None,
+                        stored_mask: MaskConfig) -> None:
+    """On resume the network and masking are the stored ones: a different one asked for is refused, not dropped."""
+    asked = [(f"network setting {k}", v, getattr(stored_model, k)) for k, v in vars(model_cfg or stored_model).items()
+             if k not in ("dims", "in_channels") and v != getattr(stored_model, k)]
+    asked += [(f"masking setting {k}", v, getattr(stored_mask, k)) for k, v in vars(mask_cfg or stored_mask).items()
+              if v != getattr(stored_mask, k)]
+    if asked:
+        name, value, was = asked[0]
+        raise ConfigError(f"{name} cannot change on --resume (stored {was!r}, asked {value!r}): the network and its "
+                          "masking are fixed when training starts; resume without it, or train a new model in "
+                          "another --model-dir")
+
+
 def fit(
     source: Any,
     model_dir: str | Path,
@@ -64,15 +79,16 @@ def fit(
     dims: int | None = None,
     model_cfg: ModelConfig | None = None,
     mask_cfg: MaskConfig | None = None,
-    train_cfg: TrainConfig | None = None,
+    train_cfg: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     buffer_bytes: int | None = None,
     min_std: float | None = None,
     progress: bool = True,
     init_from: str | Path | None = None,
     tensorboard: bool = False,
+    allow_unvalidated: bool = False,
 ) -> TrainResult:
     """Train from any source the data layer opens, streaming patches.
 
@@ -99,11 +115,15 @@ def fit(
         Without ``mask_cfg``, :class:`MaskConfig`'s defaults (N2V2's median
         replacement; ``MaskConfig(replacement="uniform")`` is the paper's).
     resume : bool
-        Continue the model in ``model_dir``.
+        Continue the model in ``model_dir`` with its stored settings.  ``train_cfg``
+        then holds the changes (:func:`~n2v_chunked.config.resume_changes`): each
+        takes effect or is refused with one line (:func:`~n2v_chunked.config.resumed`);
+        ``model_cfg``/``mask_cfg``, when given, must equal the stored ones.
     device : optional
         Defaults to CUDA when present.
-    val_fraction : float
-        Fraction of blocks held out for validation.
+    val_fraction : float, optional
+        Fraction of blocks held out for validation (default 0.1; on resume,
+        the stored one: a different one is refused).
     buffer_bytes : int, optional
         Bound on the sampler's decoded-block buffer.
     min_std : float, optional
@@ -116,6 +136,9 @@ def fit(
         model directory (:func:`n2v_chunked.zoo_import.init_source`).
     tensorboard : bool
         Also write TensorBoard events (see :func:`train`).
+    allow_unvalidated : bool
+        ``init_from``: start from a model directory without validated weights (see
+        :func:`n2v_chunked.checkpoint.check_trained`); refused by default.
 
     Returns
     -------
@@ -123,22 +146,31 @@ def fit(
     """
     info = init_distributed()  # before the sampler, so it shards by rank
     data = open_image(source, axes=axes, level=level)
-    model_cfg = model_cfg or ModelConfig()
-    train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
     if init_from is None:  # (with --init-from, --resume stays refused below)
         resume = ckpt.resume_or_start(model_dir, resume)
     if resume:
         meta = ckpt.read_config(model_dir)
-        model_cfg, mask_cfg, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
-        train_cfg = dataclasses.replace(stored, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
-                                        compile=train_cfg.compile)
+        stored_model, stored_mask, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
+        _refuse_new_network(model_cfg, stored_model, mask_cfg, stored_mask)
+        model_cfg, mask_cfg = stored_model, stored_mask
+        train_cfg = resumed(stored, resume_changes(train_cfg))  # the one resume rule (config.ON_RESUME)
+        stored_fraction = meta.get("val_fraction", val_fraction)
+        if val_fraction is not None and stored_fraction is not None and val_fraction != stored_fraction:
+            raise ConfigError(f"--val-fraction cannot change on --resume (stored {stored_fraction}, asked "
+                              f"{val_fraction}): the held-out blocks are fixed when training starts")
+        val_fraction = stored_fraction
+    elif isinstance(train_cfg, dict):
+        raise ConfigError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
     init = None
     if init_from is not None:
         if resume:
             raise N2VError("--init-from starts a new model from another one; it cannot be combined with --resume")
         from .zoo_import import init_source
 
-        meta, weights = init_source(init_from)
+        meta, weights = init_source(init_from, allow_unvalidated)
         model_cfg, mask_cfg, _ = ckpt.configs_from_meta(meta, init_from)
         init = (weights, np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"]))
     has_z = "z" in data.dims
@@ -193,10 +225,12 @@ def fit(
     else:
         stream = batches(dataset, train_cfg.batch_size, pin=pin)
     label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
+    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
     return train(
-        stream, val, mean, std, model_dir, model_cfg, mask_cfg, train_cfg, resume=resume, device=device,
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
+        resume=resume, device=device,
         sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
-        extra_meta={"input": label,
+        extra_meta={"input": label, "val_fraction": val_fraction,
                     "spatial_dims": list(spatial), "world_size": info.world_size,
                     **({"init_from": redact(str(init_from))} if init else {})},
         init_weights=init[0] if init else None,

@@ -95,13 +95,26 @@ def format_duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def format_line(desc: str, done: int, total: int | None, unit: str, seconds: float, extra: str = "") -> str:
-    """One progress line: done/total, percentage, rate, ETA and ``extra``."""
+def format_line(desc: str, done: int, total: int | None, unit: str, seconds: float, extra: str = "",
+                budget: float | None = None) -> str:
+    """One progress line: done/total, percentage, rate, ETA and ``extra``.
+
+    ``budget``: seconds after which the run stops whatever is left (``--minutes``); the ETA is then the
+    sooner of the work's end and the budget's.
+
+    Examples
+    --------
+    >>> format_line("train", 3, 2000, "step", 90.0, budget=120.0)
+    'train: 3/2000 steps (0%), 0.0333 steps/s, ETA 30s'
+    """
     rate = (done / seconds) if seconds > 0 else 0.0
     parts = [f"{desc}: {done}/{total} {unit}s ({100.0 * done / total:.0f}%)" if total else f"{desc}: {done} {unit}s"]
     parts.append(f"{rate:.3g} {unit}s/s")
     if total:
-        parts.append("ETA " + (format_duration((total - done) / rate) if rate > 0 else "?"))
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        if budget:
+            eta = min(eta, max(budget - seconds, 0.0))
+        parts.append("ETA " + format_duration(eta))
     line = ", ".join(parts)
     return f"{line}; {extra}" if extra else line
 
@@ -125,17 +138,21 @@ class Progress:
         Force the terminal (True) or log (False) style; default: detect.
     clock : callable
         Seconds, monotonic (tests pass a fake one).
+    budget : float, optional
+        Seconds after which the run stops whatever is left (``train --minutes``):
+        the ETA honours it.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str, *, enabled: bool = True, initial: int = 0,
                  stream: TextIO | None = None, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, budget: float | None = None) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.enabled, self.initial, self.n = enabled, initial, initial
         self.stream = stream or sys.stderr
         self.clock = clock
         self.t0 = self.last = clock()
         self.extra = ""
+        self.budget = budget
         self.kind, self.every = interval()
         self.last_n = initial
         self.bar: Any = None
@@ -161,6 +178,11 @@ class Progress:
         if self.bar is not None:
             if extra is not None:
                 self.bar.set_postfix_str(self.extra, refresh=False)
+            if self.budget and self.total:  # tqdm's ETA from the work the budget leaves time for
+                seconds, done = self.clock() - self.t0, self.n - self.initial
+                if seconds > 0 and done > 0:
+                    reach = self.n + int((self.budget - seconds) * done / seconds)
+                    self.bar.total = max(self.n, min(self.total, reach))
             self.bar.update(n)
             return
         now = self.clock()
@@ -176,7 +198,7 @@ class Progress:
         self.last, self.last_n = now, self.n
         self.lines += 1
         line = format_line(self.desc, self.n - self.initial, (self.total - self.initial) if self.total else None,
-                           self.unit, now - self.t0, self.extra)
+                           self.unit, now - self.t0, self.extra, self.budget)
         print(line, file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .augment import augment_batch
-from .config import MaskConfig, ModelConfig, TrainConfig, to_dict
+from .config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
 from .cluster import preemption
 from .errors import N2VError, Preempted, first_line
 from .lock import HeldLock, output_lock
@@ -58,6 +58,7 @@ class TrainResult:
     history: list[dict[str, float]]
     seconds: float
     patches_per_second: float
+    not_learned: str | None = None  # why the model may not have learned anything (:func:`not_learned`)
 
 
 @dataclasses.dataclass
@@ -185,6 +186,81 @@ def ema_model(model: torch.nn.Module, cap: float) -> torch.optim.swa_utils.Avera
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+# The loop's clock (seconds, monotonic); tests replace it to give steps a duration.
+_clock = time.perf_counter
+
+
+def budget_allows(elapsed: float, last_step: float, budget: float) -> bool:
+    """Whether another step fits the time budget (``--minutes``).
+
+    A step starts only if it is expected to end within the budget, its
+    duration estimated as the previous step's (validation and checkpoint
+    included): so a run of 60 s steps under a 2-minute budget stops after
+    two steps instead of starting a third at 119 s.  The first step always
+    runs (nothing to estimate it from).  0: no budget.
+
+    Examples
+    --------
+    >>> budget_allows(119.0, 60.0, 120.0), budget_allows(50.0, 60.0, 120.0), budget_allows(999.0, 1.0, 0.0)
+    (False, True, True)
+    """
+    return not budget or elapsed + last_step <= budget
+
+
+def divergence_cause(model: torch.nn.Module, batch: torch.Tensor | None, cfg: TrainConfig) -> str:
+    """Why the loss stopped being finite, and what to do: the first of the weights, the data and the arithmetic.
+
+    The loss is read a step late, so the weights checked are those after the
+    update that followed it, and the batch is the latest one.
+    """
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return (f"the weights became non-finite ({bad[0]}, {len(bad)} tensor(s)): an update overflowed; "
+                f"lower the learning rate (--lr, now {cfg.lr:g})")
+    if batch is not None:
+        peak = float(batch.abs().max())
+        if peak > 1e4:
+            return (f"the normalised patches reach |{peak:.3g}|: the data's std is tiny against its values "
+                    "(a near-constant image, or a few extreme pixels); check the data or use --min-std")
+    if cfg.precision != "fp32":
+        return f"the {cfg.precision} arithmetic overflowed with finite weights and data; use --precision fp32"
+    return "weights and data are finite, so the loss itself overflowed; please report it with the data's shape"
+
+
+def not_learned(record: dict[str, Any], best: float, steps: int, cfg: TrainConfig) -> str | None:
+    """Why a trained model may not have learned anything (None when it has), with what to do.
+
+    Parameters
+    ----------
+    record : dict
+        ``config.yaml``'s ``validation`` section: ``initial`` holds the
+        validation loss of the untrained network.
+    best : float
+        The best validation loss reached.
+    steps : int
+        Steps trained in all.
+    cfg : TrainConfig
+        The schedule.
+
+    Examples
+    --------
+    >>> not_learned({"initial": {"loss": 1.0}}, 0.7, 400, TrainConfig()) is None
+    True
+    >>> print(not_learned({"initial": {"loss": 1.0}}, 1.0, 3, TrainConfig(time_budget=120.0)))
+    trained only 3 steps, fewer than one validation interval (100) and its validation loss 1 is no better than the untrained network's 1: the model has likely not learned; train longer (--minutes, --steps; continue with --resume), with smaller patches (--patch), or in 2D (--dims 2)
+    """
+    initial = (record.get("initial") or {}).get("loss")
+    reasons = []
+    if steps < cfg.val_interval:
+        reasons.append(f"trained only {steps} steps, fewer than one validation interval ({cfg.val_interval})")
+    if initial is not None and not best < initial:
+        reasons.append(f"its validation loss {best:.4g} is no better than the untrained network's {initial:.4g}")
+    if not reasons:
+        return None
+    return (" and ".join(reasons) + ": the model has likely not learned; train longer (--minutes, --steps; continue "
+            "with --resume), with smaller patches (--patch), or in 2D (--dims 2)")
+
+
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
 
@@ -197,7 +273,7 @@ def train(
     model_dir: str | Path,
     model_cfg: ModelConfig,
     mask_cfg: MaskConfig | None = None,
-    train_cfg: TrainConfig | None = None,
+    train_cfg: TrainConfig | dict[str, Any] | None = None,
     *,
     resume: bool = False,
     device: str | torch.device | None = None,
@@ -221,7 +297,10 @@ def train(
     model_dir : str or Path
         Where checkpoints go.  With ``resume=True`` training continues from it.
     model_cfg, mask_cfg, train_cfg : config dataclasses
-        Architecture, masking and schedule; on resume the stored ones are used.
+        Architecture, masking and schedule.  On resume the stored ones are
+        used, with ``train_cfg``'s changes (a mapping, or a TrainConfig's
+        fields that differ from the defaults: :func:`~n2v_chunked.config.resume_changes`)
+        taking effect or refused (:func:`~n2v_chunked.config.resumed`).
     resume : bool
         Continue from the checkpoint in ``model_dir``.
     device : str or torch.device, optional
@@ -257,28 +336,26 @@ def train(
                       init_weights=init_weights, tensorboard=tensorboard, lock=lock)
 
 
-def _train(
-    batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
-    model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig | None, *,
-    resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
-    progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False,
-    lock: HeldLock | None = None,
-) -> TrainResult:
-    """The body of :func:`train`, run while the model directory's lock (``lock``) is held."""
-    mask_cfg = mask_cfg or MaskConfig()
-    train_cfg = train_cfg or TrainConfig()
+def _settings(model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None,
+              train_cfg: TrainConfig | dict[str, Any] | None, mean: np.ndarray, std: np.ndarray, resume: bool,
+              ) -> tuple[ModelConfig, MaskConfig, TrainConfig, np.ndarray, np.ndarray, dict[str, Any] | None,
+                         dict[str, Any] | None, bool]:
+    """The run's settings: given, or (``resume``) the stored ones with the changes :func:`resumed` allows.
+
+    Returns the three configs, the normalisation, the stored ``config.yaml``
+    content and training state (None for a fresh run), and whether ``lr``
+    was changed on resume.
+    """
     state: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
-    model_id = None
+    new_lr = False
     if ckpt.resume_or_start(model_dir, resume):
         meta = ckpt.read_config(model_dir)
         model_cfg, mask_cfg, stored_train = ckpt.configs_from_meta(meta, model_dir / ckpt.CONFIG)
-        # the step and time budgets and early stopping may change on resume; the rest is fixed
-        train_cfg = dataclasses.replace(stored_train, steps=train_cfg.steps, time_budget=train_cfg.time_budget,
-                                        stop_patience=train_cfg.stop_patience, compile=train_cfg.compile)
+        train_cfg = resumed(stored_train, resume_changes(train_cfg))  # the one resume rule (config.ON_RESUME)
+        new_lr = train_cfg.lr != stored_train.lr
         mean = np.asarray(meta["normalization"]["mean"], np.float32)
         std = np.asarray(meta["normalization"]["std"], np.float32)
-        model_id = meta.get("model_id")
         if ckpt.never_checkpointed(model_dir):
             log.warning("%s holds no checkpoint (its run stopped before the first one): starting at step 0 with "
                         "its stored settings", model_dir)
@@ -292,6 +369,10 @@ def _train(
         log.warning("%s holds only the config of a run stopped before its first checkpoint: starting afresh",
                     model_dir)
         ckpt.remove_stale_temp_files(model_dir)
+    if isinstance(train_cfg, dict):
+        raise N2VError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
+    mask_cfg = mask_cfg or MaskConfig()
+    train_cfg = train_cfg or TrainConfig()
     if not train_cfg.patch_size:
         train_cfg = dataclasses.replace(train_cfg, patch_size=default_patch(model_cfg.dims))
     _check_patch(train_cfg.patch_size, model_cfg)
@@ -299,193 +380,275 @@ def _train(
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != (model_cfg.in_channels,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
         raise N2VError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
+    return model_cfg, mask_cfg, train_cfg, mean, std, meta, state, new_lr
 
+
+def _train(
+    batches: Iterable[Any], val_patches: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray,
+    model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | None,
+    train_cfg: TrainConfig | dict[str, Any] | None, *, resume: bool, device: str | torch.device | None, sampler: Any, axes: str, extra_meta: dict[str, Any] | None,
+    progress: bool, info: DistInfo, init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False,
+    lock: HeldLock | None = None,
+) -> TrainResult:
+    """The body of :func:`train`, run while the model directory's lock (``lock``) is held."""
+    model_cfg, mask_cfg, train_cfg, mean, std, meta, state, new_lr = _settings(
+        model_dir, model_cfg, mask_cfg, train_cfg, mean, std, resume)
     device = torch.device(device) if device else default_device(info)
-    torch.manual_seed(train_cfg.seed)
-    model = UNet(model_cfg)
-    if init_weights is not None and state is None:
-        try:
-            model.load_state_dict(init_weights)
-        except (RuntimeError, TypeError) as exc:
-            raise N2VError(f"--init-from: weights do not match their configuration: {first_line(exc)[:160]}") from None
-    model = model.to(device)
-    channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser, mode="min", factor=0.5, patience=train_cfg.plateau_patience
-    )
-    # built (and checked finite) before the model directory is written
-    norm = _normaliser(mean, std, model_cfg.dims, device)
-    val = validation_set(norm(_to_tensor(val_patches, device)), mask_cfg, train_cfg.seed, device)
-    if channels_last:
-        val.inputs = val.inputs.contiguous(memory_format=torch.channels_last)
-    gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
-    # the plot, CSV and preview in the model directory, redrawn at each validation (plots.py)
-    pictures = TrainingPictures(model_dir, norm(_to_tensor(val_patches, device)), tensorboard) \
-        if info.is_main else None
-    # the network validated, plotted and saved: the running average when there is one
-    averaged = ema_model(model, train_cfg.ema) if train_cfg.ema > 0 else None
-    kept = averaged.module if averaged is not None else model
-    step, best, history = 0, math.inf, []
+    run = Trainer(model_dir, model_cfg, mask_cfg, train_cfg, mean, std, val_patches, device=device, info=info,
+                  sampler=sampler, lock=lock, init_weights=init_weights if state is None else None,
+                  tensorboard=tensorboard)
     if state is not None:
-        model.load_state_dict(state["model"])
-        if averaged is not None and state.get("ema") is not None:  # else the average starts at these weights
-            averaged.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, history = int(state["step"]), float(state["best_val_loss"]), list(state["history"])
-        gen.set_state(state["rng"]["generator"].to("cpu") if device.type == "cpu" else state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if sampler is not None and state.get("sampler") is not None:
-            sampler.load_state_dict(state["sampler"])
-        log.info("resumed %s at step %d", model_dir, step)
+        run.restore(state, new_lr)
+        if meta is not None and info.is_main:  # the settings that took effect, recorded
+            meta["train"] = to_dict(train_cfg)
+            ckpt.write_meta(model_dir, meta)
     elif info.is_main:
         raw_val = val_patches.cpu().numpy() if isinstance(val_patches, torch.Tensor) else np.asarray(val_patches)
         meta = ckpt.write_config(
-            model_dir, model_cfg, mask_cfg, train_cfg, mean, std, axes=axes, model_id=model_id, extra=extra_meta,
-            noise_std=noise_std(raw_val),
+            model_dir, model_cfg, mask_cfg, train_cfg, mean, std, axes=axes,
+            model_id=meta.get("model_id") if meta else None, extra=extra_meta, noise_std=noise_std(raw_val),
         )
-        model_id = meta["model_id"]
+    run.meta = meta
+    return run.run(batches, progress, fresh=state is None)
 
-    net: torch.nn.Module = model
-    if info.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+
+class Trainer:
+    """One training run: the network, its running average, optimiser, schedule, generator and record.
+
+    :meth:`run` is the loop; :meth:`step` one optimiser step, :meth:`evaluate`
+    one validation, :meth:`save` one checkpoint and :meth:`restore` the state
+    a checkpoint holds, so that a resumed run continues bit for bit.  ``meta``
+    (the ``config.yaml`` content, rank 0 only) records validations.
+    """
+
+    def __init__(self, model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig, train_cfg: TrainConfig,
+                 mean: np.ndarray, std: np.ndarray, val_patches: np.ndarray | torch.Tensor, *, device: torch.device,
+                 info: DistInfo, sampler: Any = None, lock: HeldLock | None = None,
+                 init_weights: dict[str, torch.Tensor] | None = None, tensorboard: bool = False) -> None:
+        self.model_dir, self.mask_cfg, self.cfg, self.device, self.info = model_dir, mask_cfg, train_cfg, device, info
+        self.sampler, self.lock = sampler, lock
+        self.meta: dict[str, Any] | None = None
+        torch.manual_seed(train_cfg.seed)
+        model = UNet(model_cfg)
+        if init_weights is not None:
+            try:
+                model.load_state_dict(init_weights)
+            except (RuntimeError, TypeError) as exc:
+                raise N2VError(f"--init-from: weights do not match their configuration: {first_line(exc)[:160]}") \
+                    from None
+        self.channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
+        self.model = model.to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimiser, mode="min", factor=0.5, patience=train_cfg.plateau_patience
         )
-    if train_cfg.compile:  # opt-in: the fixed-shape step compiled once (not measured to win yet)
-        net = torch.compile(net)
+        # built (and checked finite) before the model directory is written
+        self.norm = _normaliser(mean, std, model_cfg.dims, device)
+        self.val = validation_set(self.norm(_to_tensor(val_patches, device)), mask_cfg, train_cfg.seed, device)
+        if self.channels_last:
+            self.val.inputs = self.val.inputs.contiguous(memory_format=torch.channels_last)
+        self.gen = torch.Generator(device=device).manual_seed(train_cfg.seed + _RANK_STRIDE * info.rank)
+        # the plot, CSV and preview in the model directory, redrawn at each validation (plots.py)
+        self.pictures = TrainingPictures(model_dir, self.norm(_to_tensor(val_patches, device)), tensorboard) \
+            if info.is_main else None
+        # the network validated, plotted and saved: the running average when there is one
+        self.averaged = ema_model(self.model, train_cfg.ema) if train_cfg.ema > 0 else None
+        self.kept = self.averaged.module if self.averaged is not None else self.model
+        self.net: torch.nn.Module = self.model
+        if info.world_size > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if train_cfg.compile:  # opt-in: the fixed-shape step compiled once (not measured to win yet)
+            self.net = torch.compile(self.net)
+        self.step_count, self.best, self.history = 0, math.inf, []
+        self.local_patches = 0
+        self.losses = LateScalar()
+        self.last_loss = math.nan  # no step's loss read yet: shown as "-", never checked
+        self.current: torch.Tensor | None = None  # the last normalised batch, for a divergence's diagnosis
+        self.preempted = False  # stopped by a batch system's warning signal (cluster/preemption.py)
 
-    def save() -> None:
-        if not info.is_main:
+    def restore(self, state: dict[str, Any], new_lr: bool = False) -> None:
+        """Continue from a checkpoint's state; ``new_lr``: the configured rate replaces the stored one."""
+        self.model.load_state_dict(state["model"])
+        if self.averaged is not None and state.get("ema") is not None:  # else the average starts at these weights
+            self.averaged.load_state_dict(state["ema"])
+        self.optimiser.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.patience = self.cfg.plateau_patience  # the stored state holds the first run's
+        if new_lr:  # --lr on resume: the rate from here on (a plateau schedule halves it from there)
+            for group in self.optimiser.param_groups:
+                group["lr"] = self.cfg.lr
+        self.step_count, self.best = int(state["step"]), float(state["best_val_loss"])
+        self.history = list(state["history"])
+        rng = state["rng"]["generator"]
+        self.gen.set_state(rng.to("cpu") if self.device.type == "cpu" else rng)
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        log.info("resumed %s at step %d", self.model_dir, self.step_count)
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0): the kept weights and everything a resumed run needs."""
+        if not self.info.is_main:
             return
-        if lock is not None:  # a run whose lock was taken over stops before it overwrites the other's checkpoint
-            lock.check()
-        ckpt.save_weights(model_dir, kept, ckpt.WEIGHTS_LAST)
-        ckpt.save_training_state(
-            model_dir,
-            {
-                "model": ckpt.cpu_state(model),
-                "ema": ckpt.cpu_state(averaged) if averaged is not None else None,
-                "optimizer": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "best_val_loss": best,
-                "history": history,
-                "rng": _rng_state(gen),
-                "sampler": sampler.state_dict(patches_served=local_patches) if sampler is not None else None,
-                "config": {"train": to_dict(train_cfg)},
-            },
-        )
+        if self.lock is not None:  # a run whose lock was taken over stops before it overwrites the other's checkpoint
+            self.lock.check()
+        ckpt.save_weights(self.model_dir, self.kept, ckpt.WEIGHTS_LAST)
+        sampler = self.sampler.state_dict(patches_served=self.local_patches) if self.sampler is not None else None
+        ckpt.save_training_state(self.model_dir, {
+            "model": ckpt.cpu_state(self.model),
+            "ema": ckpt.cpu_state(self.averaged) if self.averaged is not None else None,
+            "optimizer": self.optimiser.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step_count, "best_val_loss": self.best, "history": self.history, "rng": _rng_state(self.gen),
+            "sampler": sampler, "config": {"train": to_dict(self.cfg)},
+        })
 
-    def evaluate(loss: float, elapsed: float, scheduled: bool = True) -> float:
+    def evaluate(self, loss: float, elapsed: float, scheduled: bool = True) -> float:
         """Validate; step the plateau schedule; keep the best weights; record both in config.yaml."""
-        nonlocal best
-        val_loss, per_channel = validate(kept, val, train_cfg.precision, train_cfg.batch_size)
-        if train_cfg.schedule == "plateau" and scheduled:
-            scheduler.step(val_loss)
-        history.append({"step": step, "loss": loss, "val_loss": val_loss,
-                        "lr": optimiser.param_groups[0]["lr"], "seconds": elapsed})
-        if not info.is_main or meta is None:
+        val_loss, per_channel = validate(self.kept, self.val, self.cfg.precision, self.cfg.batch_size)
+        if self.cfg.schedule == "plateau" and scheduled:
+            self.scheduler.step(val_loss)
+        self.history.append({"step": self.step_count, "loss": loss, "val_loss": val_loss,
+                             "lr": self.optimiser.param_groups[0]["lr"], "seconds": elapsed})
+        if not self.info.is_main or self.meta is None:
             return val_loss
         # the interior masked MSE per channel sets the blend weight at prediction (checkpoint.blend_weight)
-        record = meta.setdefault("validation", {})
-        record["last"] = {"step": step, "mse": per_channel}
-        if val_loss < best:
-            best = val_loss
-            ckpt.save_weights(model_dir, kept, ckpt.WEIGHTS_BEST)
-            record["best"] = {"step": step, "mse": per_channel}
-        ckpt.write_meta(model_dir, meta)
-        if pictures is not None:
-            pictures.update(history, kept)
+        record = self.meta.setdefault("validation", {})
+        record["last"] = {"step": self.step_count, "mse": per_channel}
+        if val_loss < self.best:
+            self.best = val_loss
+            ckpt.save_weights(self.model_dir, self.kept, ckpt.WEIGHTS_BEST)
+            record["best"] = {"step": self.step_count, "mse": per_channel}
+        ckpt.write_meta(self.model_dir, self.meta)
+        if self.pictures is not None:
+            self.pictures.update(self.history, self.kept)
         return val_loss
 
-    losses = LateScalar()
-
-    def settle(read: tuple[int, float] | None) -> None:
-        """Take a step's loss read back from the device; stop a diverged run."""
-        nonlocal last_loss
+    def settle(self, read: tuple[int, float] | None) -> None:
+        """Take a step's loss read back from the device; stop a diverged run, naming why."""
         if read is not None:
-            done, last_loss = read
-            if not math.isfinite(last_loss):
-                raise N2VError(f"training diverged at step {done} (loss {last_loss}); lower the learning rate")
+            done, self.last_loss = read
+            if not math.isfinite(self.last_loss):
+                cause = divergence_cause(self.model, self.current, self.cfg)
+                raise N2VError(f"training diverged at step {done} (loss {self.last_loss}): {cause}")
 
-    it: Iterator[Any] = iter(batches)
-    bar = Progress(train_cfg.steps, "train", "step", initial=step, enabled=progress and info.is_main)
-    start_time = time.perf_counter()
-    wait_time, patches, local_patches = 0.0, 0, 0
-    last_loss = float("nan")
-    preempted = False
-    if state is None:
-        save()  # step 0: from now on a killed run can always be resumed
-    model.train()
-    try:
-        while step < train_cfg.steps:
-            if train_cfg.time_budget and time.perf_counter() - start_time > train_cfg.time_budget:
-                log.info("time budget of %.0f s reached at step %d", train_cfg.time_budget, step)
-                break
-            if preemption.requested():  # a batch system's warning signal: save (as at a checkpoint) and stop
-                preempted = True
-                break
-            if train_cfg.schedule == "cosine":
-                # the budget is the step count or the time, whichever runs out first
-                progress = (step + 0.5) / train_cfg.steps  # mid-step: neither the first nor the last rate is 0
-                if train_cfg.time_budget:
-                    progress = max(progress, (time.perf_counter() - start_time) / train_cfg.time_budget)
-                for group in optimiser.param_groups:
-                    group["lr"] = train_cfg.lr * cosine_factor(progress, train_cfg.warmup)
-            t0 = time.perf_counter()
-            try:
-                raw = next(it)
-            except StopIteration:
-                raise N2VError("the patch source ran dry before training finished") from None
-            x = norm(_to_tensor(raw, device))
-            wait_time += time.perf_counter() - t0
-            masked = augment_and_mask(x, mask_cfg, gen, train_cfg.augment)
-            inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if channels_last else masked.inputs
-            with autocast_context(device, train_cfg.precision):
-                pred = net(inputs)
-            loss = masked_mse(pred, masked)
-            settle(losses.push(step + 1, loss))  # the previous step's loss: no wait for this one
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
-            step += 1
-            patches += x.shape[0] * info.world_size
-            local_patches += x.shape[0]
-            validated = step % train_cfg.val_interval == 0 or step == train_cfg.steps
-            checkpoint = step % train_cfg.checkpoint_interval == 0
-            if validated or checkpoint:  # this step's loss is recorded, and a diverged run is never saved
-                settle(losses.flush())
-            elapsed = time.perf_counter() - start_time
-            postfix = {"loss": f"{last_loss:.4f}", "lr": f"{optimiser.param_groups[0]['lr']:.1e}",
-                       "patch/s": f"{patches / elapsed:.0f}"}
-            if validated:
-                postfix["val"] = f"{evaluate(last_loss, elapsed):.4f}"
-            bar.update(1, postfix)
-            if checkpoint:
-                save()
-            if validated and stalled(history, train_cfg.stop_patience):
-                log.info("early stop at step %d: no better validation loss in the last %d validations (best %.5g); "
-                         "the best weights are kept (--stop-patience 0 trains all %d steps)",
-                         step, train_cfg.stop_patience, best, train_cfg.steps)
-                break
-        settle(losses.flush())
-    finally:
-        bar.close()
-    if not preempted and (not history or history[-1]["step"] != step):  # stopped early: validate the final weights
-        # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
-        evaluate(last_loss, time.perf_counter() - start_time, scheduled=False)
-    save()
-    if pictures is not None:
-        pictures.close()
-    if preempted:  # the state of this step is saved: a resumed run continues as if never stopped
-        raise Preempted(f"stopped at step {step} of {train_cfg.steps} on {preemption.signal_name()}; the training "
-                        f"state is saved: rerun with --resume to continue")
-    seconds = time.perf_counter() - start_time
-    if seconds > 0 and info.is_main:
-        log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
-    return TrainResult(model_dir, step, best, history, seconds, patches / seconds if seconds else 0.0)
+    def set_rate(self, elapsed: float) -> None:
+        """The cosine schedule's rate for this step: the budget is the step count or the time, whichever runs out first."""
+        progress = (self.step_count + 0.5) / self.cfg.steps  # mid-step: neither the first nor the last rate is 0
+        if self.cfg.time_budget:
+            progress = max(progress, elapsed / self.cfg.time_budget)
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.cfg.lr * cosine_factor(progress, self.cfg.warmup)
+
+    def step(self, raw: Any) -> int:
+        """One optimiser step on a raw batch; its loss is read a step later (:class:`LateScalar`). Returns its size."""
+        x = self.current = self.norm(_to_tensor(raw, self.device))
+        masked = augment_and_mask(x, self.mask_cfg, self.gen, self.cfg.augment)
+        inputs = masked.inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else masked.inputs
+        with autocast_context(self.device, self.cfg.precision):
+            pred = self.net(inputs)
+        loss = masked_mse(pred, masked)
+        self.settle(self.losses.push(self.step_count + 1, loss))  # the previous step's loss: no wait for this one
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
+        self.step_count += 1
+        self.local_patches += x.shape[0]
+        return x.shape[0]
+
+    def run(self, batches: Iterable[Any], progress: bool = True, fresh: bool = True) -> TrainResult:
+        """Train until the step count, the time budget or early stopping ends the run; validate and save on the way.
+
+        ``fresh``: a new run, whose untrained network is scored first (what
+        :func:`not_learned` compares with) and checkpointed at step 0.
+        """
+        cfg, clock = self.cfg, _clock  # tests replace train._clock with a fake one
+        it: Iterator[Any] = iter(batches)
+        start_time = clock()
+        bar = Progress(cfg.steps, "train", "step", initial=self.step_count, enabled=progress and self.info.is_main,
+                       budget=cfg.time_budget or None)
+        wait_time, patches = 0.0, 0
+        step_seconds = 0.0  # the last step's duration: the estimate of the next one's
+        if fresh:
+            if self.meta is not None:
+                self.meta.setdefault("validation", {})["initial"] = {
+                    "loss": validate(self.kept, self.val, cfg.precision, cfg.batch_size)[0]}
+            self.save()  # step 0: from now on a killed run can always be resumed
+        self.model.train()
+        try:
+            while self.step_count < cfg.steps:
+                t_step = clock()
+                if preemption.requested():  # a batch system's warning signal: save (as at a checkpoint) and stop
+                    self.preempted = True
+                    break
+                if not budget_allows(t_step - start_time, step_seconds, cfg.time_budget):
+                    log.info("time budget of %.0f s reached at step %d (the next step, about %.0f s, would overrun "
+                             "it)", cfg.time_budget, self.step_count, step_seconds)
+                    break
+                if cfg.schedule == "cosine":
+                    self.set_rate(clock() - start_time)
+                t0 = clock()
+                try:
+                    raw = next(it)
+                except StopIteration:
+                    raise N2VError("the patch source ran dry before training finished") from None
+                wait_time += clock() - t0
+                patches += self.step(raw) * self.info.world_size
+                step = self.step_count
+                validated = step % cfg.val_interval == 0 or step == cfg.steps
+                checkpoint = step % cfg.checkpoint_interval == 0
+                if validated or checkpoint:  # this step's loss is recorded, and a diverged run is never saved
+                    self.settle(self.losses.flush())
+                elapsed = clock() - start_time
+                postfix = {"loss": f"{self.last_loss:.4f}" if math.isfinite(self.last_loss) else "-",
+                           "lr": f"{self.optimiser.param_groups[0]['lr']:.1e}", "patch/s": f"{patches / elapsed:.0f}"}
+                if validated:
+                    postfix["val"] = f"{self.evaluate(self.last_loss, elapsed):.4f}"
+                bar.update(1, postfix)
+                if checkpoint:
+                    self.save()
+                step_seconds = clock() - t_step
+                if validated and stalled(self.history, cfg.stop_patience):
+                    log.info("early stop at step %d: no better validation loss in the last %d validations (best "
+                             "%.5g); the best weights are kept (--stop-patience 0 trains all %d steps)",
+                             step, cfg.stop_patience, self.best, cfg.steps)
+                    break
+            self.settle(self.losses.flush())
+        finally:
+            bar.close()
+        return self.finish(clock() - start_time, wait_time, patches)
+
+    def finish(self, seconds: float, wait_time: float, patches: int) -> TrainResult:
+        """Validate weights left off the validation grid, record the verdict, save, and sum up.
+
+        A preempted run only saves: an extra validation would enter the history that early stopping
+        reads, and the resumed run would differ from one never stopped.
+        """
+        if self.preempted:
+            self.save()
+            if self.pictures is not None:
+                self.pictures.close()
+            raise Preempted(f"stopped at step {self.step_count} of {self.cfg.steps} on {preemption.signal_name()}; "
+                            "the training state is saved: rerun with --resume to continue")
+        if not self.history or self.history[-1]["step"] != self.step_count:  # stopped early: validate these too
+            # off the validation grid: the plateau schedule must not count it, or a resumed run would differ
+            self.evaluate(self.last_loss, seconds, scheduled=False)
+        warning = None
+        if self.meta is not None and self.info.is_main:
+            warning = not_learned(self.meta.get("validation", {}), self.best, self.step_count, self.cfg)
+            self.meta.pop("not_learned", None)
+            if warning:
+                self.meta["not_learned"] = warning  # predict repeats it (checkpoint.check_trained)
+            ckpt.write_meta(self.model_dir, self.meta)
+        self.save()
+        if self.pictures is not None:
+            self.pictures.close()
+        if seconds > 0 and self.info.is_main:
+            log.info("data wait %.1f%% of %.1f s", 100 * wait_time / seconds, seconds)
+        return TrainResult(self.model_dir, self.step_count, self.best, self.history, seconds,
+                           patches / seconds if seconds else 0.0, warning)

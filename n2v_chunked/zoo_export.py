@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG, Trained, cpu_state, load_model
+from .checkpoint import CONFIG, Trained, check_trained, cpu_state, load_model
 from .errors import N2VError, first_line
 from .inference import run_network
 from .model import halo_width, size_multiple
@@ -263,7 +263,7 @@ def _jsonable(obj: Any) -> Any:
 
 def export(
     model_dir: str | Path, out: str | Path, *, name: str | None = None, authors: Sequence[str] = (),
-    license: str = DEFAULT_LICENSE, overwrite: bool = False,
+    license: str = DEFAULT_LICENSE, overwrite: bool = False, allow_unvalidated: bool = False,
 ) -> Path:
     """Write the Zoo package ``out`` (a ``.zip``) of a model directory.
 
@@ -281,12 +281,16 @@ def export(
         SPDX licence id (default :data:`DEFAULT_LICENSE`).
     overwrite : bool
         Replace an existing package.
+    allow_unvalidated : bool
+        Use a model directory without validated weights (see
+        :func:`n2v_chunked.checkpoint.check_trained`); refused by default.
 
     Returns
     -------
     Path
         The written package.
     """
+    check_trained(model_dir, allow_unvalidated)  # no package of step 0's random weights without a word
     require_bioimageio()
     from bioimageio.spec import save_bioimageio_package
 

@@ -604,7 +604,7 @@ def _package_file(path: Path, name: str) -> bytes:
     return (path / name).read_bytes()
 
 
-def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def init_source(path: str | Path, allow_unvalidated: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``config.yaml`` content and weights to start training from.
 
     Parameters
@@ -621,6 +621,7 @@ def init_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
     path = Path(path)
     if not is_zoo_package(path):
+        ckpt.check_trained(path, allow_unvalidated)
         meta = ckpt.read_config(path)
         best = path / ckpt.WEIGHTS_BEST
         return meta, ckpt.safe_torch_load(best if best.is_file() else path / ckpt.WEIGHTS_LAST)

@@ -464,6 +464,50 @@ def _zoo_halo_too_small(tmp: Path, m: Models) -> Setup:
     return _zoo_predict(tmp, _zoo(tmp, halo=1))
 
 
+def _stopped_before_validation(tmp: Path, m: Models) -> Path:
+    """A copy of m2d as a run killed before its first validation leaves it: step-2 weights, none validated."""
+    model = tmp / "stopped"
+    shutil.copytree(m.m2d, model)
+    (model / ckpt.WEIGHTS_BEST).unlink()
+    return model
+
+
+def _unvalidated_predict(tmp: Path, m: Models) -> Setup:
+    model = _stopped_before_validation(tmp, m)
+    return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), model, names=[str(model)])
+
+
+def _unvalidated_export(tmp: Path, m: Models) -> Setup:
+    model = _stopped_before_validation(tmp, m)
+    out = tmp / "pkg.zip"
+    return Setup(["export", str(out), "--model-dir", str(model)], [model], out, [str(model)])
+
+
+def _unvalidated_init_from(tmp: Path, m: Models) -> Setup:
+    model = _stopped_before_validation(tmp, m)
+    s = _train(tmp, _ome(tmp / "in.ome.zarr", _noisy((4, 64, 64)), "tyx"), "--init-from", str(model),
+               names=[str(model)])
+    s.inputs.append(model)
+    return s
+
+
+def _resume(tmp: Path, m: Models, *extra: str) -> Setup:
+    """``train --resume`` of a copy of m2d (trained with FAST_TRAIN) with ``extra`` options."""
+    model = tmp / "resumed"
+    shutil.copytree(m.m2d, model)
+    src = m.m2d.parent / "train.zarr"
+    argv = ["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--resume", "--no-progress", *extra]
+    return Setup(argv, [src, model], None, [])
+
+
+def _resume_batch_size(tmp: Path, m: Models) -> Setup:
+    return _resume(tmp, m, "--batch-size", "8")
+
+
+def _resume_depth(tmp: Path, m: Models) -> Setup:
+    return _resume(tmp, m, "--depth", "3")
+
+
 def _init_from_foreign(tmp: Path, m: Models) -> Setup:
     pkg = _zoo(tmp)
     src = _ome(tmp / "in.ome.zarr", _noisy((4, 64, 64)), "tyx")
@@ -567,6 +611,13 @@ CASES: list[Case] = [
     Case("zoo-halo-too-small", _zoo_halo_too_small, ("halo [1, 1] is smaller than the network's reach [3, 3]",
                                                      "--halo 3,3")),
     Case("init-from-foreign-zoo-model", _init_from_foreign, ("not an N2V model of n2v_chunked",)),
+    Case("unvalidated-predict", _unvalidated_predict,
+         ("holds no validated weights", "(last checkpoint: step 2)", "--resume", "--allow-unvalidated")),
+    Case("unvalidated-export", _unvalidated_export, ("holds no validated weights", "--allow-unvalidated")),
+    Case("unvalidated-init-from", _unvalidated_init_from, ("holds no validated weights", "--allow-unvalidated")),
+    Case("resume-batch-size", _resume_batch_size,
+         ("--batch-size cannot change on --resume (stored 4, asked 8)", "batch size")),
+    Case("resume-depth", _resume_depth, ("network setting depth cannot change on --resume (stored 2, asked 3)",)),
     Case("http-output", _http_output, ("http(s) URLs are read-only",), max_seconds=5.0),
     Case("http-server-as-scheduler", _http_server_as_scheduler, ("is not a dask scheduler", "8786"), max_seconds=15.0),
     Case("negative-chunks", _negative_chunks, ("chunks must be positive",)),

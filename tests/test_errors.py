@@ -18,7 +18,7 @@ from n2v_chunked import predict as predict_mod
 from n2v_chunked.cli import main
 from n2v_chunked.errors import (
     INTERNAL_ERROR_EXIT, AxesError, ConfigError, IncompatibleModelError, InputNotFoundError, LockHeldError, N2VError,
-    OutputExistsError, UnreadableDataError,
+    OutputExistsError, UnreadableDataError, UnvalidatedModelError,
 )
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 from n2v_chunked.io.sources import open_image
@@ -45,7 +45,7 @@ def _predict_argv(src, out, model):
 @pytest.mark.parametrize("cls, builtin", [
     (InputNotFoundError, FileNotFoundError), (UnreadableDataError, ValueError), (AxesError, ValueError),
     (IncompatibleModelError, ValueError), (OutputExistsError, FileExistsError), (LockHeldError, BlockingIOError),
-    (ConfigError, ValueError),
+    (ConfigError, ValueError), (UnvalidatedModelError, IncompatibleModelError),
 ])
 def test_subclasses_are_n2verrors_and_builtins_and_survive_pickling(cls, builtin):
     exc = cls("one line", 3)

@@ -1,6 +1,7 @@
 """Training loop, checkpoints, resume, and bad model directories."""
 
 import dataclasses
+import io
 import itertools
 import os
 import pickle
@@ -13,11 +14,12 @@ import torch
 import yaml
 
 from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
-from n2v_chunked.errors import N2VError
+from n2v_chunked.config import ON_RESUME, MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.errors import ConfigError, N2VError, UnvalidatedModelError
 from n2v_chunked.inference import denoise
 from n2v_chunked import train as train_module
-from n2v_chunked.train import cosine_factor, train
+from n2v_chunked.progress import Progress
+from n2v_chunked.train import cosine_factor, divergence_cause, train
 from n2v_chunked.validation import stalled
 
 
@@ -56,8 +58,8 @@ def _fit(tmp_path, steps, resume=False, source=None, name="m", **kw):
     img = noisy[None]
     source = source or RandomCrops(img, 32, 16, seed=1)
     val = np.stack([img[:, :32, :32], img[:, 64:, 64:]])
-    cfg = TrainConfig(patch_size=[32, 32], batch_size=16, steps=steps, val_interval=5,
-                      checkpoint_interval=5, precision="fp32", **kw)
+    cfg = TrainConfig(**{**dict(patch_size=[32, 32], batch_size=16, steps=steps, val_interval=5,
+                                checkpoint_interval=5, precision="fp32"), **kw})
     return train(source, val, img.mean((1, 2)), img.std((1, 2)), tmp_path / name,
                  ModelConfig(features=8), MaskConfig(), cfg, resume=resume, sampler=source,
                  progress=False, device="cpu")
@@ -227,7 +229,8 @@ def test_stalled_counts_validations_since_the_best():
 def test_early_stop_ends_a_stalled_run_and_keeps_the_best(tmp_path, caplog, monkeypatch):
     _, noisy = _noisy_image()
     img = noisy[None]
-    losses = iter([1.0, 0.5] + [0.6 + 0.01 * i for i in range(100)])  # best at the 2nd validation, then worse
+    # the untrained network's score first, then best at the 2nd validation, then worse
+    losses = iter([2.0, 1.0, 0.5] + [0.6 + 0.01 * i for i in range(100)])
     monkeypatch.setattr(train_module, "validate", lambda *a, **k: (next(losses), [0.5]))
     cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=50, val_interval=2, precision="fp32",
                       stop_patience=3, checkpoint_interval=100)
@@ -315,3 +318,142 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         ckpt.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
+
+
+# -- issue 28: resume keeps one rule (item 5) ----------------------------------------------------------------------
+
+
+def _early_stopped(tmp_path, monkeypatch):
+    """A 2-step-validated run that early-stops at step 4 (its validation loss only worsens after step 2)."""
+    losses = iter([2.0, 1.0] + [1.1 + 0.01 * i for i in range(100)])
+    monkeypatch.setattr(train_module, "validate", lambda *a, **k: (next(losses), [0.5]))
+    res = _fit(tmp_path, steps=20, stop_patience=1, val_interval=2)
+    assert res.step == 4
+    return losses
+
+
+def test_resume_applies_stop_patience_ema_and_lr_and_records_them(tmp_path, monkeypatch):
+    _early_stopped(tmp_path, monkeypatch)
+    res = _fit(tmp_path, steps=12, resume=True, stop_patience=0, ema=0.0, lr=1e-3, val_interval=2)
+    assert res.step == 12  # no early stop any more (fit used to keep only steps, minutes and compile)
+    meta = yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())
+    assert (meta["train"]["stop_patience"], meta["train"]["ema"], meta["train"]["lr"]) == (0, 0.0, 1e-3)
+    state = ckpt.load_training_state(tmp_path / "m")
+    assert state["ema"] is None and state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    # a mapping sets a field back to its default, which a TrainConfig cannot tell from "not given"
+    res = _fit_changes(tmp_path, {"steps": 14, "stop_patience": 10})
+    assert res.step == 14 and yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())["train"]["stop_patience"] == 10
+
+
+def _fit_changes(tmp_path, changes):
+    _, noisy = _noisy_image()
+    img = noisy[None]
+    source = RandomCrops(img, 32, 16, seed=1)
+    return train(source, np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)), tmp_path / "m",
+                 ModelConfig(features=8), MaskConfig(), changes, resume=True, sampler=source, progress=False,
+                 device="cpu")
+
+
+@pytest.mark.parametrize("change, option", [({"batch_size": 8}, "--batch-size"), ({"seed": 3}, "--seed"),
+                                            ({"schedule": "cosine"}, "--schedule"), ({"patch_size": [16, 16]}, "--patch")])
+def test_resume_refuses_what_cannot_take_effect(tmp_path, monkeypatch, change, option):
+    _early_stopped(tmp_path, monkeypatch)
+    before = (tmp_path / "m" / ckpt.CONFIG).read_text()
+    with pytest.raises(ConfigError, match=f"^{option} cannot change on --resume") as err:
+        _fit_changes(tmp_path, change)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "m" / ckpt.CONFIG).read_text() == before  # nothing recorded
+
+
+def test_every_training_setting_has_a_resume_rule():
+    assert set(ON_RESUME) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# -- issue 28: unvalidated weights (item 4), a model that has not learned (item 10) -------------------------------
+
+
+def _killed_before_validation(tmp_path):
+    _, noisy = _noisy_image()
+    with pytest.raises(KeyboardInterrupt):  # killed while drawing step 1's batch: only step 0's checkpoint
+        _fit(tmp_path, steps=10, source=RandomCrops(noisy[None], 32, 16, 1, stop_after=1))
+    d = tmp_path / "m"
+    assert (d / ckpt.WEIGHTS_LAST).is_file() and not (d / ckpt.WEIGHTS_BEST).exists()
+    return d
+
+
+def test_unvalidated_weights_are_refused_unless_allowed(tmp_path, caplog):
+    from n2v_chunked.zoo_import import init_source
+
+    d = _killed_before_validation(tmp_path)
+    for use in (ckpt.check_trained, init_source):
+        with pytest.raises(UnvalidatedModelError, match=r"stopped before the first validation \(last checkpoint: "
+                           r"step 0\); continue it with 'n2v-chunked train INPUT --model-dir .* --resume'.*--allow-unvalidated"):
+            use(d)
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        ckpt.check_trained(d, allow_unvalidated=True)
+        init_source(d, allow_unvalidated=True)
+    assert "unvalidated weights" in caplog.text
+
+
+def test_a_model_that_has_not_learned_says_so_in_training_and_prediction(tmp_path, caplog):
+    res = _fit(tmp_path, steps=3, val_interval=100)  # far fewer steps than one validation interval
+    assert res.not_learned and "fewer than one validation interval (100)" in res.not_learned
+    assert "--dims 2" in res.not_learned and "--minutes" in res.not_learned
+    meta = yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())
+    assert meta["not_learned"] == res.not_learned and meta["validation"]["initial"]["loss"] > 0
+    with caplog.at_level("WARNING", logger="n2v_chunked"):
+        ckpt.check_trained(tmp_path / "m")  # what predict calls first
+    assert "has likely not learned" in caplog.text
+    # resumed to a model that learned, the verdict goes away
+    res = _fit(tmp_path, steps=60, resume=True, val_interval=5, lr=2e-3)
+    assert res.not_learned is None and "not_learned" not in yaml.safe_load((tmp_path / "m" / ckpt.CONFIG).read_text())
+
+
+# -- issue 28: --minutes (item 10) and the first read of the loss (item 7) ------------------------------------------
+
+
+def test_time_budget_stops_before_a_step_that_would_overrun(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(train_module, "_clock", lambda: now[0])
+    _, noisy = _noisy_image()
+
+    class SlowCrops(RandomCrops):  # each step takes 60 s of the fake clock
+        def __iter__(self):
+            for batch in super().__iter__():
+                now[0] += 60.0
+                yield batch
+
+    res = _fit(tmp_path, steps=50, time_budget=120.0, source=SlowCrops(noisy[None], 32, 16, seed=1))
+    assert res.step == 2 and res.seconds <= 120.0  # a third step would have ended at 180 s
+
+
+def test_the_eta_honours_the_time_budget():
+    clock = [0.0]
+    out = io.StringIO()
+    bar = Progress(2000, "train", "step", stream=out, tty=False, clock=lambda: clock[0], budget=120.0)
+    bar.every, bar.kind = 1.0, "s"
+    clock[0] = 60.0
+    bar.update(1)
+    assert "ETA 1m00s" in out.getvalue()  # not the 33h that 1999 more 60 s steps would take
+
+
+def test_no_loss_is_shown_before_the_first_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("N2V_PROGRESS_INTERVAL", "1%")
+    _, noisy = _noisy_image()
+    img = noisy[None]
+    cfg = TrainConfig(patch_size=[32, 32], batch_size=4, steps=3, val_interval=3, precision="fp32")
+    train(RandomCrops(img, 32, 4), np.stack([img[:, :32, :32]]), img.mean((1, 2)), img.std((1, 2)),
+          tmp_path / "m", ModelConfig(features=4), None, cfg, progress=True, device="cpu")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
+    assert "loss -," in lines[0] and all("nan" not in line for line in lines), lines
+
+
+def test_a_divergence_names_its_cause():
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(precision="fp32")
+    assert "the loss itself overflowed" in divergence_cause(model, torch.zeros(2, 2), cfg)
+    assert "--precision fp32" in divergence_cause(model, torch.zeros(2, 2), TrainConfig(precision="bf16"))
+    assert "std is tiny" in divergence_cause(model, torch.full((2, 2), 1e6), cfg)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert "weights became non-finite (weight" in divergence_cause(model, torch.zeros(2, 2), cfg)

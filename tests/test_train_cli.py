@@ -72,7 +72,9 @@ def test_3d_stack_with_few_slices_and_odd_sizes(tmp_path):
     tifffile.imwrite(tmp_path / "few.tif", rng.normal(50, 5, (5, 61, 47)).astype(np.float32),
                      imagej=True, metadata={"axes": "ZYX"})
     model = tmp_path / "m3d"
-    assert main(["train", str(tmp_path / "few.tif"), "--model-dir", str(model), "--val-fraction", "0.2", *FAST]) == 0
+    # fp32: "auto" is bf16 on CPUs with AVX-512 BF16/AMX (GPU hosts), so the run would differ by machine (issue 28 item 7)
+    assert main(["train", str(tmp_path / "few.tif"), "--model-dir", str(model), "--val-fraction", "0.2", *FAST,
+                 "--precision", "fp32"]) == 0
     meta = yaml.safe_load((model / ckpt.CONFIG).read_text())
     assert meta["model"]["dims"] == 3
     assert meta["train"]["patch_size"] == [4, 32, 32]
@@ -143,3 +145,58 @@ def test_nan_image_stops_with_one_line(tmp_path, nan):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("n2v-chunked: error: ") and "contains NaN or Inf values" in last
     assert "Traceback" not in proc.stderr and not (tmp_path / "m").exists()
+
+
+def test_resume_after_an_early_stop_takes_the_given_options(tmp_path, monkeypatch, capsys):
+    """Issue 28 item 5: `train --resume --stop-patience 0 --ema 0 --lr 0.001` trains on, with those values recorded."""
+    from n2v_chunked import train as train_module
+
+    losses = iter([2.0, 1.0] + [1.1 + 0.01 * i for i in range(100)])  # untrained, best at step 2, then worse
+    monkeypatch.setattr(train_module, "validate", lambda *a, **k: (next(losses), [0.5]))
+    src = _zarr_stack(tmp_path / "in.zarr")
+    model = tmp_path / "model"
+    base = ["train", str(src), "--axes", "tyx", "--model-dir", str(model), "--patch", "32,32", "--batch-size", "8",
+            "--features", "4", "--val-interval", "2", "--no-progress"]
+    assert main([*base, "--steps", "20", "--stop-patience", "1"]) == 0
+    assert ckpt.load_training_state(model)["step"] == 4  # early stop
+    # the given options take effect; --features equal to the stored one is no change; the rest stays stored
+    assert main([*base, "--resume", "--steps", "8", "--stop-patience", "0", "--ema", "0", "--lr", "0.001"]) == 0
+    assert ckpt.load_training_state(model)["step"] == 8
+    train_cfg = yaml.safe_load((model / ckpt.CONFIG).read_text())["train"]
+    assert (train_cfg["stop_patience"], train_cfg["ema"], train_cfg["lr"], train_cfg["steps"]) == (0, 0.0, 0.001, 8)
+    # an option set back to its default value is a change too, through fit and the loop alike
+    assert main([*base, "--resume", "--steps", "10", "--stop-patience", "10"]) == 0
+    assert yaml.safe_load((model / ckpt.CONFIG).read_text())["train"]["stop_patience"] == 10
+    # what cannot take effect is refused with one line naming it; the model is untouched
+    capsys.readouterr()
+    assert main([*base, "--resume", "--steps", "12", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed cannot change on --resume (stored 0, asked 3)" in err[0]
+    assert ckpt.load_training_state(model)["step"] == 10
+
+
+def test_config_file_options_count_as_given_on_resume(tmp_path):
+    from n2v_chunked.cli import build_parser
+    from n2v_chunked.cli_config import apply_config_file, given_options
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  stop_patience: 0\n")
+    parser = build_parser()
+    argv = ["--config", str(cfg), "train", "in.zarr", "--model-dir", "m", "--resume", "--steps", "2000"]
+    apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    given = given_options(parser, argv, args)
+    # --steps given at its default value counts; so does the file's stop_patience; --lr, not given, does not
+    assert {"steps", "stop_patience", "resume"} <= given and "lr" not in given
+
+
+def test_given_options_with_repeatable_options():
+    from n2v_chunked.cli import build_parser
+    from n2v_chunked.cli_config import given_options
+
+    parser = build_parser()
+    for argv, author in ((["export", "p.zip", "--model-dir", "m", "--author", "A", "--author", "B"], True),
+                         (["export", "p.zip", "--model-dir", "m"], False)):
+        args = parser.parse_args(argv)
+        assert ("author" in given_options(parser, argv, args)) is author
+        assert parser.parse_args(argv).author == (["A", "B"] if author else [])  # defaults restored

@@ -55,6 +55,7 @@ class PredictOptions:
     jobs: int | None = None
     halo: Any = None
     normalize: Normalize = "model"
+    allow_unvalidated: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ngff_version", str(self.ngff_version))  # YAML and Python may give 0.5

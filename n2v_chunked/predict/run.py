@@ -40,6 +40,7 @@ import xarray as xr
 import zarr
 
 from ..cluster import preemption
+from .. import checkpoint as ckpt
 from ..cluster.common import check_not_spawn_reimport
 from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
 from ..errors import (
@@ -234,6 +235,9 @@ def predict(
         input's are far from them), or with the input's own, sampled once per
         run (:func:`n2v_chunked.intensity.choose_normalization`); recorded in
         the output's provenance (``normalization``).
+    allow_unvalidated : bool
+        Use a model directory without validated weights (see
+        :func:`n2v_chunked.checkpoint.check_trained`); refused by default.
 
     Returns
     -------
@@ -272,6 +276,8 @@ def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, 
         return open_image(source, axes=opts.axes, level=opts.level)
 
     data = read() if is_zoo_package(model) else None
+    if data is None:
+        ckpt.check_trained(model, opts.allow_unvalidated)  # never step 0's random weights without a word
     src = open_source(model, data, halo=opts.halo)
     trained = get_model(src, src.token(), "cpu")  # cached for local CPU runs
     return (read() if data is None else data), src, trained
