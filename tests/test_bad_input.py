@@ -39,7 +39,7 @@ import xarray as xr
 import yaml
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.model import checkpoint as ckpt
 from n2v_chunked.cli import main
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 
@@ -706,7 +706,7 @@ def test_integer_limits_are_accepted(dtype: str, models: Models, tmp_path: Path,
     would make the output differ from the float reference; an integer
     output must be rounded and clipped, never wrapped.
     """
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     info = np.iinfo(dtype)
     rng = np.random.default_rng(1)

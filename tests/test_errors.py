@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from n2v_chunked import predict as predict_mod
+from n2v_chunked import prediction as predict_mod
 from n2v_chunked.cli import main
 from n2v_chunked.errors import (
     INTERNAL_ERROR_EXIT, AxesError, ConfigError, IncompatibleModelError, InputNotFoundError, LockHeldError, N2VError,
@@ -22,7 +22,7 @@ from n2v_chunked.errors import (
 )
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 from n2v_chunked.io.sources import open_image
-from n2v_chunked.predict import blocks
+from n2v_chunked.prediction import blocks
 
 from helpers import make_model_dir
 

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from n2v_chunked import plots
+from n2v_chunked.training import plots
 from n2v_chunked.cli import main
 
 from helpers import make_model_dir, noisy

@@ -229,7 +229,7 @@ def test_predict_sbatch_equals_local_run(
 def test_predict_api_slurm_equals_local_run(
     slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue_yaml: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     jq, name = jobqueue_yaml, yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     out = tmp_path / "slurm-api.ome.zarr"
@@ -267,7 +267,7 @@ def test_train_sbatch_two_processes(slurm, noisy: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (DDP over gloo) inside one SLURM job."""
     import torch
 
-    from n2v_chunked import checkpoint as ckpt
+    from n2v_chunked.model import checkpoint as ckpt
 
     mdir = tmp_path / "model"
     job_id, log = _submit(

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
-from n2v_chunked.inference import denoise
-from n2v_chunked import train as train_module
-from n2v_chunked.train import cosine_factor, train
-from n2v_chunked.validation import stalled
+from n2v_chunked.engine.inference import denoise
+from n2v_chunked.training import loop as train_module
+from n2v_chunked.training.loop import cosine_factor, train
+from n2v_chunked.training.validation import stalled
 
 
 class RandomCrops:

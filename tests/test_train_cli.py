@@ -12,11 +12,11 @@ import torch
 import yaml
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import plots
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.training import plots
 from n2v_chunked.cli import main
-from n2v_chunked.config import ModelConfig
-from n2v_chunked.fit import fit_patch_shape
+from n2v_chunked.model.config import ModelConfig
+from n2v_chunked.training.fit import fit_patch_shape
 
 FAST = ["--steps", "3", "--batch-size", "8", "--features", "4", "--val-interval", "2", "--no-progress"]
 

@@ -11,9 +11,9 @@ import zarr
 
 from ..errors import N2VError, UnreadableDataError, first_line
 from .metadata_axes import AXIS_TYPES, CANONICAL
-from .readers import ChunkReader, Raw, SourceInfo, from_reader
 from .objects import zarr_store
-from .stores import diagnose
+from .objects import diagnose
+from .readers import ChunkReader, Raw, SourceInfo, from_reader
 
 log = logging.getLogger("n2v_chunked")
 

@@ -10,7 +10,8 @@ patches while the stream stays mixed.
 The dataset holds what all streams share (source, block grid, validation
 split, schedule, resume state) and loads one block window on request
 (:meth:`ZarrPatchDataset._load`); each stream is a
-:class:`~n2v_chunked.sampling.stream.PatchStream`.
+:class:`~n2v_chunked.sampling.stream.PatchStream`, which sees the dataset only
+through the public :class:`~n2v_chunked.sampling.stream.StreamSpec` it is given.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..engine.transfer import pinned
 from ..errors import N2VError
-from ..transfer import pinned
 from .access import BadChunks, chunk_slices, open_mask, open_source, read_mask, read_window
 from .grid import (
     DEFAULT_MIN_BLOCK_BYTES,
     DEFAULT_REUSE,
     TAG_BLOCK,
+    TAG_SLOT,
     TAG_VALDRAW,
     Box,
     make_block_grid,
@@ -36,7 +38,7 @@ from .grid import (
     seeded_rng,
 )
 from .order import Index, Permutation, assign_blocks, split_validation
-from .stream import BLOCK_TRIES, Entry, Loaded, PatchStream, accept, ahead
+from .stream import BLOCK_TRIES, Entry, Foreground, Loaded, PatchStream, StreamSpec, ahead
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
@@ -381,7 +383,26 @@ class ZarrPatchDataset(IterableDataset):
         """A :class:`PatchStream` for this process (worker and rank from the environment unless given)."""
         if stream is None or n_streams is None:
             stream, n_streams = self._streams()
-        return PatchStream(self, stream, n_streams)
+        spec = StreamSpec(
+            name=self._source.name,
+            schedule=self._schedule(stream, n_streams),
+            # re-seeded from the start position: a resumed stream skips without replaying
+            rng=seeded_rng(self.seed, TAG_SLOT, stream, n_streams, *self._start_position(stream, n_streams)),
+            blocks_per_pass=len(assign_blocks(self.train_blocks, 0, stream, n_streams, self.seed)),
+            train_blocks=len(self.train_blocks),
+            slots=self._slots_total,
+            io_threads=self.io_threads,
+            max_bad_chunks=self.max_bad_chunks,
+            window_nbytes=self._window_nbytes,
+            load=self._load,
+            foreground=self._foreground(),
+            batch_shape=(self.n_channels, *self.patch_shape),
+            draw_shape=(self.n_channels, *self.grid.patch),
+        )
+        return PatchStream(spec, stream, n_streams)
+
+    def _foreground(self) -> Foreground:
+        return Foreground(self.min_std, self.min_foreground, masked=self.mask is not None)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         s = self.stream()
@@ -421,6 +442,7 @@ class ZarrPatchDataset(IterableDataset):
         out = np.empty((n, self.n_channels, *self.patch_shape), dtype=np.float32)
         flat = out.reshape(n, self.n_channels, *self.grid.patch)
         bad = BadChunks(self._source.name, self.max_bad_chunks)
+        foreground = self._foreground()
         got, tries = 0, 0
         for k, block in enumerate(order):
             loaded = self._load(0, int(block), 0, bad.snapshot(), validation=True)
@@ -433,7 +455,7 @@ class ZarrPatchDataset(IterableDataset):
             while want > 0 and misses < BLOCK_TRIES:
                 origin = entry.next_origin()
                 patch = entry.view[origin]
-                if (self.min_std is not None or self.mask is not None) and not accept(self, entry, origin, patch):
+                if foreground.active and not foreground.accepts(entry, origin, patch):
                     misses += 1
                     tries += 1
                     continue

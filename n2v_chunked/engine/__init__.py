@@ -1,0 +1,1 @@
+"""The engine stage of n2v_chunked (issue 27)."""

@@ -1,0 +1,1 @@
+"""The zoo stage of n2v_chunked (issue 27)."""
