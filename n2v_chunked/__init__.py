@@ -10,6 +10,7 @@ The packages are the stages of the data flow (docs/architecture.md):
 What a Python user needs is here::
 
     from n2v_chunked import open_image, fit, predict, load_model, denoise, N2VError
+    from n2v_chunked import TrainConfig, ModelConfig, MaskConfig   # fit's options
 
 These names are imported on first use (:func:`__getattr__`): ``import
 n2v_chunked`` stays as cheap as the errors, so the command line's start-up
@@ -45,12 +46,16 @@ _LAZY = {
     "predict": "n2v_chunked.prediction.run",
     "load_model": "n2v_chunked.model.checkpoint",
     "denoise": "n2v_chunked.engine.inference",
+    "MaskConfig": "n2v_chunked.model.config",
+    "ModelConfig": "n2v_chunked.model.config",
+    "TrainConfig": "n2v_chunked.model.config",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
     from .engine.inference import denoise
     from .io.sources import open_image
     from .model.checkpoint import load_model
+    from .model.config import MaskConfig, ModelConfig, TrainConfig
     from .prediction.run import predict
     from .training.fit import fit
 
@@ -71,5 +76,5 @@ def __dir__() -> list[str]:
 __all__ = [
     "AxesError", "ConfigError", "IncompatibleModelError", "InputNotFoundError", "LockHeldError", "N2VError",
     "OutputExistsError", "UnreadableDataError", "__version__",
-    "denoise", "fit", "load_model", "open_image", "predict",
+    "MaskConfig", "ModelConfig", "TrainConfig", "denoise", "fit", "load_model", "open_image", "predict",
 ]

@@ -146,3 +146,23 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_import_circle()
     with pytest.raises(AssertionError, match="io may not depend on cli"):
         test_imports_go_down_the_stages("n2v_chunked.io.b")
+
+
+def test_public_names_are_the_functions_whatever_was_imported_before():
+    """``n2v_chunked.predict`` is the function, also after the prediction package was imported
+    (a subpackage named ``predict`` would have shadowed it: the reason for ``prediction/``)."""
+    import importlib
+
+    importlib.import_module("n2v_chunked.prediction.plan")
+    from n2v_chunked import N2VError, denoise, fit, load_model, open_image, predict
+    from n2v_chunked.engine.inference import denoise as denoise_
+    from n2v_chunked.io.sources import open_image as open_image_
+    from n2v_chunked.model.checkpoint import load_model as load_model_
+    from n2v_chunked.prediction.run import predict as predict_
+    from n2v_chunked.training.fit import fit as fit_
+
+    assert (open_image, fit, predict, load_model, denoise) == (open_image_, fit_, predict_, load_model_, denoise_)
+    assert n2v_chunked.predict is predict_ and issubclass(N2VError, Exception)
+    assert set(n2v_chunked.__all__) <= set(dir(n2v_chunked))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        n2v_chunked.nothing  # noqa: B018

@@ -254,7 +254,7 @@ def test_negative_chunks_give_one_line_not_a_usage_dump(small, tmp_path, capfd):
     rc = main(["predict", str(tif), str(tmp_path / "o.ome.zarr"), "--model-dir", str(model), "--axes", "yx",
                "--chunks", "-8,32", "--scheduler", "sync"])
     err = capfd.readouterr().err
-    assert rc == 2 and err.strip() == "n2v-chunked: error: chunks must be positive, got [-8, 32]"
+    assert rc == 2 and err.strip() == "n2v-chunked: error: --chunks must be positive integers; got '-8,32'"
     rc = main(["convert", str(tif), str(tmp_path / "c.ome.zarr"), "--axes", "yx", "--chunks", "-8,32"])
     err = capfd.readouterr().err
     assert rc == 2 and err.strip() == "n2v-chunked: error: --chunks must be positive integers; got '-8,32'"

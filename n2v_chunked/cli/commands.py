@@ -284,16 +284,6 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    """``"1,512,512"`` -> ``[1, 512, 512]``; None stays None."""
-    if text is None or isinstance(text, list):
-        return text
-    try:
-        return [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ConfigError(f"{option} must be comma-separated integers, e.g. 1,512,512; got {text!r}") from None
-
-
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -360,13 +350,14 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     _add_progress(p)
 
     def handler(args: argparse.Namespace) -> int:
+        from ..io.convert import parse_int_list
         from ..prediction import predict
 
         out = predict(
             args.input,
             args.output,
             args.model_dir,
-            chunks=_int_list(args.chunks, "--chunks"),
+            chunks=parse_int_list(args.chunks, "--chunks"),
             boundary=args.boundary,
             tta=args.tta,
             blend=args.blend,
@@ -385,7 +376,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
             pyramid=not args.no_pyramid,
             jobqueue_config=args.jobqueue_config,
             jobs=args.jobs,
-            halo=_int_list(args.halo, "--halo"),
+            halo=parse_int_list(args.halo, "--halo", minimum=0),
             normalize=args.normalize,
         )
         if args.preview:

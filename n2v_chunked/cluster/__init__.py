@@ -6,7 +6,10 @@ Every scheduler concern lives here:
 - :mod:`~n2v_chunked.cluster.slurm`: the ``jobqueue: slurm:`` YAML file and SLURM clusters;
 - :mod:`~n2v_chunked.cluster.common`: the dashboard link, teardown, the ``__main__`` guard;
 - :mod:`~n2v_chunked.cluster.scheduling`: which scheduler a run uses (:func:`scheduler_context`),
-  cores and GPUs per worker, feeding batches of tasks to it.
+  cores and GPUs per worker, feeding batches of tasks to it;
+- :mod:`~n2v_chunked.cluster.worker_setup`: preloaded into local workers (they ignore Ctrl-C);
+- :mod:`~n2v_chunked.cluster.progress`: progress of long runs, a bar on a terminal and lines in a
+  batch job's log (used by io's writers, training and prediction, so it lives down here).
 
 :func:`cluster_client` is the one entry point.  It is a context manager that
 yields a :class:`distributed.Client` and owns the life of whatever cluster it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ..errors import N2VError
+from ..errors import ConfigError
 
 
 def human_bytes(n: float | None) -> str:
@@ -25,17 +25,27 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
-def parse_int_list(text: str | Sequence[int] | None, what: str = "value") -> tuple[int, ...] | None:
-    """Parse ``"1,256,256"`` (or a list from a YAML config) into a tuple of positive ints."""
+def parse_int_list(text: str | Sequence[int] | None, what: str = "value", minimum: int = 1) -> tuple[int, ...] | None:
+    """Parse ``"1,256,256"`` (or a list from a YAML config) into a tuple of ints ``>= minimum``.
+
+    The one parser of the integer lists of the command line (``--chunks``, ``--shards``, ``--patch``,
+    ``--halo``) and of the Python API.
+
+    Raises
+    ------
+    ConfigError
+        Not integers, or one below ``minimum`` (the message names ``what``).
+    """
     if text is None:
         return None
     items = text.replace("x", ",").split(",") if isinstance(text, str) else list(text)
     try:
         out = tuple(int(str(v).strip()) for v in items if str(v).strip())
     except ValueError:
-        raise N2VError(f"{what} must be comma-separated integers like 1,256,256; got {text!r}") from None
-    if not out or any(v < 1 for v in out):
-        raise N2VError(f"{what} must be positive integers; got {text!r}")
+        raise ConfigError(f"{what} must be comma-separated integers like 1,256,256; got {text!r}") from None
+    if not out or any(v < minimum for v in out):
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ConfigError(f"{what} must be {kind} integers; got {text!r}")
     return out
 
 

@@ -5,7 +5,8 @@
   and the graph of a batch of blocks with its borders padded;
 - :mod:`~n2v_chunked.prediction.writer`: each block's chunks and its marker (:func:`done_blocks`);
 - :mod:`~n2v_chunked.prediction.run`: :func:`predict`, which ties them together
-  (schedulers: :mod:`n2v_chunked.cluster`).
+  (schedulers: :mod:`n2v_chunked.cluster`);
+- :mod:`~n2v_chunked.prediction.preview`: ``predict --preview``, input and output side by side.
 """
 
 from .blocks import batch_prediction, get_model, model_token, predict_block
