@@ -34,7 +34,7 @@ import os
 import threading
 from typing import Any, Iterator, Sequence
 
-from ..errors import N2VError
+from ..errors import ConfigError
 from .stores import (
     OBJECT_PROTOCOLS, OPTIONS_ENV, location, protocol, redact, remember_secrets, require_client, storage_options,
     store_problem, summary, tune_for_latency,
@@ -168,7 +168,7 @@ def _make(scheme: str, root: str, opts: dict[str, Any], module: Any) -> Any:
         client_options = {"allow_http": scheme == "http", **opts.get("client_options", {})}
         return module.HTTPStore.from_url(root, client_options=client_options, retry_config=retry)
     except Exception as exc:  # obstore's configuration errors: an unknown option, a bad value
-        raise N2VError(f"{redact(root)}: bad storage options: {redact(str(exc).splitlines()[0])}") from None
+        raise ConfigError(f"{redact(root)}: bad storage options: {redact(str(exc).splitlines()[0])}") from None
 
 
 def forget_clients() -> None:

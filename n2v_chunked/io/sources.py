@@ -24,7 +24,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..errors import AxesError, InputNotFoundError, N2VError, UnreadableDataError
+from ..errors import AxesError, ConfigError, InputNotFoundError, N2VError, UnreadableDataError
 from .formats import open_with_bioio
 from .metadata_axes import ASK_AXES, CANONICAL, check_axes_agree, parse_axes
 from .readers import Raw, SourceInfo
@@ -88,7 +88,7 @@ def open_image_info(
 ) -> tuple[xr.DataArray, SourceInfo]:
     """Like :func:`open_image`, also returning store details (chunks, levels, size)."""
     if level < 0:
-        raise N2VError(f"level must be >= 0, got {level}")
+        raise ConfigError(f"level must be >= 0, got {level}")
     if isinstance(source, xr.DataArray):
         raw = _open_xarray(source, axes)
     elif isinstance(source, da.Array):
@@ -100,7 +100,7 @@ def open_image_info(
     else:
         raise N2VError(f"cannot open a {type(source).__name__}: give a path, URL, numpy, dask or xarray array")
     if level and raw.format not in ("ome-zarr", "tiff"):
-        raise N2VError(f"{raw.source} has a single resolution level; level {level} does not exist")
+        raise ConfigError(f"{raw.source} has a single resolution level; level {level} does not exist")
     return _canonical(raw, axes, chunks)
 
 
@@ -180,7 +180,7 @@ def _rechunked(raw: Raw, dims: tuple[str, ...], out_dims: tuple[str, ...], chunk
     else:
         return raw.data.rechunk(chunks)  # any other dask chunk spec
     if not set(by_dim) <= set(dims):
-        raise N2VError(f"chunks {chunks} name dims not in {''.join(out_dims)}")
+        raise ConfigError(f"chunks {chunks} name dims not in {''.join(out_dims)}")
     native = tuple(
         min(int(by_dim.get(d, raw.data.chunksize[i])), raw.data.shape[i]) or 1 for i, d in enumerate(dims)
     )

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, N2VError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def parse_storage_options(items: Iterable[str] | dict[str, Any] | None) -> dict[
         for item in items:
             key, sep, val = str(item).partition("=")
             if not sep or not key.strip():
-                raise N2VError(f"--storage-options expects KEY=VALUE, got {_scrub_item(str(item))!r}")
+                raise ConfigError(f"--storage-options expects KEY=VALUE, got {_scrub_item(str(item))!r}")
             pairs.append((key.strip(), _value(val)))
     out: dict[str, Any] = {}
     for key, val in pairs:
@@ -125,7 +125,7 @@ def parse_storage_options(items: Iterable[str] | dict[str, Any] | None) -> dict[
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise N2VError(f"storage option {key}: {p} is both a value and a section")
+                raise ConfigError(f"storage option {key}: {p} is both a value and a section")
         node[leaf] = val
     return out
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..engine.transfer import pinned
-from ..errors import N2VError
+from ..errors import AxesError, ConfigError, N2VError, UnreadableDataError
 from .access import BadChunks, chunk_slices, open_mask, open_source, read_mask, read_window
 from .grid import (
     DEFAULT_MIN_BLOCK_BYTES,
@@ -174,17 +174,17 @@ class ZarrPatchDataset(IterableDataset):
             spatial_dims = ("z", "y", "x") if "z" in dims else ("y", "x")
         spatial_dims = tuple(spatial_dims)
         if spatial_dims not in (("y", "x"), ("z", "y", "x")):
-            raise N2VError(f"spatial_dims must be ('y', 'x') or ('z', 'y', 'x'), got {spatial_dims}")
+            raise AxesError(f"spatial_dims must be ('y', 'x') or ('z', 'y', 'x'), got {spatial_dims}")
         missing = [d for d in spatial_dims if d not in dims]
         if missing:
-            raise N2VError(f"spatial dim(s) {missing} not in the data's dims {dims}")
+            raise AxesError(f"spatial dim(s) {missing} not in the data's dims {dims}")
         if [d for d in dims if d in spatial_dims] != list(spatial_dims):
-            raise N2VError(f"spatial dims {spatial_dims} must appear in that order in the data's dims {dims}")
+            raise AxesError(f"spatial dims {spatial_dims} must appear in that order in the data's dims {dims}")
         if patch_shape is None:
             patch_shape = (64, 64) if len(spatial_dims) == 2 else (32, 32, 32)
         patch_shape = tuple(int(p) for p in patch_shape)
         if len(patch_shape) != len(spatial_dims) or min(patch_shape) < 1:
-            raise N2VError(f"patch_shape {patch_shape} must give a positive size for each of {spatial_dims}")
+            raise ConfigError(f"patch_shape {patch_shape} must give a positive size for each of {spatial_dims}")
         self.spatial_dims, self.patch_shape = spatial_dims, patch_shape
         self._c_axis = dims.index("c") if "c" in dims else None
         self.n_channels = self._source.shape[self._c_axis] if self._c_axis is not None else 1
@@ -317,7 +317,7 @@ class ZarrPatchDataset(IterableDataset):
             else:
                 rank, world = rank or 0, world or 1
         if not 0 <= rank < world:
-            raise N2VError(f"rank {rank} is outside world size {world}")
+            raise ConfigError(f"rank {rank} is outside world size {world}")
         return rank, world
 
     def _streams(self) -> tuple[int, int]:
@@ -435,7 +435,7 @@ class ZarrPatchDataset(IterableDataset):
         if n in self._val_cache:
             return self._val_cache[n]
         if len(self.val_blocks) == 0:
-            raise N2VError("no validation blocks: val_fraction is 0")
+            raise ConfigError("no validation blocks: val_fraction is 0")
         shuffle = Permutation(len(self.val_blocks), self.seed, TAG_VALDRAW)  # mixes the strata
         # enough blocks for variety, not a full read
         order = [self.val_blocks[shuffle(k)] for k in range(min(len(self.val_blocks), n, 64))]
@@ -466,7 +466,7 @@ class ZarrPatchDataset(IterableDataset):
         if got == 0:
             why = (f"every one holds bad chunks{bad.summary()}" if bad.reasons
                    else "the held-out data looks all-background")
-            raise N2VError(f"no validation patch found in the {len(order)} validation block(s) of "
+            raise UnreadableDataError(f"no validation patch found in the {len(order)} validation block(s) of "
                            f"{self._source.name} after {tries} tries: {why}")
         if got < n:  # filters left some blocks short: repeat the accepted patches
             flat[got:] = flat[np.arange(n - got) % got]

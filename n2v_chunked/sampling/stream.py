@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..engine.transfer import host_empty
-from ..errors import N2VError
+from ..errors import N2VError, UnreadableDataError
 from .access import BadChunks
 from .grid import Box, draw_origins
 
@@ -165,7 +165,7 @@ class PatchStream:
             self._slots.append(entry)
         self._active = [i for i, e in enumerate(self._slots) if e is not None]
         if not self._active and self.stats["blocks_skipped"]:
-            raise N2VError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
+            raise UnreadableDataError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
                            + self._bad.summary())
 
     # -- block loading --------------------------------------------------------
@@ -212,7 +212,7 @@ class PatchStream:
             # change): once every training block is, an endless schedule would spin forever.
             self._unusable.add(loaded.block)
             if len(self._unusable) >= self._spec.train_blocks:
-                raise N2VError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
+                raise UnreadableDataError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
                                + self._bad.summary())
 
     def _count(self, delta: int) -> None:
