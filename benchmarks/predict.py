@@ -93,7 +93,7 @@ def frames_for(gb: float, frame: int) -> int:
 
 
 # (name, runtime, precision, exact): the ceiling's candidates; "torch-nchw" is the bare module as it was
-# called before runtime.py (NCHW, no autocast)
+# called before engine/runtimes.py (NCHW, no autocast)
 CONFIGS = [
     ("torch NCHW fp32", "torch-nchw", "fp32", True),
     ("torch channels-last fp32", "torch", "fp32", True),

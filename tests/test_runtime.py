@@ -179,7 +179,7 @@ PINNING_PROBE = """
 import os, sys, threading, time, torch
 torch.set_num_threads(1)  # a single-threaded dask worker process
 from n2v_chunked.model.config import ModelConfig
-from n2v_chunked.model import UNet
+from n2v_chunked.model.unet import UNet
 from n2v_chunked.engine.runtimes import get_runner
 run = get_runner(UNet(ModelConfig(dims=2, depth=1, features=4)).eval(), torch.device("cpu"), "openvino", "fp32")
 allowed, seen, done = os.sched_getaffinity(0), set(), threading.Event()
