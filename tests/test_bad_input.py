@@ -472,7 +472,7 @@ def _http_server_as_scheduler(tmp: Path, m: Models) -> Setup:
 
 def _negative_chunks(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--chunks", "-8,32",
-                    names=["[-8, 32]"])
+                    names=["-8,32"])
 
 
 def _vendor_format_without_plugin(tmp: Path, m: Models) -> Setup:
