@@ -66,8 +66,8 @@ def centre_weight(trained, images: list[np.ndarray], delta: float = 10.0) -> flo
     apart, so each output change comes from one pixel only.  About 0 for a
     blind-spot network; 1 for the identity.
     """
-    from n2v_chunked.inference import denoise
-    from n2v_chunked.model import halo_width
+    from n2v_chunked.engine.inference import denoise
+    from n2v_chunked.model.unet import halo_width
 
     r = max(halo_width(trained.config))
     gains = []
@@ -97,9 +97,9 @@ def train_step_ceiling(args: argparse.Namespace, steps: int = 5) -> dict[str, fl
     """
     import torch
 
-    from n2v_chunked.config import MaskConfig, ModelConfig
-    from n2v_chunked.masking import mask_batch, masked_mse
-    from n2v_chunked.model import UNet
+    from n2v_chunked.model.config import MaskConfig, ModelConfig
+    from n2v_chunked.training.masking import mask_batch, masked_mse
+    from n2v_chunked.model.unet import UNet
 
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -138,12 +138,12 @@ def run(args: argparse.Namespace) -> dict:
     """Train on noisy Train400, evaluate on noisy BSD68; return the figures."""
     import torch
 
-    from n2v_chunked import checkpoint as ckpt
-    from n2v_chunked.checkpoint import load_model
-    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
-    from n2v_chunked.inference import denoise
+    from n2v_chunked.model import checkpoint as ckpt
+    from n2v_chunked.model.checkpoint import load_model
+    from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
+    from n2v_chunked.engine.inference import denoise
     from n2v_chunked.io.sources import open_image
-    from n2v_chunked.fit import fit
+    from n2v_chunked.training.fit import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="torch device of training and prediction (default: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile (opt-in; also a compiled ceiling)")
     args = p.parse_args(argv)
-    from n2v_chunked.config import MaskConfig, TrainConfig, chosen
+    from n2v_chunked.model.config import MaskConfig, TrainConfig, chosen
     from n2v_chunked.errors import N2VError
 
     # train's defaults, or the paper's under --paper; an option given explicitly wins

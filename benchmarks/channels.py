@@ -47,7 +47,7 @@ def two_channel_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(clean, noisy), both ``(c=2, z, y, x)`` float32: nuclei and tubes, noise drawn per channel."""
     import tifffile
 
-    from n2v_chunked.demo import add_noise, sample_path
+    from n2v_chunked.cli.demo import add_noise, sample_path
 
     nuclei = tifffile.imread(sample_path("nuclei")).astype(np.float32)
     other = tubes(nuclei.shape, seed) * float(nuclei.max())
@@ -69,9 +69,9 @@ def scores(clean: np.ndarray, denoised: np.ndarray) -> dict:
 def run_one(clean: np.ndarray, noisy: np.ndarray, channels: str, steps: int, minutes: float,
             args: argparse.Namespace, seed: int, work: Path) -> dict:
     """Train one configuration, predict the whole image, score it."""
-    from n2v_chunked.config import ModelConfig, TrainConfig
-    from n2v_chunked.predict import predict
-    from n2v_chunked.fit import fit
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
+    from n2v_chunked.prediction import predict
+    from n2v_chunked.training.fit import fit
 
     model = work / f"{channels}-{seed}-{steps}-{minutes:.3f}"
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, patch_size=[args.patch, args.patch],

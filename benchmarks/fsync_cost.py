@@ -39,8 +39,8 @@ def main() -> None:
     import xarray as xr
 
     from helpers import make_model_dir, noisy
-    from n2v_chunked import predict as P
-    from n2v_chunked.predict import writer
+    from n2v_chunked import prediction as P
+    from n2v_chunked.prediction import writer
     from n2v_chunked.io.ome import write_ome_zarr
 
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:

@@ -46,8 +46,8 @@ def train_rows(tmp: Path, args: argparse.Namespace) -> None:
     """The bare train step and the loop, side by side, at each batch size."""
     from bsd68 import train_step_ceiling
 
-    from n2v_chunked.config import ModelConfig, TrainConfig
-    from n2v_chunked.fit import fit
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
+    from n2v_chunked.training.fit import fit
 
     volume = tmp / "train.ome.zarr"
     make_volume(volume, frames_for(args.train_gb, args.frame), args.frame)

@@ -54,8 +54,8 @@ def train_bsd68(data: Path, steps: int, model_dir: Path) -> None:
 
 
 def train_nuclei(noisy: np.ndarray, steps: int, batch_size: int, model_dir: Path) -> None:
-    from n2v_chunked.config import TrainConfig
-    from n2v_chunked.fit import fit
+    from n2v_chunked.model.config import TrainConfig
+    from n2v_chunked.training.fit import fit
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, val_interval=25, checkpoint_interval=100, seed=0)
     fit(noisy, model_dir, axes="zyx", dims=2, train_cfg=cfg, progress=False)
@@ -69,9 +69,9 @@ def score(name: str, model_dir: Path, clean: list[np.ndarray], noisy: list[np.nd
     """
     from skimage.metrics import peak_signal_noise_ratio
 
-    from n2v_chunked.checkpoint import load_model
-    from n2v_chunked.inference import denoise
-    from n2v_chunked.runtime import installed
+    from n2v_chunked.model.checkpoint import load_model
+    from n2v_chunked.engine.inference import denoise
+    from n2v_chunked.engine.runtimes import installed
 
     trained = load_model(model_dir, which=weights)
     ref = None
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import tifffile
 
-    from n2v_chunked.demo import add_noise, sample_path
+    from n2v_chunked.cli.demo import add_noise, sample_path
 
     with tempfile.TemporaryDirectory(prefix="precision_") as tmp:
         if args.skip != "bsd68":

@@ -66,9 +66,9 @@ def emit(**record: Any) -> None:
 def make_model(model_dir: Path, features: int = 32, depth: int = 2) -> None:
     import torch
 
-    from n2v_chunked import checkpoint as ckpt
-    from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
-    from n2v_chunked.model import UNet
+    from n2v_chunked.model import checkpoint as ckpt
+    from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
+    from n2v_chunked.model.unet import UNet
 
     torch.manual_seed(0)
     cfg = ModelConfig(dims=2, depth=depth, features=features)
@@ -93,7 +93,7 @@ def frames_for(gb: float, frame: int) -> int:
 
 
 # (name, runtime, precision, exact): the ceiling's candidates; "torch-nchw" is the bare module as it was
-# called before runtime.py (NCHW, no autocast)
+# called before engine/runtimes.py (NCHW, no autocast)
 CONFIGS = [
     ("torch NCHW fp32", "torch-nchw", "fp32", True),
     ("torch channels-last fp32", "torch", "fp32", True),
@@ -132,8 +132,8 @@ def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
     """
     import torch
 
-    from n2v_chunked import checkpoint as ckpt
-    from n2v_chunked.runtime import get_runner, installed
+    from n2v_chunked.model import checkpoint as ckpt
+    from n2v_chunked.engine.runtimes import get_runner, installed
 
     cuda = device.startswith("cuda")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -175,7 +175,7 @@ def pipeline_rate(model_dir: Path, volume: Path, out: Path, scheduler: Any, warm
     loads the model and exports/compiles it and prepares the block shape in
     every worker; it is excluded from the rate and reported as ``warmup_seconds``.
     """
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     kw = dict(scheduler=scheduler, overwrite=True, progress=False, pyramid=False, **options)
     warm_s = None
@@ -326,7 +326,7 @@ class PeakRSS:
 def scale_child(args: argparse.Namespace) -> None:
     """Run in a fresh process: predict one volume, print its wall time."""
     from n2v_chunked.cluster import cluster_client
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     with (cluster_client("local", n_workers=args.workers, threads_per_worker=1) if args.scheduler == "local"
           else contextlib.nullcontext("threads")) as sched:

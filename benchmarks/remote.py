@@ -114,7 +114,7 @@ def sampler_rate(data: Any, n: int, min_reads: int, io_threads: int, clock: CpuC
 
 
 def predict_rate(src: str, out: str, model: Path, blocks: tuple[int, ...]) -> float:
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     res = predict(src, out, model, chunks=blocks, scheduler="threads", progress=False, pyramid=False,
                   overwrite=True)

@@ -29,9 +29,9 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
     """Train with one replacement, predict, and score against ``clean``."""
     from skimage.metrics import peak_signal_noise_ratio
 
-    from n2v_chunked.config import MaskConfig, TrainConfig
-    from n2v_chunked.predict import predict
-    from n2v_chunked.fit import fit
+    from n2v_chunked.model.config import MaskConfig, TrainConfig
+    from n2v_chunked.prediction import predict
+    from n2v_chunked.training.fit import fit
 
     model = work / replacement
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_interval=25, checkpoint_interval=100,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import tifffile
 
-    from n2v_chunked.demo import add_noise, sample_path
+    from n2v_chunked.cli.demo import add_noise, sample_path
     from n2v_chunked.errors import N2VError
 
     clean = tifffile.imread(sample_path("nuclei")).astype(np.float32)

@@ -9,7 +9,7 @@ prediction), so RSS figures are that size's alone.  Prints one JSON line per
 measurement:
 
 * ``startup``: seconds (wall and CPU) and RSS after each step of training's
-  start-up: normalisation statistics (:func:`~n2v_chunked.normalize.channel_stats`),
+  start-up: normalisation statistics (:func:`~n2v_chunked.model.normalization.channel_stats`),
   the sampler's block grid, the sampler with its validation split
   (``ZarrPatchDataset``, ``val_fraction=0.1``), its validation patches, and
   ``--patches`` training patches drawn; the chunks read and the listings made;
@@ -74,11 +74,11 @@ def step(record: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def startup(url: str, patches: int) -> dict[str, Any]:
-    """Training's start-up on ``url``, step by step, as :func:`n2v_chunked.fit.fit` runs it."""
+    """Training's start-up on ``url``, step by step, as :func:`n2v_chunked.training.fit.fit` runs it."""
     import virtual_store as vs
 
     from n2v_chunked.io.sources import open_image
-    from n2v_chunked.normalize import channel_stats
+    from n2v_chunked.model.normalization import channel_stats
     from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches
 
     rec: dict[str, Any] = {"rss_before_mb": round(rss_mb(), 1)}
@@ -112,8 +112,8 @@ def prediction(url: str, blocks: int) -> dict[str, Any]:
     import virtual_store as vs
     from helpers import make_model_dir
 
-    from n2v_chunked.predict import predict
-    from n2v_chunked.predict import run as predict_run
+    from n2v_chunked.prediction import predict
+    from n2v_chunked.prediction import run as predict_run
 
     batch_tasks: list[int] = []
     run_local = predict_run.run_local

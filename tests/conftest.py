@@ -33,7 +33,7 @@ from typing import Iterator
 
 import pytest
 
-from n2v_chunked.lock import pid_running
+from n2v_chunked.io.lock import pid_running
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "cluster" / "slurm_local.sh"

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
-from n2v_chunked.masking import grid_cell
-from n2v_chunked.model import UNet
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.training.masking import grid_cell
+from n2v_chunked.model.unet import UNet
 
 
 def make_model_dir(path, dims=2, channels=1, depth=2, features=4, n2v2=False, seed=0, blend=False,

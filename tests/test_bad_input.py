@@ -39,7 +39,7 @@ import xarray as xr
 import yaml
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.model import checkpoint as ckpt
 from n2v_chunked.cli import main
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 
@@ -538,7 +538,7 @@ def _http_server_as_scheduler(tmp: Path, m: Models) -> Setup:
 
 def _negative_chunks(tmp: Path, m: Models) -> Setup:
     return _predict(tmp, _ome(tmp / "in.ome.zarr", _noisy((64, 64)), "yx"), m.m2d, "--chunks", "-8,32",
-                    names=["[-8, 32]"])
+                    names=["-8,32"])
 
 
 def _vendor_format_without_plugin(tmp: Path, m: Models) -> Setup:
@@ -783,7 +783,7 @@ def test_integer_limits_are_accepted(dtype: str, models: Models, tmp_path: Path,
     would make the output differ from the float reference; an integer
     output must be rounded and clipped, never wrapped.
     """
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     info = np.iinfo(dtype)
     rng = np.random.default_rng(1)

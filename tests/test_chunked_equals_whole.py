@@ -23,9 +23,9 @@ import pytest
 import torch
 import xarray as xr
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import predict as P
-from n2v_chunked.predict import blocks
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked import prediction as P
+from n2v_chunked.prediction import blocks
 
 from helpers import make_model_dir, noisy
 from test_predict import assert_close, chunked, whole_image

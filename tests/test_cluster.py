@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from n2v_chunked.cluster import slurm as cluster_mod
-from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG, cluster_client, read_jobqueue_config
+from n2v_chunked.cluster import DEFAULT_JOBQUEUE_CONFIG, cluster_client, read_jobqueue_config, slurm as cluster_mod
 from n2v_chunked.errors import N2VError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,12 +122,10 @@ def test_bad_local_worker_counts() -> None:
 # ----------------------------------------------------------------------------
 
 
-def test_packaged_jobqueue_config_is_the_documented_copy() -> None:
+def test_cluster_jobqueue_yaml_is_the_packaged_file() -> None:
+    """One jobqueue.yaml: cluster/ holds a link to the packaged default, not a second copy."""
     documented = REPO / "cluster" / "jobqueue.yaml"
-    assert DEFAULT_JOBQUEUE_CONFIG.read_bytes() == documented.read_bytes(), (
-        "n2v_chunked/data/jobqueue.yaml must stay identical to cluster/jobqueue.yaml: "
-        "cp cluster/jobqueue.yaml n2v_chunked/data/"
-    )
+    assert documented.is_symlink() and documented.resolve() == DEFAULT_JOBQUEUE_CONFIG.resolve()
 
 
 def test_default_jobqueue_config_is_valid() -> None:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.model import checkpoint as ckpt
 from n2v_chunked.cli import main
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig, from_dict, read_config_file
+from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig, from_dict, read_config_file
 from n2v_chunked.errors import ConfigError, N2VError
 
 from helpers import make_model_dir

@@ -2,7 +2,7 @@
 
 Every source (our model directories, Zoo packages exported from them, a
 package whose declared halo is smaller than its reach) promises one
-:class:`~n2v_chunked.predict.contract.ModelContract`; these tests check the
+:class:`~n2v_chunked.model.contract.ModelContract`; these tests check the
 promises where they are used: chunked equals whole-image prediction in the
 same configuration, every runtime agrees with torch fp32, the command line
 with default options exits 0, and what cannot run is refused in one line.
@@ -24,14 +24,14 @@ import yaml
 
 from helpers import make_model_dir, noisy
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import predict as P
-from n2v_chunked import runtime as R
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked import prediction as P
+from n2v_chunked.engine import runtimes as R
 from n2v_chunked.cli import main
 from n2v_chunked.errors import ConfigError, N2VError
-from n2v_chunked.inference import run_network
-from n2v_chunked.predict.contract import ModelContract, unet_contract
-from n2v_chunked.predict.options import PredictOptions, choices
+from n2v_chunked.engine.inference import run_network
+from n2v_chunked.model.contract import ModelContract, unet_contract
+from n2v_chunked.prediction.options import PredictOptions, choices
 
 SOURCES = {  # name: (kind, model options); "zoo" = exported from that model, "short" = its halo edited to 16
     "2d": ("dir", dict(dims=2, depth=2)),
@@ -81,7 +81,7 @@ def sources(tmp_path_factory):
             kind, kw = SOURCES[name]
             md = make_model_dir(root / name, features=4, blend=True, **kw)
             if kind != "dir":
-                from n2v_chunked.zoo_export import export
+                from n2v_chunked.zoo.export import export
 
                 md = export(md, root / f"{name}.zip")
             if kind == "short":
@@ -198,7 +198,7 @@ def test_two_channel_independent_model_with_default_cli(sources, tmp_path):
 
 def test_runner_output_of_the_wrong_shape_is_refused(sources, monkeypatch):
     """The runner never hands back an empty (or otherwise wrong) tensor as a prediction."""
-    from n2v_chunked import inference as I
+    from n2v_chunked.engine import inference as I
 
     trained = ckpt.load_model(sources("2d"), "cpu")
     monkeypatch.setattr(I, "get_runner", lambda *a: (lambda x: torch.empty((0, 1, 0, 0))))
@@ -249,7 +249,7 @@ def test_default_plan_of_a_large_image_is_on_the_grid(sources):
 
 
 def test_contract_checks_its_halo_is_on_the_grid():
-    from n2v_chunked.config import ModelConfig
+    from n2v_chunked.model.config import ModelConfig
 
     con = unet_contract(ModelConfig(dims=3, depth=2), [0.0], [1.0])
     assert con.spatial == ("z", "y", "x") and con.grid == (4, 4, 4) and all(h % 4 == 0 for h in con.halo)
@@ -259,8 +259,8 @@ def test_contract_checks_its_halo_is_on_the_grid():
 
 def test_options_are_declared_once_with_the_same_defaults_for_every_door(monkeypatch, tmp_path):
     """Python, the command line and the --config file build one PredictOptions, with one set of defaults."""
-    import n2v_chunked.predict as predict_pkg
-    from n2v_chunked.predict import run as predict_run
+    import n2v_chunked.prediction as predict_pkg
+    from n2v_chunked.prediction import run as predict_run
 
     seen = []
     monkeypatch.setattr(predict_pkg, "predict", lambda src, out, model, opts: seen.append(opts) or xr.DataArray([]))
@@ -308,13 +308,13 @@ def test_zoo_package_that_is_no_torch_module_runs_its_pipeline_in_fp32_and_says_
 
     from zoo_helpers import foreign_package
 
-    import n2v_chunked.zoo_import as Z
+    import n2v_chunked.zoo.load as Z
 
     pkg = foreign_package(tmp_path / "f")
     arr = xr.DataArray(noisy((48, 40)), dims=("y", "x"))
     fast = _predict(pkg, arr, (24, 24))
     monkeypatch.setattr(Z, "_torch_net", lambda *a: None)
-    with caplog.at_level(logging.INFO, logger="n2v_chunked.predict.run"):
+    with caplog.at_level(logging.INFO, logger="n2v_chunked.prediction.run"):
         slow = _predict(pkg, arr, (24, 24))
     assert [r for r in caplog.records if "bioimageio.core's pipeline in torch fp32" in r.getMessage()]
     assert _err(slow, fast) <= AGREE["fp32"]

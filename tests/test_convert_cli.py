@@ -16,8 +16,8 @@ import tifffile
 import zarr
 
 from n2v_chunked.cli import main
-from n2v_chunked.convert import convert, human_bytes, info, parse_int_list
-from n2v_chunked.errors import N2VError
+from n2v_chunked.io.convert import convert, human_bytes, info, parse_int_list
+from n2v_chunked.errors import ConfigError, N2VError
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 from n2v_chunked.io.sources import open_image
 
@@ -73,6 +73,10 @@ def test_small_helpers():
         parse_int_list("1,a")
     with pytest.raises(N2VError, match="positive"):
         parse_int_list("0,5")
+    # the one parser also serves predict's --halo, where 0 is allowed
+    assert parse_int_list("0,5", "--halo", minimum=0) == (0, 5)
+    with pytest.raises(ConfigError, match="^--halo must be non-negative integers; got '-1,5'$"):
+        parse_int_list("-1,5", "--halo", minimum=0)
 
 
 @pytest.mark.parametrize("command", ["info", "convert"])
@@ -267,7 +271,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import psutil
     import tifffile, tqdm.auto, zarr, zarr.codecs
     import n2v_chunked.io.ome, n2v_chunked.io.sources
-    from n2v_chunked.convert import convert
+    from n2v_chunked.io.convert import convert
     base = psutil.Process().memory_info().rss  # after imports: count the conversion only
     convert(sys.argv[1], sys.argv[2], axes="zyx", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -8,15 +8,15 @@ import importlib
 import pytest
 
 MODULES = [
-    "n2v_chunked.augment",
-    "n2v_chunked.config",
-    "n2v_chunked.masking",
-    "n2v_chunked.model",
-    "n2v_chunked.padding",
-    "n2v_chunked.predict.plan",
+    "n2v_chunked.engine.symmetry",
+    "n2v_chunked.model.config",
+    "n2v_chunked.training.masking",
+    "n2v_chunked.model.unet",
+    "n2v_chunked.engine.padding",
+    "n2v_chunked.prediction.plan",
     "n2v_chunked.sampling.grid",
     "n2v_chunked.sampling.order",
-    "n2v_chunked.validation",
+    "n2v_chunked.training.validation",
 ]
 
 

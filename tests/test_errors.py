@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from n2v_chunked import predict as predict_mod
+from n2v_chunked import prediction as predict_mod
 from n2v_chunked.cli import main
 from n2v_chunked.errors import (
     INTERNAL_ERROR_EXIT, AxesError, ConfigError, IncompatibleModelError, InputNotFoundError, LockHeldError, N2VError,
@@ -22,7 +22,7 @@ from n2v_chunked.errors import (
 )
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 from n2v_chunked.io.sources import open_image
-from n2v_chunked.predict import blocks
+from n2v_chunked.prediction import blocks
 
 from helpers import make_model_dir
 
@@ -116,3 +116,31 @@ def test_a_user_error_inside_a_block_keeps_its_type(tmp_path, model):
     write_ome_zarr(src, xr.DataArray(data, dims=("y", "x")), pyramid=False, progress=False)
     with pytest.raises(UnreadableDataError, match=r"prediction stopped: block \(0, 0\): input has \d+ NaN"):
         predict_mod.predict(str(src), str(tmp_path / "o.ome.zarr"), str(model), scheduler="sync", progress=False)
+
+
+def _dataset(**kw):
+    from n2v_chunked.sampling.dataset import ZarrPatchDataset
+
+    data = kw.pop("data", np.zeros((64, 64), np.float32))
+    return ZarrPatchDataset(data, **{"dims": ("y", "x"), "patch_shape": (16, 16), **kw})
+
+
+@pytest.mark.parametrize(
+    "call, cls, match",
+    [
+        (lambda: open_image(np.zeros((8, 8)), axes="yx", level=-1), ConfigError, "level must be >= 0"),
+        (lambda: open_image(np.zeros((8, 8)), axes="yx", level=1), ConfigError, "single resolution level"),
+        (lambda: __import__("n2v_chunked.io.stores").io.stores.parse_storage_options(["novalue"]), ConfigError,
+         "KEY=VALUE"),
+        (lambda: _dataset(dims=None), AxesError, "dims are required"),
+        (lambda: _dataset(spatial_dims=("x", "y")), AxesError, "spatial_dims must be"),
+        (lambda: _dataset(val_fraction=1.5), ConfigError, "val_fraction"),
+        (lambda: _dataset(data=np.zeros((8, 8), np.float32)), ConfigError, "smaller than the patch"),
+    ],
+    ids=["level<0", "level-of-array", "storage-option", "no-dims", "spatial-dims", "val-fraction",
+         "patch-too-big"],
+)
+def test_io_and_sampling_errors_are_typed(call, cls, match):
+    """Issue 27: io/ and sampling/ raise the typed subclass a caller can catch, not the bare base error."""
+    with pytest.raises(cls, match=match):
+        call()

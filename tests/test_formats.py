@@ -77,7 +77,7 @@ def test_plugin_for():
 def test_png_predicts_end_to_end(tmp_path):
     from helpers import make_model_dir, noisy
 
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     img = np.clip(noisy((64, 64)), 0, 255).astype(np.uint8)
     iio.imwrite(tmp_path / "n.png", img)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from n2v_chunked.augment import augment_batch
-from n2v_chunked.config import MaskConfig
-from n2v_chunked.masking import grid_cell, mask_batch, masked_mse
+from n2v_chunked.training.augment import augment_batch
+from n2v_chunked.model.config import MaskConfig
+from n2v_chunked.training.masking import grid_cell, mask_batch, masked_mse
 
 from helpers import expected_count
 
@@ -179,7 +179,7 @@ def _twin_visible(masked) -> float:
 @pytest.mark.parametrize("augment", [False, True])
 def test_struct_mask_hides_the_correlated_twin_with_augmentation(augment):
     """Noise copied along x (pixel pairs share a value) and structN2V along x: the twin is always hidden."""
-    from n2v_chunked.train import augment_and_mask
+    from n2v_chunked.training.loop import augment_and_mask
 
     pairs = _unique_values((64, 1, 32, 16))
     x = pairs.repeat_interleave(2, dim=-1)  # (64, 1, 32, 32): columns 2j and 2j+1 are twins
@@ -191,7 +191,7 @@ def test_struct_mask_hides_the_correlated_twin_with_augmentation(augment):
 
 
 def test_struct_mask_on_both_axes_keeps_every_symmetry():
-    from n2v_chunked.train import augment_and_mask
+    from n2v_chunked.training.loop import augment_and_mask
 
     x = _unique_values((256, 1, 8, 8))
     cfg = MaskConfig(struct_span=3, struct_axes=["y", "x"])
@@ -204,7 +204,7 @@ def test_struct_mask_on_both_axes_keeps_every_symmetry():
 @pytest.mark.parametrize("density, ndim, cell", [(1 / 64, 2, 8), (0.25, 2, 2), (0.2, 2, 2), (0.125, 3, 2),
                                                  (0.01, 3, 5)])
 def test_density_within_the_grid(density, ndim, cell):
-    from n2v_chunked.masking import actual_density
+    from n2v_chunked.training.masking import actual_density
 
     assert grid_cell(density, ndim) == cell
     assert actual_density(density, ndim) == cell**-ndim
@@ -222,7 +222,7 @@ def test_density_the_grid_cannot_express_is_refused(density, ndim, limit):
 
 
 def test_training_logs_the_density_used(caplog):
-    from n2v_chunked.train import _log_density
+    from n2v_chunked.training.loop import _log_density
 
     with caplog.at_level("INFO", logger="n2v_chunked"):
         _log_density(MaskConfig(density=0.2), 2)

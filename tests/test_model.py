@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from n2v_chunked.config import ModelConfig
+from n2v_chunked.model.config import ModelConfig
 from n2v_chunked.errors import N2VError
-from n2v_chunked.model import UNet, receptive_field, size_multiple
+from n2v_chunked.model.unet import UNet, receptive_field, size_multiple
 
 from helpers import forward_flops
 
@@ -111,8 +111,8 @@ def test_channel_default_is_independent_as_the_docs_say():
     import re
     from pathlib import Path
 
-    from n2v_chunked.checkpoint import configs_from_meta
-    from n2v_chunked.cli import build_parser
+    from n2v_chunked.model.checkpoint import configs_from_meta
+    from n2v_chunked.cli.commands import build_parser
 
     options = (Path(__file__).resolve().parents[1] / "docs" / "command_line.md").read_text()
     row = next(line for line in options.splitlines() if line.startswith("| train | `--joint-channels`"))

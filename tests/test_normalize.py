@@ -1,4 +1,4 @@
-"""Tests of per-channel normalisation statistics (n2v_chunked.normalize)."""
+"""Tests of per-channel normalisation statistics (n2v_chunked.model.normalization)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import xarray as xr
 import zarr
 
 from n2v_chunked.errors import N2VError
-from n2v_chunked.normalize import channel_stats, noise_std, stats_dask, stats_numpy
+from n2v_chunked.model.normalization import channel_stats, noise_std, stats_dask, stats_numpy
 
 from helpers import denormalize, normalize
 

@@ -10,7 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from n2v_chunked import plots
+from n2v_chunked.io import pictures
+from n2v_chunked.training import plots
 from n2v_chunked.cli import main
 
 from helpers import make_model_dir, noisy
@@ -22,7 +23,7 @@ FAST = ["--steps", "4", "--batch-size", "4", "--features", "4", "--patch", "32,3
 def test_side_by_side_uses_the_noisy_grey_scale():
     left = np.tile(np.linspace(0, 100, 50), (20, 1))
     right = np.full((20, 50), 50.0)
-    img = plots.side_by_side(left, right, gap=4)
+    img = pictures.side_by_side(left, right, gap=4)
     assert img.shape == (20, 104) and img.dtype == np.uint8
     assert (img[:, 50:54] == 255).all()  # the white gap
     assert img[0, 0] == 0 and img[0, 49] == 255  # the noisy image spans the scale
@@ -31,7 +32,7 @@ def test_side_by_side_uses_the_noisy_grey_scale():
 
 def test_middle_slice():
     a = np.arange(2 * 5 * 3 * 4).reshape(2, 5, 3, 4)
-    np.testing.assert_array_equal(plots.middle_slice(a, "czyx"), a[0, 2])
+    np.testing.assert_array_equal(pictures.middle_slice(a, "czyx"), a[0, 2])
 
 
 def test_training_writes_plot_csv_and_preview(tmp_path):
@@ -46,8 +47,8 @@ def test_training_writes_plot_csv_and_preview(tmp_path):
     assert plot.format == "PNG" and plot.size == (700, 550)
     preview = np.asarray(Image.open(model / plots.PREVIEW))
     # two 32x32 panels and the gap, enlarged 8x to 256 rows
-    assert preview.shape == (256, (32 + 32 + plots.GAP) * 8)
-    left, right = preview[:, : 32 * 8], preview[:, (32 + plots.GAP) * 8:]
+    assert preview.shape == (256, (32 + 32 + pictures.GAP) * 8)
+    left, right = preview[:, : 32 * 8], preview[:, (32 + pictures.GAP) * 8:]
     assert left.std() > right.std() > 0  # noisy left, smoother prediction right
     assert not list(model.glob(".*.png"))  # no temporary file left behind
 
@@ -81,6 +82,6 @@ def test_predict_preview(tmp_path, capfd):
     assert f"preview (noisy | denoised, middle slice): {path}" in text
     img = np.asarray(Image.open(path))
     factor = -(-256 // 48)
-    assert img.shape == (48 * factor, (64 + plots.GAP + 64) * factor)
-    expected = plots.side_by_side(stack[2], __import__("zarr").open_array(f"{out}/0", mode="r")[2])
+    assert img.shape == (48 * factor, (64 + pictures.GAP + 64) * factor)
+    expected = pictures.side_by_side(stack[2], __import__("zarr").open_array(f"{out}/0", mode="r")[2])
     np.testing.assert_array_equal(img[::factor, ::factor], expected)

@@ -15,18 +15,18 @@ import torch
 import xarray as xr
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import predict as P
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked import prediction as P
 from n2v_chunked.cluster import scheduling
 from n2v_chunked.cli import main
-from n2v_chunked.config import MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
 from n2v_chunked.errors import N2VError
-from n2v_chunked.inference import denoise
-from n2v_chunked.masking import mask_batch, masked_mse
-from n2v_chunked.model import UNet
+from n2v_chunked.engine.inference import denoise
+from n2v_chunked.training.masking import mask_batch, masked_mse
+from n2v_chunked.model.unet import UNet
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
-from n2v_chunked.predict import blocks
-from n2v_chunked.predict.plan import batches
+from n2v_chunked.prediction import blocks
+from n2v_chunked.prediction.plan import batches
 
 from helpers import make_model_dir, noisy, run_benchmark
 
@@ -187,7 +187,7 @@ def test_fp32_turns_off_tf32_convolutions_on_cuda_while_any_block_runs():
     """``precision="fp32"`` on CUDA: cuDNN in IEEE float32 (PyTorch's default is TF32), restored after the last user."""
     import threading
 
-    from n2v_chunked.inference import ieee_fp32
+    from n2v_chunked.engine.inference import ieee_fp32
 
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
@@ -349,7 +349,7 @@ def test_warning_signal_stops_with_status_75_and_resume_finishes_exactly(tmp_pat
     import signal
 
     from n2v_chunked.errors import PREEMPTED_EXIT, Preempted
-    from n2v_chunked.predict import run
+    from n2v_chunked.prediction import run
 
     md = make_model_dir(tmp_path / "m")
     arr = noisy((150, 131))
@@ -533,7 +533,7 @@ def test_gpu_layout_one_process_per_gpu_with_threads(monkeypatch):
 
     import distributed
 
-    from n2v_chunked.inference import device_lock
+    from n2v_chunked.engine.inference import device_lock
 
     monkeypatch.setattr(scheduling, "usable_cpus", lambda: 16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -597,7 +597,7 @@ def test_warns_when_the_input_is_far_from_the_models_statistics(sem_dir, trained
 
 
 def test_normalize_data_is_in_the_input_range_and_chunked_equals_whole(sem_dir, tmp_path, caplog):
-    from n2v_chunked.normalize import stats_numpy
+    from n2v_chunked.model.normalization import stats_numpy
 
     arr = fluorescence((77, 131))
     with caplog.at_level("WARNING", logger="n2v_chunked"):

@@ -23,13 +23,13 @@ import pytest
 import xarray as xr
 import zarr
 
-from n2v_chunked import lock as L
-from n2v_chunked import predict as P
+from n2v_chunked.io import lock as L
+from n2v_chunked import prediction as P
 from n2v_chunked.errors import N2VError
 from n2v_chunked.io.ngff import read_multiscales
 from n2v_chunked.io.ome import is_complete, write_ome_zarr
 from n2v_chunked.io.sources import open_image
-from n2v_chunked.predict import blocks, run, writer
+from n2v_chunked.prediction import blocks, run, writer
 
 from helpers import make_model_dir, noisy
 
@@ -216,7 +216,7 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, caplog):
         Path(L.lock_path(str(out))).write_text(json.dumps(holder))
         beat = holder["heartbeat"]
         os.utime(L.lock_path(str(out)), (beat, beat))  # a holder beats by touching its lock: a dead one does not
-        with caplog.at_level("WARNING", logger="n2v_chunked.lock"):
+        with caplog.at_level("WARNING", logger="n2v_chunked.io.lock"):
             P.predict(str(src), str(out), model, **kw)
         assert is_complete(out) and not Path(L.lock_path(str(out))).exists()
         assert "taking over the lock" in caplog.text
@@ -259,7 +259,7 @@ def test_an_unreadable_lock_is_stale_only_after_a_grace_period(tmp_path, caplog)
     assert lock.read_bytes() == b""
     old = time.time() - L.UNREADABLE_GRACE_S - 5
     os.utime(lock, (old, old))
-    with caplog.at_level("WARNING", logger="n2v_chunked.lock"):
+    with caplog.at_level("WARNING", logger="n2v_chunked.io.lock"):
         with L.output_lock(out) as held:
             assert json.loads(lock.read_text())["token"] == held.token
     assert "taking over the lock" in caplog.text and "unreadable" in caplog.text and not lock.exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
+from n2v_chunked.model import checkpoint as ckpt
 
 
 def _stack(path: Path) -> Path:
@@ -71,7 +71,7 @@ def test_training_survives_sigkill(tmp_path, seed):
 
 
 def test_second_training_on_the_same_model_dir_refuses(tmp_path):
-    from n2v_chunked.lock import lock_path
+    from n2v_chunked.io.lock import lock_path
 
     src = _stack(tmp_path / "in.zarr")
     model = tmp_path / "model"
@@ -107,7 +107,7 @@ def test_training_killed_before_its_first_checkpoint_restarts_or_resumes(tmp_pat
     """A kill before any checkpoint leaves config.yaml alone; both ``train`` and ``train --resume`` then work."""
     import shutil
 
-    from n2v_chunked import cli
+    from n2v_chunked.cli import commands as cli
 
     src = _stack(tmp_path / "in.zarr")
     model = tmp_path / "model"
@@ -147,13 +147,13 @@ def test_resume_with_nothing_to_resume_starts_a_new_model_in_one_line(tmp_path, 
 
 def test_a_checkpoint_exists_from_step_0(tmp_path, monkeypatch):
     """Training writes its state before the first step, so a kill at any step leaves something to resume."""
-    from n2v_chunked.fit import fit
+    from n2v_chunked.training.fit import fit
 
     src = _stack(tmp_path / "in.zarr")
     saved = []
     real = ckpt.save_training_state
     monkeypatch.setattr(ckpt, "save_training_state", lambda d, state: saved.append(state["step"]) or real(d, state))
-    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
 
     fit(str(src), tmp_path / "m", axes="tyx", progress=False, model_cfg=ModelConfig(features=4),
         train_cfg=TrainConfig(steps=3, batch_size=4, patch_size=[32, 32], checkpoint_interval=200, val_interval=1))
@@ -164,10 +164,10 @@ def test_a_training_run_whose_lock_is_taken_over_stops_at_its_next_checkpoint(tm
     """Another run took the model directory's lock: this one stops instead of overwriting its checkpoints."""
     import json
 
-    from n2v_chunked.config import ModelConfig, TrainConfig
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
     from n2v_chunked.errors import LockHeldError
-    from n2v_chunked.fit import fit
-    from n2v_chunked.lock import lock_path
+    from n2v_chunked.training.fit import fit
+    from n2v_chunked.io.lock import lock_path
 
     src = _stack(tmp_path / "in.zarr")
     model = tmp_path / "m"

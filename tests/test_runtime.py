@@ -12,11 +12,11 @@ import tifffile
 import torch
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import predict as P
-from n2v_chunked import runtime as R
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked import prediction as P
+from n2v_chunked.engine import runtimes as R
 from n2v_chunked.errors import N2VError
-from n2v_chunked.inference import denoise
+from n2v_chunked.engine.inference import denoise
 from tests.helpers import make_model_dir, noisy
 from tests.test_predict import TOL, chunked, whole_image
 
@@ -67,7 +67,7 @@ def test_openvino_bf16_runs_at_its_fast_width_and_stays_exact(tmp_path, monkeypa
     """OpenVINO bf16 gets the last axis padded to a multiple of 32 (both YX axes with TTA, whose
     rotations swap them); the padding at the end changes no kept pixel: chunked == whole image."""
     _skip_missing("openvino")
-    import n2v_chunked.inference as I
+    import n2v_chunked.engine.inference as I
 
     # the padding is what is tested: on a CPU without bf16 OpenVINO runs it in f32, which pads alike
     monkeypatch.setattr(R, "openvino_precisions", lambda: ("fp32", "bf16", "fp16"))
@@ -151,7 +151,7 @@ def test_openvino_without_native_bf16_is_never_asked_for_it(monkeypatch):
 def test_named_runtime_not_installed_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(R, "installed", lambda rt: rt == "torch")
     monkeypatch.setattr(R, "_WARNED", set())
-    with caplog.at_level(logging.WARNING, logger="n2v_chunked.runtime"):
+    with caplog.at_level(logging.WARNING, logger="n2v_chunked.engine.runtimes"):
         assert R.resolve("openvino", "fp32", "cpu") == ("torch", "fp32")
         assert R.resolve("openvino", "fp32", "cpu") == ("torch", "fp32")
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "openvino" in caplog.text
@@ -197,9 +197,9 @@ def test_runner_threads_follow_the_worker_share(monkeypatch):
 PINNING_PROBE = """
 import os, sys, threading, time, torch
 torch.set_num_threads(1)  # a single-threaded dask worker process
-from n2v_chunked.config import ModelConfig
-from n2v_chunked.model import UNet
-from n2v_chunked.runtime import get_runner
+from n2v_chunked.model.config import ModelConfig
+from n2v_chunked.model.unet import UNet
+from n2v_chunked.engine.runtimes import get_runner
 run = get_runner(UNet(ModelConfig(dims=2, depth=1, features=4)).eval(), torch.device("cpu"), "openvino", "fp32")
 allowed, seen, done = os.sched_getaffinity(0), set(), threading.Event()
 def infer():

@@ -290,8 +290,8 @@ def test_missing_client_names_the_extra(monkeypatch):
 
 
 def test_yaml_storage_options_top_level_and_per_command(tmp_path):
-    from n2v_chunked.cli import build_parser
-    from n2v_chunked.cli_config import apply_config_file
+    from n2v_chunked.cli.commands import build_parser
+    from n2v_chunked.cli.config_file import apply_config_file
 
     cfg = tmp_path / "n2v.yaml"
     cfg.write_text("storage_options:\n  anon: true\n  client_kwargs: {region_name: eu-west-1}\n"
@@ -325,7 +325,7 @@ def test_remote_benchmark_smoke(s3, chunk, stored):
 
 
 def test_url_passwords_stay_out_of_the_output_metadata(files, tmp_path):
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     src = tmp_path / "img.ome.zarr"
     write_ome_zarr(src, xr.DataArray(noisy((1, 64, 64), seed=5), dims=("t", "y", "x")), chunks=(1, 32, 32),
@@ -370,7 +370,7 @@ def test_one_overwrite_rule_for_every_writer_on_disk_and_on_s3(where, s3_env, tm
 
 
 def test_lock_create_on_s3_is_a_conditional_write(s3_env, monkeypatch):
-    from n2v_chunked import lock as L
+    from n2v_chunked.io import lock as L
 
     _bucket(s3_env, "locks")
     files = L._files("s3://locks/out.zarr.lock")
@@ -415,7 +415,7 @@ def test_object_stores_pickle_for_dask_workers(s3_env):
 def test_prediction_from_a_url_reads_ahead(s3_env, files, monkeypatch):
     """A remote input: one read task per working block, and twice the dask threads (torch's unchanged)."""
     from n2v_chunked.cluster import scheduling
-    from n2v_chunked.predict import run
+    from n2v_chunked.prediction import run
 
     monkeypatch.setattr(scheduling, "usable_cpus", lambda: 4)
     assert scheduling.thread_layout("threads") == (4, 1)

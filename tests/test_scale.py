@@ -11,11 +11,10 @@ import virtual_store as vs
 from helpers import make_model_dir
 
 from n2v_chunked.io.sources import open_image
-from n2v_chunked.predict import predict
-from n2v_chunked.predict.blocks import batch_prediction, get_model, model_token
-from n2v_chunked.predict.plan import batches, plan
-from n2v_chunked.sampling.dataset import ZarrPatchDataset
-from n2v_chunked.sampling.dataset import batches as patch_batches
+from n2v_chunked.prediction import predict
+from n2v_chunked.prediction.blocks import batch_prediction, get_model, model_token
+from n2v_chunked.prediction.plan import batches, plan
+from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches as patch_batches
 
 CHUNKS = (1, 512, 512)
 HUGE = 100e12  # bytes: 1.9e8 chunks of 512 KiB

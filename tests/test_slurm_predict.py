@@ -245,7 +245,7 @@ def test_predict_sbatch_equals_local_run(
 def test_predict_api_slurm_equals_local_run(
     slurm, noisy: Path, model_dir: Path, reference: Path, jobqueue_yaml: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:
-    from n2v_chunked.predict import predict
+    from n2v_chunked.prediction import predict
 
     jq, name = jobqueue_yaml, yaml.safe_load(jobqueue_yaml.read_text())["jobqueue"]["slurm"]["name"]
     out = tmp_path / "slurm-api.ome.zarr"
@@ -283,7 +283,7 @@ def test_train_sbatch_two_processes(slurm, noisy: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (DDP over gloo) inside one SLURM job."""
     import torch
 
-    from n2v_chunked import checkpoint as ckpt
+    from n2v_chunked.model import checkpoint as ckpt
 
     mdir = tmp_path / "model"
     job_id, log = _submit(
@@ -320,8 +320,8 @@ def _steps_per_second(noisy: Path, workdir: Path) -> float:
     """Training speed of this machine in the configuration of the time-limit test (one thread, as the job)."""
     import torch
 
-    from n2v_chunked.config import ModelConfig, TrainConfig
-    from n2v_chunked.fit import fit
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
+    from n2v_chunked.training.fit import fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -346,7 +346,7 @@ def test_train_sbatch_time_limit_requeues_and_finishes_all_steps(slurm, noisy: P
     training has stopped on the warning, the requeued job is given 5 minutes,
     so the test ends after that restart.
     """
-    from n2v_chunked import checkpoint as ckpt
+    from n2v_chunked.model import checkpoint as ckpt
 
     every = max(5, int(_steps_per_second(noisy, tmp_path) * 60 / 4))
     steps = 4 * every  # validations at every, 2*every, ...: the grid an uninterrupted run validates on
@@ -390,7 +390,7 @@ def test_predict_sbatch_stopped_by_the_warning_signal_requeues_and_equals_local_
     the first blocks: the job stops, cancels its worker job, requeues itself, and the requeued job finishes the
     output, equal to a local run."""
     from n2v_chunked.cli import main
-    from n2v_chunked.predict.writer import MARKER_DIR
+    from n2v_chunked.prediction.writer import MARKER_DIR
 
     chunks = "1,32,32"  # 36 blocks (at least the halo, 24), one graph each (--batch-blocks 1): still running at the signal
     ref = tmp_path / "local.ome.zarr"

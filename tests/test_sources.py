@@ -426,7 +426,7 @@ def test_complete_tiffs_still_open(tmp_path):
 
 def test_axes_contradicting_channels_last_rgb_tiff_is_refused(tmp_path):
     """info prints cyx; --axes cyx once gave 16 channels of 24 x 3 pixels."""
-    from n2v_chunked.convert import format_info, info
+    from n2v_chunked.io.convert import format_info, info
     from n2v_chunked.errors import AxesError
 
     path = tmp_path / "rgb.tif"

@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked.config import ON_RESUME, MaskConfig, ModelConfig, TrainConfig
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.model.config import MaskConfig, ModelConfig, ON_RESUME, TrainConfig
 from n2v_chunked.errors import ConfigError, N2VError, UnvalidatedModelError
-from n2v_chunked.inference import denoise
-from n2v_chunked import train as train_module
-from n2v_chunked.progress import Progress
-from n2v_chunked.train import cosine_factor, divergence_cause, train
-from n2v_chunked.validation import stalled
+from n2v_chunked.engine.inference import denoise
+from n2v_chunked.training import loop as train_module
+from n2v_chunked.cluster.progress import Progress
+from n2v_chunked.training.loop import cosine_factor, divergence_cause, train
+from n2v_chunked.training.validation import stalled
 
 
 class RandomCrops:
@@ -382,7 +382,7 @@ def _killed_before_validation(tmp_path):
 
 
 def test_unvalidated_weights_are_refused_unless_allowed(tmp_path, caplog):
-    from n2v_chunked.zoo_import import init_source
+    from n2v_chunked.zoo.load import init_source
 
     d = _killed_before_validation(tmp_path)
     for use in (ckpt.check_trained, init_source):

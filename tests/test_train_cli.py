@@ -12,11 +12,11 @@ import torch
 import yaml
 import zarr
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import plots
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.training import plots
 from n2v_chunked.cli import main
-from n2v_chunked.config import ModelConfig
-from n2v_chunked.fit import fit_patch_shape
+from n2v_chunked.model.config import ModelConfig
+from n2v_chunked.training.fit import fit_patch_shape
 
 FAST = ["--steps", "3", "--batch-size", "8", "--features", "4", "--val-interval", "2", "--no-progress"]
 
@@ -149,7 +149,7 @@ def test_nan_image_stops_with_one_line(tmp_path, nan):
 
 def test_resume_after_an_early_stop_takes_the_given_options(tmp_path, monkeypatch, capsys):
     """Issue 28 item 5: `train --resume --stop-patience 0 --ema 0 --lr 0.001` trains on, with those values recorded."""
-    from n2v_chunked import train as train_module
+    from n2v_chunked.training import loop as train_module
 
     losses = iter([2.0, 1.0] + [1.1 + 0.01 * i for i in range(100)])  # untrained, best at step 2, then worse
     monkeypatch.setattr(train_module, "validate", lambda *a, **k: (next(losses), [0.5]))
@@ -176,8 +176,8 @@ def test_resume_after_an_early_stop_takes_the_given_options(tmp_path, monkeypatc
 
 
 def test_config_file_options_count_as_given_on_resume(tmp_path):
-    from n2v_chunked.cli import build_parser
-    from n2v_chunked.cli_config import apply_config_file, given_options
+    from n2v_chunked.cli.commands import build_parser
+    from n2v_chunked.cli.config_file import apply_config_file, given_options
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  stop_patience: 0\n")
@@ -191,8 +191,8 @@ def test_config_file_options_count_as_given_on_resume(tmp_path):
 
 
 def test_given_options_with_repeatable_options():
-    from n2v_chunked.cli import build_parser
-    from n2v_chunked.cli_config import given_options
+    from n2v_chunked.cli.commands import build_parser
+    from n2v_chunked.cli.config_file import given_options
 
     parser = build_parser()
     for argv, author in ((["export", "p.zip", "--model-dir", "m", "--author", "A", "--author", "B"], True),

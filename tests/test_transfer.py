@@ -12,13 +12,14 @@ import torch
 import yaml
 from helpers import make_model_dir
 
-from n2v_chunked import checkpoint as ckpt
-from n2v_chunked import inference, train
-from n2v_chunked.augment import _by_index, _by_mask, augment_batch
+from n2v_chunked.model import checkpoint as ckpt
+from n2v_chunked.engine import inference
+from n2v_chunked.training import loop as train
+from n2v_chunked.training.augment import _by_index, _by_mask, augment_batch
 from n2v_chunked.cli import main
 from n2v_chunked.errors import N2VError
 from n2v_chunked.sampling.dataset import ZarrPatchDataset, batches
-from n2v_chunked.transfer import LateScalar, host_empty, pinned, to_host
+from n2v_chunked.engine.transfer import LateScalar, host_empty, pinned, to_host
 
 
 def test_copies_to_the_device_run_outside_the_device_lock(tmp_path, monkeypatch):
@@ -127,7 +128,7 @@ def test_sampler_batches_with_pin_are_the_same_batches():
 def test_compile_is_opt_in_from_the_command_line_to_the_loop(tmp_path, monkeypatch):
     from test_train_cli import FAST, _zarr_stack
 
-    from n2v_chunked.cli import build_parser
+    from n2v_chunked.cli.commands import build_parser
 
     src = _zarr_stack(tmp_path / "in.zarr")
     args = ["train", str(src), "--axes", "tyx", "--model-dir", str(tmp_path / "m"), "--patch", "32,32", *FAST,
@@ -144,7 +145,7 @@ def test_torch_compile_is_an_opt_in_runtime_from_the_command_line(tmp_path, monk
     import zarr
     from helpers import noisy
 
-    from n2v_chunked import runtime as R
+    from n2v_chunked.engine import runtimes as R
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from n2v_chunked import progress as prog
+from n2v_chunked.cluster import progress as prog
 from n2v_chunked.cli import main
 from n2v_chunked.errors import N2VError
 
@@ -162,7 +162,7 @@ def test_scheduler_recovery_chatter_and_shutdown_warnings_stay_out_of_the_log(ca
     news; after Ctrl-C only errors of distributed remain (the flaky line CI once caught)."""
     import logging
 
-    from n2v_chunked.logs import quiet_shutdown, setup_logging
+    from n2v_chunked.cli.logs import quiet_shutdown, setup_logging
 
     saved = {n: logging.getLogger(n).level
              for n in ("distributed", "dask", "tornado", "tornado.application", "asyncio", "n2v_chunked")}
@@ -188,7 +188,7 @@ def test_scheduler_recovery_chatter_and_shutdown_warnings_stay_out_of_the_log(ca
 
 def test_distributed_imported_after_setup_keeps_tornado_quiet():
     """distributed sets its loggers' levels at import, which comes after our setup in a CLI run."""
-    code = ("import logging; from n2v_chunked.logs import setup_logging; setup_logging(); import distributed; "
+    code = ("import logging; from n2v_chunked.cli.logs import setup_logging; setup_logging(); import distributed; "
             "print(logging.getLogger('tornado.application').level, logging.getLogger('distributed').level)")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("DASK_LOGGING", None)
@@ -199,7 +199,7 @@ def test_distributed_imported_after_setup_keeps_tornado_quiet():
 def test_ctrl_c_handler_quiets_then_interrupts(monkeypatch):
     import logging
 
-    from n2v_chunked import cli as cli_mod
+    from n2v_chunked.cli import commands as cli_mod
 
     monkeypatch.setattr(signal, "signal", lambda sig, fn: handlers.__setitem__(sig, fn))
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
@@ -254,7 +254,7 @@ def test_negative_chunks_give_one_line_not_a_usage_dump(small, tmp_path, capfd):
     rc = main(["predict", str(tif), str(tmp_path / "o.ome.zarr"), "--model-dir", str(model), "--axes", "yx",
                "--chunks", "-8,32", "--scheduler", "sync"])
     err = capfd.readouterr().err
-    assert rc == 2 and err.strip() == "n2v-chunked: error: chunks must be positive, got [-8, 32]"
+    assert rc == 2 and err.strip() == "n2v-chunked: error: --chunks must be positive integers; got '-8,32'"
     rc = main(["convert", str(tif), str(tmp_path / "c.ome.zarr"), "--axes", "yx", "--chunks", "-8,32"])
     err = capfd.readouterr().err
     assert rc == 2 and err.strip() == "n2v-chunked: error: --chunks must be positive integers; got '-8,32'"
@@ -318,7 +318,7 @@ def test_dashboard_link_goes_through_the_jupyterhub_proxy(monkeypatch):
 # ----------------------------------------------------------------------------
 
 SCRIPT = """
-from n2v_chunked.predict import predict
+from n2v_chunked.prediction import predict
 {guard}predict({src!r}, {out!r}, {model!r}, axes="yx", scheduler="local", progress=False, pyramid=False)
 {guard}print("done")
 """

@@ -17,11 +17,11 @@ pytest.importorskip("bioimageio.core")
 from helpers import make_model_dir  # noqa: E402
 from zoo_helpers import TwoConv, foreign_package  # noqa: E402
 
-from n2v_chunked import checkpoint as ckpt  # noqa: E402
-from n2v_chunked import predict as P  # noqa: E402
+from n2v_chunked.model import checkpoint as ckpt  # noqa: E402
+from n2v_chunked import prediction as P  # noqa: E402
 from n2v_chunked.cli import main  # noqa: E402
 from n2v_chunked.errors import N2VError  # noqa: E402
-from n2v_chunked.zoo_export import export  # noqa: E402
+from n2v_chunked.zoo.export import export  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_export_description(exported):
     assert all(s["step"] == 4 and s["min"] % 4 == 0 for s in sizes)  # 2**depth
     assert "fixed_zero_mean_unit_variance" in [op["id"] for op in inp["preprocessing"]]
     assert "scale_linear" in [op["id"] for op in out["postprocessing"]]
-    from n2v_chunked.model import halo_width
+    from n2v_chunked.model.unet import halo_width
 
     trained = ckpt.load_model(exported["2d"], "cpu")
     assert [a["halo"] for a in out["axes"][2:]] == list(halo_width(trained.config))
@@ -75,7 +75,7 @@ def test_export_description(exported):
 
 def test_test_output_is_our_inference(exported):
     """The package's test output is what n2v_chunked's own inference gives, not the exported wrapper's."""
-    from n2v_chunked.inference import run_network
+    from n2v_chunked.engine.inference import run_network
 
     trained = ckpt.load_model(exported["2d"], "cpu")
     with zipfile.ZipFile(exported["2dzip"]) as zf:
@@ -170,8 +170,8 @@ def test_export_of_n2v2_with_independent_channels_passes_the_model_test(tmp_path
     meta = ckpt.read_config(md)
     meta["model"]["independent_channels"] = True
     ckpt.write_meta(md, meta)  # a shared 1-channel network: new weights of that shape
-    from n2v_chunked.config import ModelConfig
-    from n2v_chunked.model import UNet
+    from n2v_chunked.model.config import ModelConfig
+    from n2v_chunked.model.unet import UNet
 
     net = UNet(ModelConfig(**meta["model"]))
     ckpt.save_weights(md, net, ckpt.WEIGHTS_BEST)
@@ -211,8 +211,8 @@ def test_halo_option_when_the_package_declares_none(tmp_path):
 
 
 def test_probe_measures_the_reach_of_a_foreign_network(tmp_path):
-    from n2v_chunked.zoo_import import load, probe_grid_and_reach, prepare
-    from n2v_chunked.zoo_spec import inspect_description, read_description
+    from n2v_chunked.zoo.load import load, probe_grid_and_reach, prepare
+    from n2v_chunked.zoo.spec import inspect_description, read_description
 
     pkg = foreign_package(tmp_path / "f")
     ref = prepare(pkg, xr.DataArray(_image((64, 64)), dims=("y", "x")), check_reach=False)

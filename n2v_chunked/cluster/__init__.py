@@ -9,6 +9,9 @@ Every scheduler concern lives here:
   cores and GPUs per worker, feeding batches of tasks to it;
 - :mod:`~n2v_chunked.cluster.preemption`: a batch system's time-limit warning or preemption
   (SIGUSR1/SIGTERM) turned into a clean, resumable stop.
+- :mod:`~n2v_chunked.cluster.worker_setup`: preloaded into local workers (they ignore Ctrl-C);
+- :mod:`~n2v_chunked.cluster.progress`: progress of long runs, a bar on a terminal and lines in a
+  batch job's log (used by io's writers, training and prediction, so it lives down here).
 
 :func:`cluster_client` is the one entry point.  It is a context manager that
 yields a :class:`distributed.Client` and owns the life of whatever cluster it

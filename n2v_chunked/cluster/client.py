@@ -135,7 +135,7 @@ def _start_local(
                 processes=True,
                 memory_limit=memory_limit,
                 dashboard_address=dashboard_address or _dashboard_address(),
-                preload=["n2v_chunked.worker_setup"],  # workers ignore Ctrl-C; this process stops them
+                preload=["n2v_chunked.cluster.worker_setup"],  # workers ignore Ctrl-C; this process stops them
             )
     except RuntimeError as exc:
         main = sys.modules.get("__main__")

@@ -35,7 +35,7 @@ def _quiet_port_fallback() -> Iterator[None]:
         yield
 
 
-#: Logs the dashboard link; shown by default (see :mod:`n2v_chunked.logs`).
+#: Logs the dashboard link; shown by default (see :mod:`n2v_chunked.cli.logs`).
 announce = logging.getLogger("n2v_chunked.announce")
 
 #: ``distributed.dashboard.link`` under JupyterHub: through the hub's proxy (jupyter-server-proxy).

@@ -9,5 +9,9 @@ Writing: :mod:`~n2v_chunked.io.ome` (OME-Zarr outputs),
 :mod:`~n2v_chunked.io.pyramid` (block-aligned stores, pyramids),
 :mod:`~n2v_chunked.io.ngff` (multiscales metadata),
 :mod:`~n2v_chunked.io.durable` (fsync).  Store utilities (URLs, credentials,
-retries): :mod:`~n2v_chunked.io.stores`.
+retries): :mod:`~n2v_chunked.io.stores`; object operations and the store
+clients: :mod:`~n2v_chunked.io.objects`.  Around them:
+:mod:`~n2v_chunked.io.convert` (``convert`` and ``info``: any input to
+OME-Zarr), :mod:`~n2v_chunked.io.lock` (one writer per output or model
+directory) and :mod:`~n2v_chunked.io.pictures` (PNG previews).
 """

@@ -41,31 +41,24 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import glob
 import math
 import re
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import CollectionError, ConfigError, InputNotFoundError, UnreadableDataError
 from . import objects
-from .formats import plugin_for
 from .ngff import ome_metadata
-from .sources import _natural_key, open_image_info
+from .listing import GLOB, METADATA_THREADS, folder_images, join, map_concurrently, strip_file
+from .sources import open_image_info
 from .stores import ZARR_MARKERS, is_url
-from .tiff import TIFF_SUFFIXES
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 #: Metadata reads in flight while listing (each is one round trip on an object store).
-METADATA_THREADS = 32
 KINDS = ("plate", "well", "container", "folder")
-_GLOB = re.compile(r"[*?\[]")
 _RANGE = re.compile(r"(\d+)-(\d+)")
 
 
@@ -173,14 +166,6 @@ class Collection:
 # ----------------------------------------------------------------------------
 
 
-def _strip_file(source: str) -> str:
-    return source[len("file://"):] if source.startswith("file://") else source
-
-
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name.strip('/')}"
-
-
 def _zarr_node(source: str, storage_options: dict[str, Any]) -> Any:
     """The Zarr group or array at ``source``; None where there is none (for a URL, maybe a prefix of images)."""
     import zarr
@@ -220,8 +205,8 @@ def _kind(source: str, options: dict[str, Any]) -> tuple[str | None, dict[str, A
     """:func:`collection_kind` and the root group's attributes (read once: the listing needs them too)."""
     import zarr
 
-    s = _strip_file(source)
-    if _GLOB.search(s):
+    s = strip_file(source)
+    if GLOB.search(s):
         return "folder", {}
     if not is_url(s):
         path = Path(s).expanduser()
@@ -249,20 +234,6 @@ def _kind(source: str, options: dict[str, Any]) -> tuple[str | None, dict[str, A
 # ----------------------------------------------------------------------------
 # Listing.
 # ----------------------------------------------------------------------------
-
-
-def _map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
-    """``[fn(i) for i in items]``, ``threads`` at a time (metadata reads wait on the store, not the CPU)."""
-    if threads <= 1 or len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="n2v-list") as pool:
-        futures = [pool.submit(fn, i) for i in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:  # the first failure is the answer: do not wait for reads not yet started
-            for f in futures:
-                f.cancel()
-            raise
 
 
 def open_collection(
@@ -302,7 +273,7 @@ def open_collection(
         ``source`` is one image (not a collection), lists no images, or one of
         its images cannot be opened (the error names it).
     """
-    s, options = _strip_file(str(source)), storage_options or {}
+    s, options = strip_file(str(source)), storage_options or {}
     kind, attrs = _kind(s, options) if isinstance(source, (str, Path)) else (None, {})
     if kind is None:
         raise CollectionError(f"{source} is one image, not a collection (plate, container, folder or glob of images): "
@@ -322,7 +293,7 @@ def open_collection(
                           si.dtype or str(arr.dtype), arr.attrs["format"], item.label,
                           dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"])
 
-    images = tuple(_map(entry, items, threads))
+    images = tuple(map_concurrently(entry, items, threads))
     if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only
         meta["ngff_version"] = images[0].ngff_version
     selection = ",".join(patterns) if patterns else None
@@ -354,12 +325,12 @@ def _plate(source: str, attrs: dict[str, Any], options: dict[str, Any], threads:
     """Wells from the plate metadata, then each well's fields (one well read each, concurrently)."""
     plate, version = ome_metadata(attrs, "plate")
     wells = [str(w.get("path", "")).strip("/") for w in plate.get("wells") or [] if isinstance(w, dict)]
-    per_well = _map(lambda w: _fields(_join(source, w), options), wells, threads)
+    per_well = map_concurrently(lambda w: _fields(join(source, w), options), wells, threads)
     items = []
     for well, fields in zip(wells, per_well):
         label = well.replace("/", "")  # B/3 -> B3
         for field in fields:
-            items.append(_Item(f"{well}/{field}", _join(source, f"{well}/{field}"), label,
+            items.append(_Item(f"{well}/{field}", join(source, f"{well}/{field}"), label,
                                (well, label, f"{label}/{field}")))
     return items, {"ngff_version": version, "name": plate.get("name")}
 
@@ -373,7 +344,7 @@ def _fields(well_path: str, options: dict[str, Any], attrs: dict[str, Any] | Non
 
 def _well(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:
     _, version = ome_metadata(attrs, "well")
-    items = [_Item(f, _join(source, f)) for f in _fields(source, options, attrs)]
+    items = [_Item(f, join(source, f)) for f in _fields(source, options, attrs)]
     return items, {"ngff_version": version}
 
 
@@ -383,7 +354,7 @@ def _container(source: str, attrs: dict[str, Any], options: dict[str, Any], thre
     Names come from ``OME/METADATA.ome.xml``'s ``Image`` elements, in series order.
     """
     _, version = ome_metadata(attrs, "bioformats2raw.layout")
-    ome_attrs = _zarr_attrs(_join(source, "OME"), options) or {}
+    ome_attrs = _zarr_attrs(join(source, "OME"), options) or {}
     series, _ = ome_metadata(ome_attrs, "series")
     if isinstance(series, list) and series:
         paths = [str(p).strip("/") for p in series]
@@ -392,15 +363,15 @@ def _container(source: str, attrs: dict[str, Any], options: dict[str, Any], thre
             present = set(objects.listdir(source, options=options))
             exists: Callable[[str], bool] = present.__contains__
         except Exception:  # an HTTP server cannot list: probe 0/, 1/, ... one by one
-            exists = lambda p: _zarr_attrs(_join(source, p), options) is not None  # noqa: E731
+            exists = lambda p: _zarr_attrs(join(source, p), options) is not None  # noqa: E731
         paths = []
         while exists(str(len(paths))):
             paths.append(str(len(paths)))
-    names = _series_names(objects.read(_join(source, "OME/METADATA.ome.xml"), options))
+    names = _series_names(objects.read(join(source, "OME/METADATA.ome.xml"), options))
     items = []
     for i, p in enumerate(paths):
         label = names[i] if i < len(names) else ""
-        items.append(_Item(p, _join(source, p), label, (label,) if label else (), i))
+        items.append(_Item(p, join(source, p), label, (label,) if label else (), i))
     return items, {"ngff_version": version}
 
 
@@ -413,45 +384,6 @@ def _series_names(xml: bytes | None) -> list[str]:
     except ET.ParseError:
         return []  # names are a convenience: a damaged XML leaves the series numbered
     return [el.get("Name", "") for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
-
-
-def _is_image_file(name: str) -> bool:
-    return name.lower().endswith(TIFF_SUFFIXES) or plugin_for(name) is not None
-
-
-def _is_local_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)
-
-
-def folder_images(source: str, storage_options: dict[str, Any] | None = None,
-                  threads: int = METADATA_THREADS) -> list[tuple[str, str]]:
-    """``(name, path)`` of the images in a folder, URL prefix or glob, in natural order.
-
-    Images are Zarr stores (folders with a Zarr marker) and files that
-    :func:`~n2v_chunked.io.sources.open_image` reads by their suffix; hidden
-    entries and anything else (notes, CSV tables) are left out.  A folder is
-    not searched below its own entries; a glob may use ``**``.
-    """
-    s, options = _strip_file(str(source)), storage_options or {}
-    if is_url(s):
-        parent, pattern = (s.rsplit("/", 1) if _GLOB.search(s) else (s.rstrip("/"), None))
-        names = [n for n in objects.listdir(parent, options=options) if not n.startswith(".")]
-        if pattern is not None:
-            names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        zarrs = _map(lambda n: _is_image_file(n) or bool(
-            set(objects.listdir(_join(parent, n), options=options)) & set(ZARR_MARKERS)), names, threads)
-        found = [(n, _join(parent, n)) for n, ok in zip(names, zarrs) if ok]
-    elif _GLOB.search(s):
-        fixed = s[: _GLOB.search(s).start()].rsplit("/", 1)[0] if "/" in s[: _GLOB.search(s).start()] else "."
-        base = Path(fixed).expanduser().resolve()
-        matches = [Path(m).resolve() for m in glob.glob(s, recursive=True)]
-        found = [(str(m.relative_to(base)) if m.is_relative_to(base) else str(m), str(m)) for m in matches
-                 if not m.name.startswith(".") and (_is_local_zarr(m) or (m.is_file() and _is_image_file(m.name)))]
-    else:
-        base = Path(s).expanduser().resolve()
-        found = [(p.name, str(p)) for p in base.iterdir() if not p.name.startswith(".")
-                 and (_is_local_zarr(p) or (p.is_file() and _is_image_file(p.name)))]
-    return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
 def _folder(source: str, attrs: dict[str, Any], options: dict[str, Any], threads: int) -> Listed:

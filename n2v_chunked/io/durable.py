@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 from zarr.storage import LocalStore
 
+from . import objects
+
 
 def fsync_path(path: str) -> None:
     """``fsync`` a file or a folder (a folder's entries: names created in it); a missing path is skipped."""
@@ -65,9 +67,7 @@ def write_marker(path: str) -> None:
     The marker itself is not ``fsync``ed: losing it only makes ``--resume``
     recompute its block, and its data is already durable whenever it is.
     """
-    from .objects import write
-
-    write(path, b"")
+    objects.write(path, b"")
 
 
 def sync_tree(root: str, exclude: Sequence[str] = (), recursive: bool = True) -> None:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import N2VError, UnreadableDataError, first_line
+from ..errors import AxesError, ConfigError, UnreadableDataError, first_line
 from .readers import Raw, SourceInfo
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
     if level:
         levels = getattr(img, "resolution_levels", (0,))
         if level not in levels:
-            raise N2VError(f"{path} has no resolution level {level} (levels: {', '.join(map(str, levels))})")
+            raise ConfigError(f"{path} has no resolution level {level} (levels: {', '.join(map(str, levels))})")
         img.set_resolution_level(level)
     xdata = img.reader.xarray_dask_data  # the file's own dims, not padded to TCZYX
     data, letters = xdata.data, [str(d) for d in xdata.dims]
@@ -111,7 +111,7 @@ def open_with_bioio(path: str, level: int = 0) -> Any:
             letters.remove(d)
     extra = [d for d in letters if d not in _DIMS]
     if extra:
-        raise N2VError(f"cannot read {path}: bioio gives axes {''.join(letters)}; {', '.join(extra)} "
+        raise AxesError(f"cannot read {path}: bioio gives axes {''.join(letters)}; {', '.join(extra)} "
                        "is not one of t, c, z, y, x (convert it with another tool first)")
     dims = tuple(_DIMS[d] for d in letters)
     raw = Raw(data, dims, type(img.reader).__module__.split(".")[0].replace("_", "-"), path)

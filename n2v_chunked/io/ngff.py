@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import zarr
 
-from ..errors import N2VError
+from ..errors import N2VError, UnreadableDataError
 from .metadata_axes import AXIS_TYPES
 from . import objects
 
@@ -75,7 +75,7 @@ def read_multiscales(group: Any) -> tuple[dict[str, Any], str]:
         return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
     if attrs.get("multiscales"):
         return attrs["multiscales"][0], str(attrs["multiscales"][0].get("version", "0.4"))
-    raise N2VError(f"{group.store} has no OME-Zarr multiscales metadata")
+    raise UnreadableDataError(f"{group.store} has no OME-Zarr multiscales metadata")
 
 
 def multiscales_attrs(entry: dict[str, Any], version: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ other fsspec URLs, e.g. ``memory://`` in tests) take the same calls through
 fsspec's file system.
 
 Credentials and endpoint, first found wins: storage options
-(:func:`~n2v_chunked.io.stores.configure`, or per call), the ``AWS_*``
+(:func:`configure`, or per call), the ``AWS_*``
 environment variables (read by obstore), then the profile (``AWS_PROFILE`` or
 ``profile=``) in ``~/.aws/credentials`` and ``~/.aws/config`` (static keys,
 region, ``endpoint_url``).  Options use short names (``key``, ``secret``,
@@ -32,12 +32,14 @@ import errno
 import json
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from ..errors import N2VError
-from .stores import location, protocol, redact, require_client, storage_options, summary
+from ..errors import ConfigError
+from .stores import (
+    OBJECT_PROTOCOLS, OPTIONS_ENV, location, protocol, redact, remember_secrets, require_client, storage_options,
+    store_problem, summary, tune_for_latency,
+)
 
-OBJECT_PROTOCOLS = ("s3", "s3a", "http", "https")
 CLIENT_RETRIES = 2  # per request, inside obstore; then with_retries takes over, per block
 CLIENT_BACKOFF = {"init_backoff": datetime.timedelta(milliseconds=100), "max_backoff": datetime.timedelta(seconds=1),
                   "base": 2.0}
@@ -53,6 +55,7 @@ AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "A
 _ERRNO = {FileNotFoundError: errno.ENOENT, PermissionError: errno.EACCES, FileExistsError: errno.EEXIST}
 
 _clients: dict[tuple, Any] = {}
+_saved: list[str | None] = []  # the OPTIONS_ENV values configure() replaced
 _clients_lock = threading.Lock()
 
 
@@ -165,13 +168,57 @@ def _make(scheme: str, root: str, opts: dict[str, Any], module: Any) -> Any:
         client_options = {"allow_http": scheme == "http", **opts.get("client_options", {})}
         return module.HTTPStore.from_url(root, client_options=client_options, retry_config=retry)
     except Exception as exc:  # obstore's configuration errors: an unknown option, a bad value
-        raise N2VError(f"{redact(root)}: bad storage options: {redact(str(exc).splitlines()[0])}") from None
+        raise ConfigError(f"{redact(root)}: bad storage options: {redact(str(exc).splitlines()[0])}") from None
 
 
 def forget_clients() -> None:
     """Drop the cached clients (after the options change)."""
     with _clients_lock:
         _clients.clear()
+
+
+def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
+    """Make ``options`` the defaults of every object store of this process and of workers started later.
+
+    Parameters
+    ----------
+    options : dict
+        From :func:`parse_storage_options`.
+    urls : sequence of str
+        The run's inputs and outputs (a remote one tunes zarr for latency).
+    """
+    remember_secrets(options)
+    if any(protocol(str(u)) for u in urls):
+        tune_for_latency()
+    if not options:
+        return
+    _saved.append(os.environ.get(OPTIONS_ENV))
+    os.environ[OPTIONS_ENV] = json.dumps({**storage_options(), **options})
+    forget_clients()
+
+
+def unconfigure() -> None:
+    """Undo :func:`configure` (the CLI does at exit, so in-process callers and tests start clean)."""
+    while _saved:
+        value = _saved.pop()
+        if value is None:
+            os.environ.pop(OPTIONS_ENV, None)
+        else:
+            os.environ[OPTIONS_ENV] = value
+    forget_clients()
+
+
+def diagnose(url: str, exc: BaseException) -> str | None:
+    """Why opening ``url`` failed, when the bucket or the credentials are to blame (probes the bucket)."""
+    problem = store_problem(exc, url)
+    if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
+        return problem
+    scheme, bucket, _ = root_and_key(url)
+    try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
+        listdir(f"{scheme}://{bucket}", limit=1)
+    except Exception as probe:  # noqa: BLE001 - only used to explain the first error
+        return store_problem(probe, url) or problem
+    return problem
 
 
 # ----------------------------------------------------------------------------

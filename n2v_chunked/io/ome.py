@@ -31,7 +31,7 @@ from zarr.codecs import BloscCodec
 
 from .. import __version__
 from . import objects
-from ..errors import ConfigError, N2VError, OutputExistsError
+from ..errors import AxesError, ConfigError, N2VError, OutputExistsError
 from .metadata_axes import CANONICAL, parse_axes
 from .ngff import dataset_entry, multiscales_attrs, multiscales_entry, open_group
 from .pyramid import build_pyramid, store_blocks
@@ -96,7 +96,7 @@ def check_not_input(out: str | os.PathLike[str], source: str | None) -> None:
         a, b = a.resolve(), b.resolve()
         clash = a == b or b in a.parents or a in b.parents
     if clash:
-        raise N2VError(f"refusing to write {out}: it is, contains or lies inside the input {source}")
+        raise ConfigError(f"refusing to write {out}: it is, contains or lies inside the input {source}")
 
 
 def check_replaceable(
@@ -187,7 +187,7 @@ def check_shape_list(what: str, values: Sequence[int] | None, dims: Sequence[str
         return None
     values = tuple(int(v) for v in values)
     if len(values) != len(dims) or any(v < 1 for v in values):
-        raise N2VError(f"{what} {list(values)} must give {len(dims)} positive sizes, one per axis {''.join(dims)}")
+        raise ConfigError(f"{what} {list(values)} must give {len(dims)} positive sizes, one per axis {''.join(dims)}")
     return values
 
 
@@ -263,9 +263,9 @@ def create_ome_zarr(
     ngff_version = check_ngff_version(ngff_version)
     dims = parse_axes(dims, len(shape))
     if [d for d in CANONICAL if d in dims] != list(dims):
-        raise N2VError(f"axes {''.join(dims)} must be in the order tczyx for OME-Zarr")
+        raise AxesError(f"axes {''.join(dims)} must be in the order tczyx for OME-Zarr")
     if "y" not in dims or "x" not in dims:
-        raise N2VError(f"OME-Zarr needs y and x axes; got {''.join(dims)}")
+        raise AxesError(f"OME-Zarr needs y and x axes; got {''.join(dims)}")
     shape = tuple(int(s) for s in shape)
     dtype = check_dtype(dtype)
     chunks = check_shape_list("chunks", chunks, dims) or default_chunks(shape, dims, dtype)
@@ -273,9 +273,9 @@ def create_ome_zarr(
     shards = check_shape_list("shards", shards, dims)
     if shards is not None:
         if ngff_version == "0.4":
-            raise N2VError("shards need NGFF 0.5 (Zarr v3); drop --shards or use --ngff 0.5")
+            raise ConfigError("shards need NGFF 0.5 (Zarr v3); drop --shards or use --ngff 0.5")
         if any(s % c for s, c in zip(shards, chunks)):
-            raise N2VError(f"shards {list(shards)} must be multiples of chunks {list(chunks)}")
+            raise ConfigError(f"shards {list(shards)} must be multiples of chunks {list(chunks)}")
     path_s = location(path)
     _prepare_location(str(path), overwrite, storage_options or {})
 

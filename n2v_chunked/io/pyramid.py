@@ -13,9 +13,9 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..cluster.progress import Progress
 from ..cluster.scheduling import default_client
 from ..errors import N2VError
-from ..progress import Progress
 from .ngff import dataset_entry, open_group, read_multiscales, write_multiscales
 from .stores import grow_chunks
 

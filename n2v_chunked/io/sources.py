@@ -15,7 +15,6 @@ and ``attrs``: ``scale``, ``units``, ``translation`` (dicts keyed by dim),
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,8 +22,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..errors import AxesError, InputNotFoundError, N2VError, UnreadableDataError
+from ..errors import AxesError, ConfigError, InputNotFoundError, N2VError, UnreadableDataError
 from .formats import open_with_bioio
+from .listing import folder_images
 from .metadata_axes import ASK_AXES, CANONICAL, check_axes_agree, parse_axes
 from .readers import Raw, SourceInfo, not_one_image
 from .stores import ZARR_MARKERS, is_url
@@ -87,7 +87,7 @@ def open_image_info(
 ) -> tuple[xr.DataArray, SourceInfo]:
     """Like :func:`open_image`, also returning store details (chunks, levels, size)."""
     if level < 0:
-        raise N2VError(f"level must be >= 0, got {level}")
+        raise ConfigError(f"level must be >= 0, got {level}")
     if isinstance(source, xr.DataArray):
         raw = _open_xarray(source, axes)
     elif isinstance(source, da.Array):
@@ -99,7 +99,7 @@ def open_image_info(
     else:
         raise N2VError(f"cannot open a {type(source).__name__}: give a path, URL, numpy, dask or xarray array")
     if level and raw.format not in ("ome-zarr", "tiff"):
-        raise N2VError(f"{raw.source} has a single resolution level; level {level} does not exist")
+        raise ConfigError(f"{raw.source} has a single resolution level; level {level} does not exist")
     return _canonical(raw, axes, chunks)
 
 
@@ -141,8 +141,6 @@ def _open_path(source: str, axes: Any, level: int, storage_options: dict[str, An
 
 def _tiffs_or_refuse(source: str) -> list[str]:
     """The TIFFs of a local folder or glob, which stack into one image; refuse a mix of images (a collection)."""
-    from .collections import folder_images
-
     images = folder_images(source)
     files = [path for _, path in images if path.lower().endswith(TIFF_SUFFIXES)]
     if len(files) < len(images):
@@ -152,19 +150,12 @@ def _tiffs_or_refuse(source: str) -> list[str]:
 
 def _refuse_folder(source: str, storage_options: dict[str, Any]) -> None:
     """Refuse a URL prefix (or glob) of images as a collection; return where it holds none."""
-    from .collections import folder_images
-
     try:
         images = folder_images(source, storage_options)
     except Exception:  # listing failed too: the error of opening it says more
         return
     if images:
         raise not_one_image(source, f"a set of {len(images)} images", images[0][1])
-
-
-def _natural_key(s: str) -> list[Any]:
-    """Sort ``frame_2`` before ``frame_10``."""
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", s)]
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def _rechunked(raw: Raw, dims: tuple[str, ...], out_dims: tuple[str, ...], chunk
     else:
         return raw.data.rechunk(chunks)  # any other dask chunk spec
     if not set(by_dim) <= set(dims):
-        raise N2VError(f"chunks {chunks} name dims not in {''.join(out_dims)}")
+        raise ConfigError(f"chunks {chunks} name dims not in {''.join(out_dims)}")
     native = tuple(
         min(int(by_dim.get(d, raw.data.chunksize[i])), raw.data.shape[i]) or 1 for i, d in enumerate(dims)
     )

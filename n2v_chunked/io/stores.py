@@ -5,7 +5,7 @@ and read-only ``http(s)://``).  Credentials and endpoints come the way AWS
 tools take them (``AWS_*`` environment variables, ``AWS_ENDPOINT_URL``, the
 static settings of a profile in ``~/.aws/config`` and ``credentials``), plus
 ``--storage-options KEY=VALUE`` / a YAML ``storage_options:`` section.
-:func:`configure` makes those options the process's defaults and exports them
+:func:`~n2v_chunked.io.objects.configure` makes those options the process's defaults and exports them
 (``N2V_STORAGE_OPTIONS``) to the worker processes started afterwards, so every
 store the run opens, here or in a dask worker, sees them without each
 function carrying them.
@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, N2VError, first_line
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OPTIONS_ENV = "N2V_STORAGE_OPTIONS"  # the options of configure(), for worker processes
+OPTIONS_ENV = "N2V_STORAGE_OPTIONS"  # the options of objects.configure(), for worker processes
 SECRET_KEYS = ("secret", "token", "password", "passwd", "credential", "signature", "sas", "auth")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Transient failures worth another try: timeouts, dropped connections, HTTP 5xx, throttling.
@@ -55,7 +55,6 @@ BACKOFF_S = 0.5  # first wait; doubled per attempt, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
 
 _secrets: set[str] = set()
-_saved: list[str | None] = []  # the OPTIONS_ENV values configure() replaced
 
 
 class RetriesExhausted(N2VError):
@@ -65,6 +64,9 @@ class RetriesExhausted(N2VError):
 # ----------------------------------------------------------------------------
 # URLs and storage options.
 # ----------------------------------------------------------------------------
+
+
+OBJECT_PROTOCOLS = ("s3", "s3a", "http", "https")  # the URL schemes obstore serves
 
 
 def protocol(url: str) -> str | None:
@@ -114,7 +116,7 @@ def parse_storage_options(items: Iterable[str] | dict[str, Any] | None) -> dict[
         for item in items:
             key, sep, val = str(item).partition("=")
             if not sep or not key.strip():
-                raise N2VError(f"--storage-options expects KEY=VALUE, got {_scrub_item(str(item))!r}")
+                raise ConfigError(f"--storage-options expects KEY=VALUE, got {_scrub_item(str(item))!r}")
             pairs.append((key.strip(), _value(val)))
     out: dict[str, Any] = {}
     for key, val in pairs:
@@ -123,7 +125,7 @@ def parse_storage_options(items: Iterable[str] | dict[str, Any] | None) -> dict[
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise N2VError(f"storage option {key}: {p} is both a value and a section")
+                raise ConfigError(f"storage option {key}: {p} is both a value and a section")
         node[leaf] = val
     return out
 
@@ -154,31 +156,9 @@ def remember_secrets(options: dict[str, Any] | None = None) -> None:
 
 
 def storage_options() -> dict[str, Any]:
-    """The options :func:`configure` set (in a worker process: those it inherited)."""
+    """The options :func:`~n2v_chunked.io.objects.configure` set (in a worker process: those it inherited)."""
     raw = os.environ.get(OPTIONS_ENV)
     return json.loads(raw) if raw else {}
-
-
-def configure(options: dict[str, Any], urls: Sequence[str] = ()) -> None:
-    """Make ``options`` the defaults of every object store of this process and of workers started later.
-
-    Parameters
-    ----------
-    options : dict
-        From :func:`parse_storage_options`.
-    urls : sequence of str
-        The run's inputs and outputs (a remote one tunes zarr for latency).
-    """
-    from .objects import forget_clients
-
-    remember_secrets(options)
-    if any(protocol(str(u)) for u in urls):
-        tune_for_latency()
-    if not options:
-        return
-    _saved.append(os.environ.get(OPTIONS_ENV))
-    os.environ[OPTIONS_ENV] = json.dumps({**storage_options(), **options})
-    forget_clients()
 
 
 def tune_for_latency() -> None:
@@ -190,19 +170,6 @@ def tune_for_latency() -> None:
         os.environ.setdefault("ZARR_ASYNC__CONCURRENCY", str(REMOTE_ZARR_CONCURRENCY))  # dask worker processes
 
 
-def unconfigure() -> None:
-    """Undo :func:`configure` (the CLI does at exit, so in-process callers and tests start clean)."""
-    from .objects import forget_clients
-
-    while _saved:
-        value = _saved.pop()
-        if value is None:
-            os.environ.pop(OPTIONS_ENV, None)
-        else:
-            os.environ[OPTIONS_ENV] = value
-    forget_clients()
-
-
 def check_writable(url: str) -> None:
     """Refuse an output on a read-only kind of store (``http(s)://``) before anything runs."""
     if protocol(url) in ("http", "https"):
@@ -211,8 +178,6 @@ def check_writable(url: str) -> None:
 
 def require_client(url: str) -> None:
     """One line naming the extra to install when obstore, the client of object-store URLs, is missing."""
-    from .objects import OBJECT_PROTOCOLS
-
     proto = protocol(url)
     if proto not in OBJECT_PROTOCOLS:
         return
@@ -339,21 +304,6 @@ def store_problem(exc: BaseException, url: str) -> str | None:
     if "AccessDenied" in codes or any(isinstance(e, PermissionError) for e in chain) or "Access Denied" in text:
         return f"{url}: access denied (the credentials may not read or write there)"
     return None
-
-
-def diagnose(url: str, exc: BaseException) -> str | None:
-    """Why opening ``url`` failed, when the bucket or the credentials are to blame (probes the bucket)."""
-    problem = store_problem(exc, url)
-    if protocol(url) not in ("s3", "s3a") or (problem is not None and "access denied" not in problem):
-        return problem
-    from .objects import listdir, root_and_key
-
-    scheme, bucket, _ = root_and_key(url)
-    try:  # the bucket listing tells a missing bucket and refused credentials apart from a mere denial
-        listdir(f"{scheme}://{bucket}", limit=1)
-    except Exception as probe:  # noqa: BLE001 - only used to explain the first error
-        return store_problem(probe, url) or problem
-    return problem
 
 
 def summary(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from ..errors import AxesError, N2VError, UnreadableDataError, first_line
+from ..errors import AxesError, ConfigError, N2VError, UnreadableDataError, first_line
 from .metadata_axes import ASK_AXES, CANONICAL, parse_axes, tiff_stated_axes
 from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
 from .stores import grow_chunks
@@ -354,7 +354,7 @@ def open_tiff(path: str, level: int, keep_open: bool = True) -> Raw:
             series = tf.series[0]
             nlevels = len(series.levels)
             if level >= nlevels:
-                raise N2VError(f"TIFF {path} has {nlevels} level(s); level {level} does not exist")
+                raise ConfigError(f"TIFF {path} has {nlevels} level(s); level {level} does not exist")
             dims = _tiff_axes(series.axes)
             stated = tiff_stated_axes(tf, series)
             scale, units = _tiff_metadata(tf)

@@ -13,8 +13,7 @@ from ..errors import N2VError, UnreadableDataError, first_line
 from .metadata_axes import AXIS_TYPES, CANONICAL
 from .ngff import ome_metadata
 from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
-from .objects import zarr_store
-from .stores import diagnose
+from .objects import diagnose, zarr_store
 
 log = logging.getLogger("n2v_chunked")
 

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ..errors import N2VError, first_line
+from ..errors import AxesError, ConfigError, N2VError, UnreadableDataError, first_line
 from ..io.sources import store_array
 from ..io.objects import zarr_store
 from ..io.stores import RetriesExhausted, with_retries
@@ -67,7 +67,7 @@ class _ZarrSource(_Source):
             try:
                 self._array = zarr.open_array(store=zarr_store(self._url, read_only=True), mode="r")
             except Exception as exc:  # any store error: a user-facing path problem
-                raise N2VError(f"cannot open zarr array {self._url}: {exc}") from None
+                raise UnreadableDataError(f"cannot open zarr array {self._url}: {exc}") from None
         return self._array
 
     def __getstate__(self) -> dict:
@@ -123,7 +123,7 @@ def open_source(data: Any, dims: Sequence[str] | None, chunks: Any) -> tuple[_So
     else:
         if isinstance(data, xr.DataArray):
             if dims is not None and tuple(dims) != tuple(data.dims):
-                raise N2VError(f"dims {tuple(dims)} disagree with the DataArray's {tuple(data.dims)}")
+                raise AxesError(f"dims {tuple(dims)} disagree with the DataArray's {tuple(data.dims)}")
             dims = tuple(str(d) for d in data.dims)
             label = data.attrs.get("source") if isinstance(data.attrs.get("source"), str) else None
             z = store_array(data)
@@ -142,16 +142,16 @@ def open_source(data: Any, dims: Sequence[str] | None, chunks: Any) -> tuple[_So
             src = _DaskSource(data)
         elif isinstance(data, np.ndarray):
             if dims is None:
-                raise N2VError("dims are required for a numpy array, e.g. dims=('y', 'x')")
+                raise AxesError("dims are required for a numpy array, e.g. dims=('y', 'x')")
             src = _NumpySource(data, _numpy_chunks(data, dims, chunks))
         else:
             raise N2VError(f"cannot sample patches from a {type(data).__name__}; "
                            "give an xarray.DataArray, zarr array, dask array, numpy array or zarr path")
     if dims is None:
-        raise N2VError(f"dims are required for {src.name}, e.g. dims=('z', 'y', 'x')")
+        raise AxesError(f"dims are required for {src.name}, e.g. dims=('z', 'y', 'x')")
     dims = tuple(dims)
     if len(dims) != len(src.shape) or len(set(dims)) != len(dims):
-        raise N2VError(f"dims {dims} do not match the {len(src.shape)}-d array {src.name} of shape {src.shape}")
+        raise AxesError(f"dims {dims} do not match the {len(src.shape)}-d array {src.name} of shape {src.shape}")
     return src, dims
 
 
@@ -176,7 +176,7 @@ def open_mask(mask: Any, shape: tuple[int, ...], dims: tuple[str, ...]) -> _Sour
         arr = np.asarray(mask)
         src = _NumpySource(arr, tuple((n,) for n in arr.shape), "mask")
     if len(src.shape) != len(shape) or any(m > n or m < 1 for m, n in zip(src.shape, shape)):
-        raise N2VError(f"mask shape {src.shape} must match the data's {dict(zip(dims, shape))} "
+        raise ConfigError(f"mask shape {src.shape} must match the data's {dict(zip(dims, shape))} "
                        "(or be a coarser grid of the same dims)")
     return src
 

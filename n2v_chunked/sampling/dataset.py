@@ -10,7 +10,8 @@ patches while the stream stays mixed.
 The dataset holds what all streams share (source, block grid, validation
 split, schedule, resume state) and loads one block window on request
 (:meth:`ZarrPatchDataset._load`); each stream is a
-:class:`~n2v_chunked.sampling.stream.PatchStream`.
+:class:`~n2v_chunked.sampling.stream.PatchStream`, which sees the dataset only
+through the public :class:`~n2v_chunked.sampling.stream.StreamSpec` it is given.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import N2VError
-from ..transfer import pinned
+from ..engine.transfer import pinned
+from ..errors import AxesError, ConfigError, N2VError, UnreadableDataError
 from .access import BadChunks, chunk_slices, open_mask, open_source, read_mask, read_window
 from .grid import (
     DEFAULT_MIN_BLOCK_BYTES,
     DEFAULT_REUSE,
     TAG_BLOCK,
+    TAG_SLOT,
     TAG_VALDRAW,
     Box,
     make_block_grid,
@@ -36,7 +38,7 @@ from .grid import (
     seeded_rng,
 )
 from .order import Index, Permutation, assign_blocks, split_validation
-from .stream import BLOCK_TRIES, Entry, Loaded, PatchStream, accept, ahead
+from .stream import BLOCK_TRIES, Entry, Foreground, Loaded, PatchStream, StreamSpec, ahead
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
@@ -172,17 +174,17 @@ class ZarrPatchDataset(IterableDataset):
             spatial_dims = ("z", "y", "x") if "z" in dims else ("y", "x")
         spatial_dims = tuple(spatial_dims)
         if spatial_dims not in (("y", "x"), ("z", "y", "x")):
-            raise N2VError(f"spatial_dims must be ('y', 'x') or ('z', 'y', 'x'), got {spatial_dims}")
+            raise AxesError(f"spatial_dims must be ('y', 'x') or ('z', 'y', 'x'), got {spatial_dims}")
         missing = [d for d in spatial_dims if d not in dims]
         if missing:
-            raise N2VError(f"spatial dim(s) {missing} not in the data's dims {dims}")
+            raise AxesError(f"spatial dim(s) {missing} not in the data's dims {dims}")
         if [d for d in dims if d in spatial_dims] != list(spatial_dims):
-            raise N2VError(f"spatial dims {spatial_dims} must appear in that order in the data's dims {dims}")
+            raise AxesError(f"spatial dims {spatial_dims} must appear in that order in the data's dims {dims}")
         if patch_shape is None:
             patch_shape = (64, 64) if len(spatial_dims) == 2 else (32, 32, 32)
         patch_shape = tuple(int(p) for p in patch_shape)
         if len(patch_shape) != len(spatial_dims) or min(patch_shape) < 1:
-            raise N2VError(f"patch_shape {patch_shape} must give a positive size for each of {spatial_dims}")
+            raise ConfigError(f"patch_shape {patch_shape} must give a positive size for each of {spatial_dims}")
         self.spatial_dims, self.patch_shape = spatial_dims, patch_shape
         self._c_axis = dims.index("c") if "c" in dims else None
         self.n_channels = self._source.shape[self._c_axis] if self._c_axis is not None else 1
@@ -315,7 +317,7 @@ class ZarrPatchDataset(IterableDataset):
             else:
                 rank, world = rank or 0, world or 1
         if not 0 <= rank < world:
-            raise N2VError(f"rank {rank} is outside world size {world}")
+            raise ConfigError(f"rank {rank} is outside world size {world}")
         return rank, world
 
     def _streams(self) -> tuple[int, int]:
@@ -381,7 +383,26 @@ class ZarrPatchDataset(IterableDataset):
         """A :class:`PatchStream` for this process (worker and rank from the environment unless given)."""
         if stream is None or n_streams is None:
             stream, n_streams = self._streams()
-        return PatchStream(self, stream, n_streams)
+        spec = StreamSpec(
+            name=self._source.name,
+            schedule=self._schedule(stream, n_streams),
+            # re-seeded from the start position: a resumed stream skips without replaying
+            rng=seeded_rng(self.seed, TAG_SLOT, stream, n_streams, *self._start_position(stream, n_streams)),
+            blocks_per_pass=len(assign_blocks(self.train_blocks, 0, stream, n_streams, self.seed)),
+            train_blocks=len(self.train_blocks),
+            slots=self._slots_total,
+            io_threads=self.io_threads,
+            max_bad_chunks=self.max_bad_chunks,
+            window_nbytes=self._window_nbytes,
+            load=self._load,
+            foreground=self._foreground(),
+            batch_shape=(self.n_channels, *self.patch_shape),
+            draw_shape=(self.n_channels, *self.grid.patch),
+        )
+        return PatchStream(spec, stream, n_streams)
+
+    def _foreground(self) -> Foreground:
+        return Foreground(self.min_std, self.min_foreground, masked=self.mask is not None)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         s = self.stream()
@@ -414,13 +435,14 @@ class ZarrPatchDataset(IterableDataset):
         if n in self._val_cache:
             return self._val_cache[n]
         if len(self.val_blocks) == 0:
-            raise N2VError("no validation blocks: val_fraction is 0")
+            raise ConfigError("no validation blocks: val_fraction is 0")
         shuffle = Permutation(len(self.val_blocks), self.seed, TAG_VALDRAW)  # mixes the strata
         # enough blocks for variety, not a full read
         order = [self.val_blocks[shuffle(k)] for k in range(min(len(self.val_blocks), n, 64))]
         out = np.empty((n, self.n_channels, *self.patch_shape), dtype=np.float32)
         flat = out.reshape(n, self.n_channels, *self.grid.patch)
         bad = BadChunks(self._source.name, self.max_bad_chunks)
+        foreground = self._foreground()
         got, tries = 0, 0
         for k, block in enumerate(order):
             loaded = self._load(0, int(block), 0, bad.snapshot(), validation=True)
@@ -433,7 +455,7 @@ class ZarrPatchDataset(IterableDataset):
             while want > 0 and misses < BLOCK_TRIES:
                 origin = entry.next_origin()
                 patch = entry.view[origin]
-                if (self.min_std is not None or self.mask is not None) and not accept(self, entry, origin, patch):
+                if foreground.active and not foreground.accepts(entry, origin, patch):
                     misses += 1
                     tries += 1
                     continue
@@ -444,7 +466,7 @@ class ZarrPatchDataset(IterableDataset):
         if got == 0:
             why = (f"every one holds bad chunks{bad.summary()}" if bad.reasons
                    else "the held-out data looks all-background")
-            raise N2VError(f"no validation patch found in the {len(order)} validation block(s) of "
+            raise UnreadableDataError(f"no validation patch found in the {len(order)} validation block(s) of "
                            f"{self._source.name} after {tries} tries: {why}")
         if got < n:  # filters left some blocks short: repeat the accepted patches
             flat[got:] = flat[np.arange(n - got) % got]

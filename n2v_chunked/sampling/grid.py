@@ -24,7 +24,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from ..errors import N2VError
+from ..errors import ConfigError
 
 Box = tuple[tuple[int, int], ...]  # per grid dim: [lo, hi)
 
@@ -323,7 +323,7 @@ def make_block_grid(
     spatial = tuple(spatial) if spatial is not None else tuple(p > 1 for p in patch)
     for d, n, p in zip(dims, shape, patch):
         if n < p:
-            raise N2VError(f"volume is smaller than the patch along axis '{d}': size {n} < patch {p}")
+            raise ConfigError(f"volume is smaller than the patch along axis '{d}': size {n} < patch {p}")
     cedges = tuple(tuple(int(x) for x in np.concatenate([[0], np.cumsum(c)])) for c in chunks)
     csize = [max(c) for c in chunks]
     groups = [max(1, math.ceil(2 * p / c)) if s else 1 for p, c, s in zip(patch, csize, spatial)]

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import N2VError
+from ..errors import ConfigError, N2VError
 from .grid import TAG_PERM, TAG_VAL, BlockGrid, Index, Strata, seeded_rng
 
 _MASK = 2**64 - 1
@@ -217,7 +217,7 @@ class BlockSplit:
 
     def __init__(self, strata: Strata, fraction: float, seed: int) -> None:
         if not 0.0 <= fraction < 1.0:
-            raise N2VError(f"val_fraction must be in [0, 1), got {fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {fraction}")
         n = strata.n_blocks
         n_val = 0 if fraction == 0 else max(1, int(round(fraction * n)))
         if n - n_val < 1:

@@ -12,19 +12,15 @@ import dataclasses
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import N2VError
-from ..transfer import host_empty
+from ..engine.transfer import host_empty
+from ..errors import N2VError, UnreadableDataError
 from .access import BadChunks
-from .grid import TAG_SLOT, Box, draw_origins, seeded_rng
-from .order import assign_blocks
-
-if TYPE_CHECKING:
-    from .dataset import ZarrPatchDataset
+from .grid import Box, draw_origins
 
 # Consecutive rejected patches after which the data is declared all-background.
 MAX_TRIES = 1000
@@ -78,13 +74,52 @@ class Loaded:
     block: int = -1  # the block read (set when it was skipped)
 
 
-def accept(ds: ZarrPatchDataset, entry: Entry, origin: tuple[int, ...], patch: np.ndarray) -> bool:
-    """Foreground filter: the patch's std and the mask fraction over its footprint."""
-    if ds.min_std is not None and float(patch.std()) < ds.min_std:
-        return False
-    if entry.mask_view is not None and float(entry.mask_view[origin[1:]].mean()) < ds.min_foreground:
-        return False
-    return True
+@dataclasses.dataclass(frozen=True)
+class Foreground:
+    """The foreground filter: a patch's std and the mask fraction over its footprint."""
+
+    min_std: float | None
+    min_foreground: float
+    masked: bool  # the dataset has a mask
+
+    @property
+    def active(self) -> bool:
+        """Whether any patch can be rejected (else every drawn patch is kept)."""
+        return self.min_std is not None or self.masked
+
+    def accepts(self, entry: Entry, origin: tuple[int, ...], patch: np.ndarray) -> bool:
+        if self.min_std is not None and float(patch.std()) < self.min_std:
+            return False
+        if entry.mask_view is not None and float(entry.mask_view[origin[1:]].mean()) < self.min_foreground:
+            return False
+        return True
+
+    def describe(self) -> str:
+        """The criteria, for the all-background error."""
+        crit = ([f"std >= {self.min_std}"] if self.min_std is not None else []) + (
+            [f"mask fraction >= {self.min_foreground}"] if self.masked else [])
+        return " and ".join(crit)
+
+
+@dataclasses.dataclass
+class StreamSpec:
+    """What one :class:`PatchStream` needs from its dataset, made by
+    :meth:`~n2v_chunked.sampling.dataset.ZarrPatchDataset.stream` (the stream never reaches into the dataset).
+    """
+
+    name: str  # the source, for messages
+    schedule: Iterator[tuple[int, int]]  # (pass, block) pairs to load, from the resume position on
+    rng: np.random.Generator  # the stream's draws, seeded from its start position (a resumed stream skips)
+    blocks_per_pass: int  # blocks this stream loads per pass
+    train_blocks: int  # training blocks in all: once every one was skipped, no patch can be drawn
+    slots: int  # block windows the buffer budget holds
+    io_threads: int
+    max_bad_chunks: int
+    window_nbytes: Callable[[int], int]  # bytes of a block's window
+    load: Callable[[int, int, int, frozenset], Loaded]  # (pass, block, stream, known bad chunks); reader threads
+    foreground: Foreground
+    batch_shape: tuple[int, ...]  # (C, *patch): one patch of a batch
+    draw_shape: tuple[int, ...]  # (C, *patch over every grid dim): one patch as drawn
 
 
 class PatchStream:
@@ -103,23 +138,19 @@ class PatchStream:
         (decoded windows held plus reads in flight).
     """
 
-    def __init__(self, ds: ZarrPatchDataset, stream: int, n_streams: int) -> None:
-        self._ds = ds
-        self._src = ds._source
-        self._bad = BadChunks(self._src.name, ds.max_bad_chunks)
+    def __init__(self, spec: StreamSpec, stream: int, n_streams: int) -> None:
+        self._spec = spec
+        self._bad = BadChunks(spec.name, spec.max_bad_chunks)
         self.stream, self.n_streams = stream, n_streams
         self.stats = dict(patches=0, blocks_loaded=0, blocks_skipped=0, rejected=0, buffer_bytes=0,
                           peak_buffer_bytes=0)
-        self._schedule = ds._schedule(stream, n_streams)
-        blocks_per_pass = len(assign_blocks(ds.train_blocks, 0, stream, n_streams, ds.seed))
-        total = ds._slots_total
-        prefetch = min(ds.io_threads, total - 1) if ds.io_threads > 0 else 0
-        self._resident = max(1, min(total - prefetch, blocks_per_pass))
+        self._schedule = spec.schedule
+        prefetch = min(spec.io_threads, spec.slots - 1) if spec.io_threads > 0 else 0
+        self._resident = max(1, min(spec.slots - prefetch, spec.blocks_per_pass))
         self._lookahead = prefetch
-        self._pool = ThreadPoolExecutor(ds.io_threads, thread_name_prefix="n2v-block") if prefetch else None
+        self._pool = ThreadPoolExecutor(spec.io_threads, thread_name_prefix="n2v-block") if prefetch else None
         self._pending: collections.deque[tuple[int, Future | _Later]] = collections.deque()
-        # Re-seeded from the start position: a resumed stream skips without replaying.
-        self._rng = seeded_rng(ds.seed, TAG_SLOT, stream, n_streams, *ds._start_position(stream, n_streams))
+        self._rng = spec.rng
         self._uniform: list[float] = []
         self._fails = 0  # consecutive rejected draws across the stream
         self._unusable: set[int] = set()  # training blocks skipped (for good)
@@ -134,7 +165,7 @@ class PatchStream:
             self._slots.append(entry)
         self._active = [i for i, e in enumerate(self._slots) if e is not None]
         if not self._active and self.stats["blocks_skipped"]:
-            raise N2VError(f"no training patches can be drawn from {self._src.name}: every block was skipped"
+            raise UnreadableDataError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
                            + self._bad.summary())
 
     # -- block loading --------------------------------------------------------
@@ -147,13 +178,13 @@ class PatchStream:
             if item is None:
                 return
             epoch, block = item
-            nbytes = self._ds._window_nbytes(block)
+            nbytes = self._spec.window_nbytes(block)
             self._count(nbytes)
             bad = self._bad.snapshot()
             if self._pool is not None:
-                self._pending.append((nbytes, self._pool.submit(self._ds._load, epoch, block, self.stream, bad)))
+                self._pending.append((nbytes, self._pool.submit(self._spec.load, epoch, block, self.stream, bad)))
             else:
-                self._pending.append((nbytes, _Later(self._ds._load, epoch, block, self.stream, bad)))
+                self._pending.append((nbytes, _Later(self._spec.load, epoch, block, self.stream, bad)))
 
     def _take(self) -> Entry | None:
         """The next loaded block in schedule order (skipping unusable ones)."""
@@ -180,8 +211,8 @@ class PatchStream:
             # A skipped block stays unusable (bad chunks are remembered, the mask does not
             # change): once every training block is, an endless schedule would spin forever.
             self._unusable.add(loaded.block)
-            if len(self._unusable) >= len(self._ds.train_blocks):
-                raise N2VError(f"no training patches can be drawn from {self._src.name}: every block was skipped"
+            if len(self._unusable) >= self._spec.train_blocks:
+                raise UnreadableDataError(f"no training patches can be drawn from {self._spec.name}: every block was skipped"
                                + self._bad.summary())
 
     def _count(self, delta: int) -> None:
@@ -204,12 +235,9 @@ class PatchStream:
         self.stats["rejected"] += n
         self._fails += n
         if self._fails >= MAX_TRIES:
-            ds = self._ds
-            crit = ([f"std >= {ds.min_std}"] if ds.min_std is not None else []) + (
-                [f"mask fraction >= {ds.min_foreground}"] if ds.mask is not None else [])
             raise N2VError(
-                f"no foreground patch found in {self._src.name} after {self._fails} tries "
-                f"(filter: {' and '.join(crit)}); the data looks all-background: lower min_std or check the mask"
+                f"no foreground patch found in {self._spec.name} after {self._fails} tries "
+                f"(filter: {self._spec.foreground.describe()}); the data looks all-background: lower min_std or check the mask"
             )
 
     # -- drawing --------------------------------------------------------------
@@ -254,8 +282,8 @@ class PatchStream:
 
     def _fill(self, out: np.ndarray, n: int) -> int:
         """Write up to ``n`` patches into ``out`` (shape ``(B, C, *patch_all)``); return the count."""
-        ds = self._ds
-        if ds.min_std is None and ds.mask is None:  # no foreground filter: every drawn patch is kept
+        foreground = self._spec.foreground
+        if not foreground.active:  # no foreground filter: every drawn patch is kept
             return self._fill_unfiltered(out, n)
         i = 0
         while i < n and self._active:
@@ -263,7 +291,7 @@ class PatchStream:
             entry = self._slots[slot]
             origin = entry.next_origin()
             patch = entry.view[origin]
-            if not accept(ds, entry, origin, patch):
+            if not foreground.accepts(entry, origin, patch):
                 entry.misses += 1
                 self._reject()
                 if entry.misses >= BLOCK_TRIES:
@@ -286,9 +314,8 @@ class PatchStream:
         ``pin``: drawn straight into page-locked memory when CUDA is present,
         so the copy to the GPU runs asynchronously (no extra copy to pin it).
         """
-        ds = self._ds
-        out = host_empty((batch_size, ds.n_channels, *ds.patch_shape), pin)
-        n = self._fill(out.numpy().reshape(batch_size, ds.n_channels, *ds.grid.patch), batch_size)
+        out = host_empty((batch_size, *self._spec.batch_shape), pin)
+        n = self._fill(out.numpy().reshape(batch_size, *self._spec.draw_shape), batch_size)
         return out[:n] if n else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -1,0 +1,450 @@
+"""Orchestration: :func:`predict` reads a source, plans the halo, runs the blocks and writes OME-Zarr.
+
+A volume of any size is denoised block by block with :func:`dask.array.map_overlap`
+and written to OME-Zarr, so that the result equals the whole-image prediction
+(:func:`n2v_chunked.engine.inference.denoise` with the same boundary mode) to float
+rounding.  Three facts make that exact:
+
+* the halo along each spatial axis is the network's receptive-field half-width
+  rounded up to a multiple of ``2**depth`` (:func:`n2v_chunked.model.unet.halo_width`),
+  so every output pixel of a block sees all the input it depends on;
+* working chunks are multiples of ``2**depth`` too (:func:`~n2v_chunked.prediction.plan.plan`),
+  so every block's extended extent starts on the pooling grid of the padded whole image;
+* the image border is padded with the same index map as ``numpy.pad`` in
+  ``denoise`` (:mod:`n2v_chunked.engine.padding`), built per batch of blocks from the
+  source itself (:mod:`n2v_chunked.prediction.blocks`), so batching and axes
+  shorter than the halo change nothing.
+
+Each block's task writes its own chunks and a marker (:mod:`n2v_chunked.prediction.writer`);
+``resume=True`` skips the marked blocks.  The output is marked complete
+(``attributes["n2v_chunked"]["complete"]``) only after the last block and the
+pyramid have landed; the markers are then removed.
+
+The graph is built and submitted in batches of at most ``batch_blocks`` blocks
+so the scheduler's memory stays bounded for volumes of millions of chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from ..cluster import preemption
+from ..cluster.common import check_not_spawn_reimport
+from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
+from ..model import checkpoint as ckpt
+from ..errors import ConfigError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
+from ..engine.inference import blend_tensor
+from ..model.intensity import choose_normalization
+from ..io import objects
+from ..io.ome import (
+    check_not_input,
+    check_replaceable,
+    create_ome_zarr,
+    mark_complete,
+)
+from ..cluster.progress import Progress
+from ..engine.runtimes import describe as describe_runtime, resolve as resolve_runtime
+from ..io.lock import output_lock
+from ..io.pyramid import build_pyramid
+from ..io.sources import open_image
+from ..io.stores import REMOTE_READ_AHEAD, is_url, local_path, location, redact
+from ..zoo.spec import is_zoo_package
+from .blocks import batch_prediction, get_model
+from ..model.checkpoint import ModelDir
+from ..model.contract import BlockModel, ModelSource
+from .model_source import open_source
+from .options import PredictOptions
+from .plan import Plan, batches, plan
+from .writer import MARKER_DIR, done_blocks, has_level0, marker_dir, remove_markers, sync_output, write_task
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D before fusion)
+
+
+class _Bar:
+    """Progress over blocks with the output rate in MPix/s (a bar, or log lines without a terminal)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = Progress(total, "predicting", "block", enabled=enabled)
+        self.t0 = time.perf_counter()
+        self.pixels = 0
+        self.blocks = 0
+
+    def done(self, pixels: int) -> None:
+        self.pixels += pixels
+        self.blocks += 1
+        self.bar.update(1, f"{self.mpix_per_s:.2f} MPix/s")
+
+    @property
+    def mpix_per_s(self) -> float:
+        return self.pixels / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
+    """Refuse an existing output unless asked; when resuming it, return its ``n2v_chunked`` attributes."""
+    if not resume:
+        check_replaceable(out, overwrite, resumable=True)  # replaced later, by the writer
+        return None
+    if not objects.listdir(out, 1) and not objects.is_file(out):  # nothing there, or killed before its metadata
+        log.warning("nothing to resume at %s (no output there yet): starting it", redact(out))
+        return None
+    try:
+        meta = zarr.open_group(store=objects.zarr_store(out, read_only=True), mode="r").attrs.get("n2v_chunked")
+    except Exception:
+        meta = None
+    if not isinstance(meta, dict) or "parameters" not in meta:
+        raise OutputExistsError(f"cannot resume {out}: it is not an output of n2v-chunked predict")
+    return dict(meta)
+
+
+def _engine(trained: BlockModel, source: ModelSource, opts: PredictOptions) -> tuple[str, str]:
+    """The concrete ``(runtime, precision)``, made once on the client: workers run it, the provenance records it.
+
+    A model whose network is a plain torch module runs on every runtime; a
+    Zoo pipeline (processing or weights that are not) runs in torch fp32 only:
+    said in one line under ``auto``, refused when another engine is named.
+    """
+    if not trained.contract.torch_module:
+        if opts.runtime in ("auto", "torch") and opts.precision in ("auto", "fp32"):
+            log.info("%s runs through bioimageio.core's pipeline in torch fp32 (its processing or weights do not "
+                     "load as a plain torch module, so the faster runtimes cannot run it)", source)
+            return "torch", "fp32"
+        raise ConfigError(f"{source} runs through bioimageio.core's pipeline in fp32 only (its processing or weights "
+                          f"do not load as a plain torch module); drop --runtime {opts.runtime} "
+                          f"--precision {opts.precision}")
+    runtime, precision = resolve_runtime(opts.runtime, opts.precision, opts.device)
+    log.info("network runtime: %s", describe_runtime(runtime, precision))
+    return runtime, precision
+
+
+def _weights(record: dict[str, Any] | None) -> str:
+    """The weights of a provenance record in one phrase: their sha256 (12 digits) and training step."""
+    digest, step = (record or {}).get("digest"), (record or {}).get("step")
+    return f"sha256 {digest[:12]}" + ("" if step is None else f", step {step}") if digest else "unrecorded weights"
+
+
+def _check_resumable(out: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    # the same model directory retrained (train --resume keeps its model_id) would write a patchwork of two
+    # weight versions: the digest of the weights that wrote the first blocks must be the one that runs now
+    if (stored.get("weights") or {}).get("digest") != now["weights"]["digest"]:
+        raise OutputExistsError(
+            f"cannot resume {out}: its blocks were written with {_weights(stored.get('weights'))}, the model now "
+            f"holds {_weights(now['weights'])}; finishing it would mix two versions of the weights: use --overwrite")
+    diff = [k for k in ("model_id", "input") if stored.get(k) != now.get(k)]
+    # older outputs: model normalisation; started before runtimes existed: torch (resumable with --runtime torch)
+    sp, np_ = {"normalize": "model", "runtime": "torch", **stored.get("parameters", {})}, now["parameters"]
+    diff += [k for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {stored.get(k, sp.get(k))!r} -> {now.get(k, np_.get(k))!r}" for k in diff)
+        raise OutputExistsError(f"cannot resume {out}: it was started with other settings ({detail}); use --overwrite")
+
+
+def predict(
+    source: Any,
+    output: str | os.PathLike[str] | None = None,
+    model_dir: Any = None,
+    options: PredictOptions | None = None,
+    **kwargs: Any,
+) -> xr.DataArray:
+    """Denoise an image of any size block by block; write OME-Zarr or return it lazily.
+
+    Every option is a field of :class:`~n2v_chunked.prediction.options.PredictOptions`:
+    pass ``options``, or the fields as keyword arguments (they replace the
+    ``options``' values), checked once.
+
+    Parameters
+    ----------
+    source : str, Path or array
+        Anything :func:`~n2v_chunked.io.sources.open_image` reads.
+    output : str or Path, optional
+        OME-Zarr to write.  None returns the lazy (dask-backed) prediction.
+    model_dir : str, Path or ModelSource
+        Model directory written by training, or a BioImage Model Zoo package
+        (``.zip`` or a folder with ``rdf.yaml``; see :mod:`n2v_chunked.zoo.load`),
+        or a prepared source (:mod:`n2v_chunked.model.contract`).
+    options : PredictOptions, optional
+        The settings below as one object.
+    chunks : sequence of int or dict, optional
+        Working and output chunks (see :func:`plan`).
+    boundary : {"reflect", "nearest", "periodic", "constant"}
+        Image border extension (dask's names; ``reflect`` is numpy's ``symmetric``).
+    tta : bool
+        Average the 8 rotations/flips of the YX plane.
+    blend : bool
+        Mix the prediction with the noisy input with the model's weight
+        (:func:`n2v_chunked.model.checkpoint.blend_weight`): higher PSNR under
+        pixel-independent noise, at the price of some visible grain.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Arithmetic of the network (default ``auto``, as on the command line:
+        bf16 where the hardware has it, else fp32; :func:`n2v_chunked.engine.runtimes.resolve`).
+    runtime : {"auto", "torch", "torch-compile", "openvino", "onnxruntime"}
+        Engine of the network (default ``auto``, as on the command line;
+        ``runtime="torch", precision="fp32"`` for bit-for-bit float32).
+    resume : bool
+        Finish an interrupted run into ``output``: blocks already written are skipped.
+    overwrite : bool
+        Replace an existing output.
+    scheduler : None, str or distributed.Client
+        None: the active distributed client, else local threads.  ``"sync"``,
+        ``"threads"``, ``"local"`` (a LocalCluster), ``"tcp://host:port"`` or
+        ``"slurm"`` (see :func:`scheduler_context`).
+    ngff_version : {"0.5", "0.4"}
+        Output format.
+    dtype : dtype-like or None
+        Output type (float32; None keeps the input's; integers are rounded and clipped).
+    axes : str, optional
+        Axis letters for inputs without metadata.
+    level : int
+        Resolution level of a multiscale input.
+    batch_blocks : int, optional
+        Blocks per submitted graph (:data:`DEFAULT_BATCH_BLOCKS`).
+    progress : bool
+        Progress bar (blocks, MPix/s, ETA).
+    device : str, optional
+        Torch device of the workers (CUDA when available).
+    pyramid : bool
+        Add downsampled levels once level 0 is complete.
+    jobqueue_config, jobs
+        For ``scheduler="slurm"``.
+    halo : int or sequence of int, optional
+        Zoo models only: halo per spatial axis instead of the declared one.
+    normalize : {"model", "data"}
+        Normalise with the model's stored statistics (a warning when the
+        input's are far from them), or with the input's own, sampled once per
+        run (:func:`n2v_chunked.model.intensity.choose_normalization`); recorded in
+        the output's provenance (``normalization``).
+    allow_unvalidated : bool
+        Use a model directory without validated weights (see
+        :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
+
+    Returns
+    -------
+    xarray.DataArray
+        The written output opened lazily (``attrs["predict_stats"]`` counts the
+        blocks computed and skipped), or the lazy prediction when ``output`` is None.
+    """
+    check_not_spawn_reimport()  # a worker re-importing a script without the __main__ guard: stop here
+    opts = PredictOptions.of(options, **kwargs)
+    if model_dir is None:
+        raise ConfigError("predict needs a model (--model)")
+    data, src, trained = _open(source, model_dir, opts)
+    runtime, precision = _engine(trained, src, opts)
+    p = plan(trained, data, opts.chunks)
+    remote = isinstance(source, str) and is_url(source)
+    if remote:  # one read task per working block: its chunks requested at once
+        data = open_image(source, axes=opts.axes, level=opts.level, chunks=p.chunks)
+    norm_record = _normalization(data, trained, src, opts)
+    if opts.blend:
+        _check_blend(trained)
+    kw = dict(trained=trained, model_dir=src, boundary=opts.boundary, precision=precision, tta=opts.tta,
+              blend=opts.blend, device=opts.device, runtime=runtime,
+              norm=(norm_record["mean"], norm_record["std"]) if opts.normalize == "data" else None)
+    if output is None:
+        y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
+        return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
+    return _write(location(output), data, p, trained, src, opts, kw, norm_record, remote)
+
+
+def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, ModelSource, BlockModel]:
+    """The input, the model's source and the model loaded on the client's CPU (which validates it).
+
+    A Zoo package is prepared for the input (its processing frozen), so the input comes first there.
+    """
+    def read() -> xr.DataArray:
+        return open_image(source, axes=opts.axes, level=opts.level)
+
+    data = read() if is_zoo_package(model) else None
+    if data is None:
+        ckpt.check_trained(model, opts.allow_unvalidated)  # never step 0's random weights without a word
+    src = open_source(model, data, halo=opts.halo)
+    trained = get_model(src, src.token(), "cpu")  # cached for local CPU runs
+    return (read() if data is None else data), src, trained
+
+
+def _normalization(data: xr.DataArray, trained: BlockModel, src: ModelSource, opts: PredictOptions) -> Any:
+    """The statistics the input is normalised with (recorded in the provenance); a Zoo model brings its own."""
+    if isinstance(src, ModelDir):
+        return choose_normalization(data, trained.mean, trained.std, opts.normalize)
+    if opts.normalize != "model":
+        raise ConfigError("--normalize data is for n2v_chunked models; a Zoo model brings its own preprocessing")
+    return None
+
+
+def _check_blend(trained: BlockModel) -> None:
+    """A model without a blend weight fails here, before any output exists."""
+    blend_tensor(trained)
+    if trained.meta.get("mask", {}).get("replacement") == "median":
+        # the weight assumes a blind prediction; a median-trained network already passes some of each pixel
+        log.warning("--blend: this model was trained with median replacement, which already lets part of each "
+                    "pixel through; blending may over-mix (BSD68: -0.2 to +0.5 dB)")
+
+
+def _provenance(data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSource, opts: PredictOptions,
+                kw: dict[str, Any], norm_record: Any) -> dict[str, Any]:
+    """What the output records of its making (compared on resume, except ``engine`` and the weights)."""
+    con = trained.contract
+    extra = src.provenance()
+    return {
+        "command": "predict",
+        "model_id": trained.model_id,
+        "model_dir": str(src),
+        **({"zoo": extra} if extra else {}),
+        "weights": {"digest": con.weights_digest, "step": con.step},
+        "input": redact(str(data.attrs.get("source"))),  # no URL password in the output's metadata
+        "engine": describe_runtime(kw["runtime"], kw["precision"]),  # with the package version; not compared on resume
+        "parameters": {
+            "dims": "".join(p.dims), "shape": list(p.shape), "chunks": list(p.chunks), "halo": list(p.halo),
+            "boundary": opts.boundary, "tta": bool(opts.tta), "blend": bool(opts.blend),
+            "precision": kw["precision"], "runtime": kw["runtime"],
+            "dtype": str(np.dtype(data.dtype if opts.dtype is None else opts.dtype)), "level": int(opts.level),
+            "normalize": opts.normalize,
+        },
+        "normalization": norm_record,
+    }
+
+
+def _write(out: str, data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSource, opts: PredictOptions,
+           kw: dict[str, Any], norm_record: Any, remote: bool) -> xr.DataArray:
+    """Predict into the OME-Zarr ``out`` under its lock: create or resume it, run the blocks, mark it complete."""
+    check_not_input(out, data.attrs.get("source"))
+    with output_lock(out) as held:  # a second run on the same output refuses instead of interleaving
+        stored = _existing_output(out, opts.overwrite, opts.resume)
+        if stored is not None:
+            p = plan(trained, data, stored["parameters"].get("chunks") if opts.chunks is None else opts.chunks)
+        prov = _provenance(data, p, trained, src, opts, kw, norm_record)
+        if stored is not None:
+            _check_resumable(out, stored, prov)
+            if opts.normalize == "data" and stored.get("normalization"):  # the statistics the written blocks used
+                prov["normalization"] = stored["normalization"]
+                kw["norm"] = (stored["normalization"]["mean"], stored["normalization"]["std"])
+            if stored.get("complete"):
+                log.info("%s is already complete; nothing to do", out)
+                remove_markers(out)  # a kill between the complete flag and their removal leaves them
+                return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
+        if p.rechunked:
+            log.info("rechunking input %s -> working chunks %s (multiples of the model's grid step %d on %s, halo %s)",
+                     tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
+        t0 = time.perf_counter()
+        with scheduler_context(opts.scheduler, jobqueue_config=opts.jobqueue_config, jobs=opts.jobs,
+                               device=opts.device) as sched, \
+                _interrupted(out), preemption.handlers(interrupt=True):
+            done = _create_or_reopen(out, data, p, opts, stored, prov)
+            stats = _run(data.data, p, out, done, sched, opts.batch_blocks or DEFAULT_BATCH_BLOCKS, opts.progress,
+                         kw, held.check, read_ahead=remote)
+            if opts.pyramid:
+                build_pyramid(out, progress=opts.progress)
+            sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
+            held.check()  # a run whose lock was taken over must not mark the other run's output complete
+            mark_complete(out, True)
+            sync_output(out, recursive=False)  # the flag itself
+        remove_markers(out)
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        stats["runtime"] = f"{kw['runtime']} {kw['precision']}"
+        log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
+                 stats["blocks_skipped"], stats["mpix_per_s"])
+        return _result(out, stats)
+
+
+def _create_or_reopen(out: str, data: xr.DataArray, p: Plan, opts: PredictOptions, stored: Any,
+                      prov: dict[str, Any]) -> set[tuple[int, ...]]:
+    """Create the output (a fresh run, or a resume killed before level 0 existed), else list its finished blocks."""
+    if stored is None or not has_level0(out):  # a kill before level 0 existed: nothing to keep
+        create_ome_zarr(
+            out, p.shape, p.dims, dtype=prov["parameters"]["dtype"], chunks=p.chunks, ngff_version=opts.ngff_version,
+            scale=data.attrs.get("scale"), units=data.attrs.get("units"),
+            translation=data.attrs.get("translation"), provenance=prov, overwrite=opts.overwrite or opts.resume,
+        )
+        sync_output(out)  # the metadata a resume needs, before any marker
+        done: set[tuple[int, ...]] = set()
+    else:
+        done = done_blocks(out)
+    if local_path(out) is not None:
+        os.makedirs(marker_dir(out), exist_ok=True)
+    return done
+
+
+@contextlib.contextmanager
+def _interrupted(out: str) -> Iterator[None]:
+    """Ctrl-C, or a batch system's warning signal: one line that says what became of the output.
+
+    The exit status is 130 for Ctrl-C and :data:`~n2v_chunked.errors.PREEMPTED_EXIT` for the
+    signal (:mod:`n2v_chunked.cluster.preemption`), on which ``cluster/predict.sbatch`` requeues.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if preemption.requested():
+            raise Preempted(f"stopped on {preemption.signal_name()}; {out} stays marked incomplete, rerun with "
+                            "--resume to finish it") from None
+        raise N2VError(f"interrupted; {out} stays marked incomplete, rerun with --resume to finish it",
+                       exit_code=130) from None
+
+
+def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
+    res = open_image(out)
+    res.attrs["predict_stats"] = stats
+    return res
+
+
+def _run(
+    x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
+    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None, read_ahead: bool = False,
+) -> dict[str, Any]:
+    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each).
+
+    ``read_ahead`` (a remote input): a local threads scheduler runs more tasks than cores.
+    """
+    channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
+    skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
+    todo = p.nblocks - skipped
+    run_id = uuid.uuid4().hex
+    local_threads, threads = thread_layout(sched, REMOTE_READ_AHEAD if read_ahead else 1)
+
+    def graphs() -> Iterator[list[Any]]:
+        for lo, hi in batches(p.numblocks, batch_blocks):
+            wanted = [idx for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))) if idx not in done]
+            if not wanted:
+                continue
+            check_lock()
+            y = batch_prediction(x, p, lo, hi, threads=threads, **kw)
+            offset = tuple(int(p.bounds(ax)[lo[ax]]) for ax in range(len(lo)))
+            w = y.map_blocks(
+                write_task, path=out, run_id=run_id, lo=tuple(lo), offset=offset, channels=channels,
+                chunks=(1,) * y.ndim, dtype=np.int64, name=f"n2v-write-{uuid.uuid4().hex}",
+            )
+            blocks = w.to_delayed(optimize_graph=False)  # optimised once, by compute
+            yield [blocks[tuple(i - a for i, a in zip(idx, lo))] for idx in wanted]
+
+    bar = _Bar(todo, progress)
+    try:
+        if isinstance(sched, str):
+            run_local(graphs(), bar.done, sched, local_threads)
+        else:
+            run_distributed(sched, graphs(), bar.done, batch_blocks)
+    except Exception as exc:
+        unfinished = f"{out} stays marked incomplete"
+        if not (isinstance(exc, N2VError) or environment_problem(exc)):
+            exc.add_note(f"(n2v-chunked: {unfinished}; rerun with --resume once fixed)")
+            raise  # a bug: its own type and traceback
+        what = first_line(exc) if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first_line(exc)}"
+        msg = f"prediction stopped: {what}; {unfinished} (fix the cause and rerun with --resume to finish it)"
+        raise (rephrased(exc, msg) if isinstance(exc, N2VError) else N2VError(msg)) from exc
+    finally:
+        bar.close()
+    return {"blocks_total": p.nblocks, "blocks_computed": bar.blocks, "blocks_skipped": skipped,
+            "mpix_per_s": round(bar.mpix_per_s, 4)}

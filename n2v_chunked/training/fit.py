@@ -1,0 +1,236 @@
+"""Training from a source: ``source -> sampler -> loop``.
+
+:func:`fit` opens any source the data layer reads, fits the patch shape to
+the data, takes the normalisation statistics from a sample of blocks (or
+from the model it starts from, ``init_from``), builds the streaming sampler
+with its held-out validation patches, and hands the batches to the training
+loop (:func:`n2v_chunked.training.loop.train`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, N2VError
+from ..io.sources import open_image
+from ..io.stores import REMOTE_IO_THREADS, protocol, redact
+from ..model import checkpoint as ckpt
+from ..model.config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
+from ..model.normalization import channel_stats
+from ..model.unet import size_multiple
+from ..sampling.dataset import DEFAULT_BUFFER_BYTES, ZarrPatchDataset, batches
+from .loop import TrainResult, default_patch, init_distributed, train
+from .masking import grid_cell
+
+log = logging.getLogger(__name__)
+
+
+def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: ModelConfig,
+                    requested: list[int] | None) -> list[int]:
+    """The patch shape to train with.
+
+    A requested shape must fit the data.  The default (64x64 or 32^3) shrinks
+    to the largest multiple of ``2**depth`` that fits each axis, so 3D
+    stacks with few slices and small images train instead of crashing.
+    """
+    m = size_multiple(model_cfg)
+    if requested:
+        for d, p in zip(spatial, requested):
+            if p > sizes[d]:
+                raise N2VError(f"patch size {p} along '{d}' is larger than the image ({sizes[d]} pixels)")
+        return list(requested)
+    patch = []
+    for d, p in zip(spatial, default_patch(len(spatial))):
+        fitted = min(p, sizes[d] // m * m)
+        if fitted < m:
+            raise N2VError(f"axis '{d}' has {sizes[d]} pixels, fewer than the {m} a depth-{model_cfg.depth} U-Net needs")
+        patch.append(fitted)
+    return patch
+
+
+def _refuse_new_network(model_cfg: ModelConfig | None, stored_model: ModelConfig, mask_cfg: MaskConfig | None,
+                        stored_mask: MaskConfig) -> None:
+    """On resume the network and masking are the stored ones: a different one asked for is refused, not dropped."""
+    asked = [(f"network setting {k}", v, getattr(stored_model, k)) for k, v in vars(model_cfg or stored_model).items()
+             if k not in ("dims", "in_channels") and v != getattr(stored_model, k)]
+    asked += [(f"masking setting {k}", v, getattr(stored_mask, k)) for k, v in vars(mask_cfg or stored_mask).items()
+              if v != getattr(stored_mask, k)]
+    if asked:
+        name, value, was = asked[0]
+        raise ConfigError(f"{name} cannot change on --resume (stored {was!r}, asked {value!r}): the network and its "
+                          "masking are fixed when training starts; resume without it, or train a new model in "
+                          "another --model-dir")
+
+
+def fit(
+    source: Any,
+    model_dir: str | Path,
+    *,
+    axes: str | None = None,
+    level: int = 0,
+    dims: int | None = None,
+    model_cfg: ModelConfig | None = None,
+    mask_cfg: MaskConfig | None = None,
+    train_cfg: TrainConfig | dict[str, Any] | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    val_fraction: float | None = None,
+    buffer_bytes: int | None = None,
+    min_std: float | None = None,
+    progress: bool = True,
+    init_from: str | Path | None = None,
+    tensorboard: bool = False,
+    allow_unvalidated: bool = False,
+) -> TrainResult:
+    """Train from any source the data layer opens, streaming patches.
+
+    ``source -> sampler -> masking -> model -> loss``: the image is opened
+    lazily (:func:`~n2v_chunked.io.sources.open_image`), normalisation statistics
+    come from a sample of blocks, and patches stream from a bounded buffer of
+    chunk-aligned blocks (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`).
+
+    Parameters
+    ----------
+    source : path, URL or array
+        OME-Zarr, Zarr, TIFF, numpy, dask or xarray.
+    model_dir : str or Path
+        Where the model goes.
+    axes : str, optional
+        Axes of the source when its metadata has none (e.g. ``"tyx"``).
+    level : int
+        Resolution level of a multiscale OME-Zarr.
+    dims : {2, 3}, optional
+        Model dimensionality; default 3D when the data has ``z``.  With 2,
+        ``z`` becomes a sample axis.
+    model_cfg, mask_cfg, train_cfg : config dataclasses, optional
+        ``dims`` and ``in_channels`` of ``model_cfg`` are set from the data.
+        Without ``mask_cfg``, :class:`MaskConfig`'s defaults (N2V2's median
+        replacement; ``MaskConfig(replacement="uniform")`` is the paper's).
+    resume : bool
+        Continue the model in ``model_dir`` with its stored settings.  ``train_cfg``
+        then holds the changes (:func:`~n2v_chunked.model.config.resume_changes`): each
+        takes effect or is refused with one line (:func:`~n2v_chunked.model.config.resumed`);
+        ``model_cfg``/``mask_cfg``, when given, must equal the stored ones.
+    device : optional
+        Defaults to CUDA when present.
+    val_fraction : float, optional
+        Fraction of blocks held out for validation (default 0.1; on resume,
+        the stored one: a different one is refused).
+    buffer_bytes : int, optional
+        Bound on the sampler's decoded-block buffer.
+    min_std : float, optional
+        Foreground filter: skip patches whose std is below this (input units).
+    progress : bool
+        Show a progress bar.
+    init_from : str or Path, optional
+        Start from the weights, architecture, masking and normalisation of
+        another model: a Zoo package written by ``n2v-chunked export`` or a
+        model directory (:func:`n2v_chunked.zoo.load.init_source`).
+    tensorboard : bool
+        Also write TensorBoard events (see :func:`train`).
+    allow_unvalidated : bool
+        ``init_from``: start from a model directory without validated weights (see
+        :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
+
+    Returns
+    -------
+    TrainResult
+    """
+    info = init_distributed()  # before the sampler, so it shards by rank
+    data = open_image(source, axes=axes, level=level)
+    if init_from is None:  # (with --init-from, --resume stays refused below)
+        resume = ckpt.resume_or_start(model_dir, resume)
+    if resume:
+        meta = ckpt.read_config(model_dir)
+        stored_model, stored_mask, stored = ckpt.configs_from_meta(meta, Path(model_dir) / ckpt.CONFIG)
+        _refuse_new_network(model_cfg, stored_model, mask_cfg, stored_mask)
+        model_cfg, mask_cfg = stored_model, stored_mask
+        train_cfg = resumed(stored, resume_changes(train_cfg))  # the one resume rule (config.ON_RESUME)
+        stored_fraction = meta.get("val_fraction", val_fraction)
+        if val_fraction is not None and stored_fraction is not None and val_fraction != stored_fraction:
+            raise ConfigError(f"--val-fraction cannot change on --resume (stored {stored_fraction}, asked "
+                              f"{val_fraction}): the held-out blocks are fixed when training starts")
+        val_fraction = stored_fraction
+    elif isinstance(train_cfg, dict):
+        raise ConfigError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()  # mask_cfg: train() picks the default that goes with the model
+    init = None
+    if init_from is not None:
+        if resume:
+            raise N2VError("--init-from starts a new model from another one; it cannot be combined with --resume")
+        from ..zoo.load import init_source
+
+        meta, weights = init_source(init_from, allow_unvalidated)
+        model_cfg, mask_cfg, _ = ckpt.configs_from_meta(meta, init_from)
+        init = (weights, np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"]))
+    has_z = "z" in data.dims
+    if dims is None:
+        dims = model_cfg.dims if resume or init else (3 if has_z else 2)
+    if dims == 3 and not has_z:
+        raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
+    spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
+    channels = int(data.sizes.get("c", 1))
+    if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
+        raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+                       f"the data gives {dims}D with {channels}")
+    model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
+    if mask_cfg is not None:
+        grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
+    patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
+    train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+
+    # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
+    io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2
+
+    def sampler(fraction: float) -> ZarrPatchDataset:
+        return ZarrPatchDataset(
+            data, patch, spatial, seed=train_cfg.seed, val_fraction=fraction,
+            buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std, io_threads=io_threads,
+        )
+
+    # Statistics first: they read every block of a small image, so a NaN there is named as such
+    # instead of surfacing as blocks the sampler skips until none is left.
+    if resume:
+        mean = std = np.zeros(channels)  # replaced by the stored statistics
+    else:
+        mean, std = channel_stats(data, seed=train_cfg.seed)
+        if init is not None:
+            mean, std = init[1], init[2]  # the units the initial network works in
+    dataset = sampler(0.0)
+    if val_fraction > 0 and dataset.grid.n_blocks >= 2:
+        dataset = sampler(val_fraction)
+        val = dataset.validation_patches(train_cfg.val_patches)
+    else:
+        # Too small to hold out a block (e.g. one small image): validate on a
+        # fixed draw of training patches, as other N2V tools do, and say so.
+        log.warning("image too small to hold out validation blocks; validating on training patches")
+        val = next(batches(sampler(0.0), train_cfg.val_patches)).numpy()
+    # batches in page-locked memory for a GPU: their copies then overlap the step before
+    pin = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+    if train_cfg.num_workers > 0:
+        stream: Iterable[Any] = DataLoader(
+            dataset, batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,
+            persistent_workers=True, pin_memory=pin,
+        )
+    else:
+        stream = batches(dataset, train_cfg.batch_size, pin=pin)
+    label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
+    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
+    return train(
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
+        resume=resume, device=device,
+        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
+        extra_meta={"input": label, "val_fraction": val_fraction,
+                    "spatial_dims": list(spatial), "world_size": info.world_size,
+                    **({"init_from": redact(str(init_from))} if init else {})},
+        init_weights=init[0] if init else None,
+    )
