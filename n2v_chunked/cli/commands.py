@@ -119,6 +119,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
+    """The ``train`` subcommand: one declaration per option (long by nature); :func:`_run_train` runs it."""
     p = sub.add_parser(
         "train",
         help="train an N2V model on any image, streaming patches from disk",
@@ -201,51 +202,53 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_allow_unvalidated(p, "--init-from: start from")
     _add_progress(p)
 
-    def handler(args: argparse.Namespace) -> int:
-        from ..io.convert import parse_int_list
-        from ..model.config import MaskConfig, ModelConfig, TrainConfig, chosen
-        from ..training.fit import fit
-
-        if args.tensorboard:  # before any work
-            from ..training.plots import require_tensorboard
-
-            require_tensorboard()
-        def option(name: str, default: object) -> object:
-            return chosen(name, getattr(args, name), args.paper, default)
-
-        model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
-                                n2v2=args.n2v2, independent_channels=args.independent_channels and not args.paper)
-        mask_cfg = MaskConfig(density=option("mask_density", MaskConfig.density), struct_span=args.struct_span, struct_axes=list(args.struct_axes),
-                              replacement=option("replacement", MaskConfig.replacement))
-        train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
-                                lr=option("lr", TrainConfig.lr), schedule=args.schedule, val_interval=args.val_interval,
-                                precision=args.precision,
-                                checkpoint_interval=args.checkpoint_interval,
-                                time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
-                                stop_patience=option("stop_patience", TrainConfig.stop_patience), compile=args.compile,
-                                ema=option("ema", TrainConfig.ema))
-        if args.resume and args.init_from is None:  # nothing to resume: a new model, said in one line
-            from ..model import checkpoint as ckpt
-
-            args.resume = ckpt.resume_or_start(args.model_dir, args.resume)
-        if args.resume:  # the stored settings, changed only where an option was given (or refused)
-            model_cfg, mask_cfg, train_cfg = _resumed_configs(args, model_cfg, mask_cfg, train_cfg)
-        res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
-                  model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
-                  device=args.device,
-                  val_fraction=args.val_fraction if "val_fraction" in args.given or not args.resume else None,
-                  buffer_bytes=int(args.buffer_mb * 2**20),
-                  min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from,
-                  tensorboard=args.tensorboard, allow_unvalidated=args.allow_unvalidated)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
-            print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
-                  f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
-            if res.not_learned:
-                print(f"n2v-chunked: warning: {res.not_learned}", file=sys.stderr)
-        return 0
-
     add_storage_options(p)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """``n2v-chunked train``: the configs from the options (or the stored ones on resume), then fit."""
+    from ..io.convert import parse_int_list
+    from ..model.config import MaskConfig, ModelConfig, TrainConfig, chosen
+    from ..training.fit import fit
+
+    if args.tensorboard:  # before any work
+        from ..training.plots import require_tensorboard
+
+        require_tensorboard()
+    def option(name: str, default: object) -> object:
+        return chosen(name, getattr(args, name), args.paper, default)
+
+    model_cfg = ModelConfig(depth=args.depth, features=args.features, kernel_size=args.kernel_size,
+                            n2v2=args.n2v2, independent_channels=args.independent_channels and not args.paper)
+    mask_cfg = MaskConfig(density=option("mask_density", MaskConfig.density), struct_span=args.struct_span, struct_axes=list(args.struct_axes),
+                          replacement=option("replacement", MaskConfig.replacement))
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, patch_size=list(parse_int_list(args.patch, "--patch") or []),
+                            lr=option("lr", TrainConfig.lr), schedule=args.schedule, val_interval=args.val_interval,
+                            precision=args.precision,
+                            checkpoint_interval=args.checkpoint_interval,
+                            time_budget=60.0 * args.minutes, seed=args.seed, num_workers=args.workers,
+                            stop_patience=option("stop_patience", TrainConfig.stop_patience), compile=args.compile,
+                            ema=option("ema", TrainConfig.ema))
+    if args.resume and args.init_from is None:  # nothing to resume: a new model, said in one line
+        from ..model import checkpoint as ckpt
+
+        args.resume = ckpt.resume_or_start(args.model_dir, args.resume)
+    if args.resume:  # the stored settings, changed only where an option was given (or refused)
+        model_cfg, mask_cfg, train_cfg = _resumed_configs(args, model_cfg, mask_cfg, train_cfg)
+    res = fit(args.input, args.model_dir, axes=args.axes, level=args.level, dims=args.dims,
+              model_cfg=model_cfg, mask_cfg=mask_cfg, train_cfg=train_cfg, resume=args.resume,
+              device=args.device,
+              val_fraction=args.val_fraction if "val_fraction" in args.given or not args.resume else None,
+              buffer_bytes=int(args.buffer_mb * 2**20),
+              min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from,
+              tensorboard=args.tensorboard, allow_unvalidated=args.allow_unvalidated)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
+        print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
+              f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")
+        if res.not_learned:
+            print(f"n2v-chunked: warning: {res.not_learned}", file=sys.stderr)
+    return 0
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -370,6 +373,7 @@ class _Choices:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
+    """The ``predict`` subcommand: one declaration per option; :func:`_run_predict` runs it."""
     p = sub.add_parser(
         "predict",
         help="denoise an image of any size block by block into OME-Zarr",
@@ -437,50 +441,52 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     _add_allow_unvalidated(p, "predict with")
     _add_progress(p)
 
-    def handler(args: argparse.Namespace) -> int:
-        from ..io.convert import parse_int_list
-        from ..prediction import PredictOptions, predict
-
-        named = {"boundary": "boundary", "precision": "precision", "runtime": "runtime", "ngff_version": "ngff",
-                 "normalize": "normalize"}
-        given = {k: getattr(args, a) for k, a in named.items() if getattr(args, a) is not None}
-        opts = PredictOptions(  # options left out take PredictOptions' defaults, the same as Python's predict()
-            **given,
-            chunks=parse_int_list(args.chunks, "--chunks"),
-            tta=args.tta,
-            blend=args.blend,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            scheduler=args.scheduler,
-            dtype=args.dtype,
-            axes=args.axes,
-            level=args.level,
-            batch_blocks=args.batch_blocks,
-            progress=not args.no_progress,
-            device=args.device,
-            pyramid=not args.no_pyramid,
-            jobqueue_config=args.jobqueue_config,
-            jobs=args.jobs,
-            halo=parse_int_list(args.halo, "--halo", minimum=0),
-            allow_unvalidated=args.allow_unvalidated,
-        )
-        out = predict(args.input, args.output, args.model_dir, opts)
-        if args.preview:
-            from ..io.sources import open_image
-            from ..prediction.preview import write_predict_preview
-
-            shown = write_predict_preview(args.output, open_image(args.input, axes=args.axes, level=args.level), out)
-            if shown is not None:
-                print(f"n2v-chunked: preview (noisy | denoised, middle slice): {shown}", flush=True)
-        s = out.attrs.get("predict_stats", {})
-        print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
-              f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "
-              f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s"
-              f"{' (' + s['runtime'] + ')' if s.get('runtime') else ''}", flush=True)
-        return 0
-
     add_storage_options(p)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    """``n2v-chunked predict``: the options object from the command line, then predict and a summary line."""
+    from ..io.convert import parse_int_list
+    from ..prediction import PredictOptions, predict
+
+    named = {"boundary": "boundary", "precision": "precision", "runtime": "runtime", "ngff_version": "ngff",
+             "normalize": "normalize"}
+    given = {k: getattr(args, a) for k, a in named.items() if getattr(args, a) is not None}
+    opts = PredictOptions(  # options left out take PredictOptions' defaults, the same as Python's predict()
+        **given,
+        chunks=parse_int_list(args.chunks, "--chunks"),
+        tta=args.tta,
+        blend=args.blend,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        axes=args.axes,
+        level=args.level,
+        batch_blocks=args.batch_blocks,
+        progress=not args.no_progress,
+        device=args.device,
+        pyramid=not args.no_pyramid,
+        jobqueue_config=args.jobqueue_config,
+        jobs=args.jobs,
+        halo=parse_int_list(args.halo, "--halo", minimum=0),
+        allow_unvalidated=args.allow_unvalidated,
+    )
+    out = predict(args.input, args.output, args.model_dir, opts)
+    if args.preview:
+        from ..io.sources import open_image
+        from ..prediction.preview import write_predict_preview
+
+        shown = write_predict_preview(args.output, open_image(args.input, axes=args.axes, level=args.level), out)
+        if shown is not None:
+            print(f"n2v-chunked: preview (noisy | denoised, middle slice): {shown}", flush=True)
+    s = out.attrs.get("predict_stats", {})
+    print(f"n2v-chunked: wrote {args.output}: {s.get('blocks_computed', 0)} block(s) computed, "
+          f"{s.get('blocks_skipped', 0)} skipped of {s.get('blocks_total', 0)}, "
+          f"{s.get('mpix_per_s', 0.0):.2f} MPix/s, {s.get('seconds', 0.0):.1f} s"
+          f"{' (' + s['runtime'] + ')' if s.get('runtime') else ''}", flush=True)
+    return 0
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:

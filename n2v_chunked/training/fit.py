@@ -145,6 +145,48 @@ def fit(
     """
     info = init_distributed()  # before the sampler, so it shards by rank
     data = open_image(source, axes=axes, level=level)
+    model_cfg, mask_cfg, train_cfg, val_fraction, init, resume = _settings(
+        model_dir, model_cfg, mask_cfg, train_cfg, val_fraction, resume, init_from, allow_unvalidated)
+    has_z = "z" in data.dims
+    if dims is None:
+        dims = model_cfg.dims if resume or init else (3 if has_z else 2)
+    if dims == 3 and not has_z:
+        raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
+    spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
+    channels = int(data.sizes.get("c", 1))
+    if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
+        raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+                       f"the data gives {dims}D with {channels}")
+    model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
+    if mask_cfg is not None:
+        grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
+    patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
+    train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+
+    mean, std, dataset, val, stream = _streams(data, patch, spatial, train_cfg, val_fraction, resume, init, device,
+                                               buffer_bytes, min_std, channels)
+    label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
+    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
+    return train(
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
+        resume=resume, device=device,
+        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
+        extra_meta={"input": label, "val_fraction": val_fraction,
+                    "spatial_dims": list(spatial), "world_size": info.world_size,
+                    **({"init_from": redact(str(init_from))} if init else {})},
+        init_weights=init[0] if init else None,
+    )
+
+
+def _settings(model_dir: Any, model_cfg: ModelConfig | None, mask_cfg: MaskConfig | None,
+              train_cfg: TrainConfig | dict[str, Any] | None, val_fraction: float | None, resume: bool,
+              init_from: Any, allow_unvalidated: bool) -> tuple[Any, Any, TrainConfig, float, Any, bool]:
+    """The run's configs: new, resumed (the one resume rule) or from ``--init-from``; whether it resumes.
+
+    Returns the model, mask and training configs, the validation fraction,
+    ``(weights, mean, std)`` of the initial model (or None) and ``resume``
+    (False where there was nothing to resume).
+    """
     if init_from is None:  # (with --init-from, --resume stays refused below)
         resume = ckpt.resume_or_start(model_dir, resume)
     if resume:
@@ -172,22 +214,13 @@ def fit(
         meta, weights = init_source(init_from, allow_unvalidated)
         model_cfg, mask_cfg, _ = ckpt.configs_from_meta(meta, init_from)
         init = (weights, np.asarray(meta["normalization"]["mean"]), np.asarray(meta["normalization"]["std"]))
-    has_z = "z" in data.dims
-    if dims is None:
-        dims = model_cfg.dims if resume or init else (3 if has_z else 2)
-    if dims == 3 and not has_z:
-        raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
-    spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
-    channels = int(data.sizes.get("c", 1))
-    if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
-        raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
-                       f"the data gives {dims}D with {channels}")
-    model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
-    if mask_cfg is not None:
-        grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
-    patch = fit_patch_shape(dict(data.sizes), spatial, model_cfg, train_cfg.patch_size)
-    train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
+    return model_cfg, mask_cfg, train_cfg, val_fraction, init, resume
 
+
+def _streams(data: Any, patch: list[int], spatial: tuple[str, ...], train_cfg: TrainConfig, val_fraction: float,
+             resume: bool, init: Any, device: Any, buffer_bytes: int | None, min_std: float | None,
+             channels: int) -> tuple[np.ndarray, np.ndarray, ZarrPatchDataset, np.ndarray, Iterable[Any]]:
+    """Normalisation statistics, the sampler, the validation patches and the stream of training batches."""
     # an object store answers in tens of ms: keep more block reads in flight (benchmarks/remote.py)
     io_threads = REMOTE_IO_THREADS if protocol(str(data.attrs.get("source", ""))) else 2
 
@@ -223,14 +256,4 @@ def fit(
         )
     else:
         stream = batches(dataset, train_cfg.batch_size, pin=pin)
-    label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))  # no URL password
-    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
-    return train(
-        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
-        resume=resume, device=device,
-        sampler=dataset, axes="".join(str(d) for d in data.dims), progress=progress, tensorboard=tensorboard,
-        extra_meta={"input": label, "val_fraction": val_fraction,
-                    "spatial_dims": list(spatial), "world_size": info.world_size,
-                    **({"init_from": redact(str(init_from))} if init else {})},
-        init_weights=init[0] if init else None,
-    )
+    return mean, std, dataset, val, stream
