@@ -144,3 +144,34 @@ def test_io_and_sampling_errors_are_typed(call, cls, match):
     """Issue 27: io/ and sampling/ raise the typed subclass a caller can catch, not the bare base error."""
     with pytest.raises(cls, match=match):
         call()
+
+
+def _jobqueue(tmp_path, text):
+    from n2v_chunked.cluster.slurm import read_jobqueue_config
+
+    path = tmp_path / "jobqueue.yaml"
+    path.write_text(text)
+    return read_jobqueue_config(path)
+
+
+_TYPED = [
+    # cluster/
+    ("cluster-interval", lambda tmp: __import__("n2v_chunked.cluster.progress").cluster.progress.parse_interval("fast"),
+     ConfigError, "--progress-interval must be"),
+    ("cluster-scheduler", lambda tmp: __import__("n2v_chunked.cluster.client").cluster.client._classify("nowhere"),
+     ConfigError, "unknown scheduler"),
+    ("jobqueue-missing", lambda tmp: __import__("n2v_chunked.cluster.slurm").cluster.slurm.read_jobqueue_config(
+        tmp / "none.yaml"), InputNotFoundError, "no such file"),
+    ("jobqueue-yaml", lambda tmp: _jobqueue(tmp, "jobqueue: [\n"), ConfigError, "invalid YAML"),
+    ("jobqueue-key", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cpus: 4\n"), ConfigError, "unknown key"),
+    ("jobqueue-cores", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cores: -1\n"), ConfigError,
+     "positive integer"),
+]
+
+
+@pytest.mark.parametrize("call, cls, match", [case[1:] for case in _TYPED], ids=[case[0] for case in _TYPED])
+def test_refusals_are_typed(tmp_path, call, cls, match):
+    """Issue 27: each module's refusals raise the typed subclass (a bare N2VError fails this), text unchanged."""
+    with pytest.raises(cls, match=match) as info:
+        call(tmp_path)
+    assert type(info.value) is not N2VError

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, InputNotFoundError, N2VError, first_line
 from .common import (
     _announce, _dashboard_address, _hub_link, _main_guard_message, _quiet_port_fallback, _safe_close,
     check_not_spawn_reimport,
@@ -37,7 +37,7 @@ def _classify(scheduler: str | None) -> tuple[str, str]:
         return "address", f"tcp://{s}"
     if s.endswith(".json"):
         return "file", s
-    raise N2VError(
+    raise ConfigError(
         f"unknown scheduler {scheduler!r}: use 'local', 'slurm', an address like tcp://host:8786 "
         "or a scheduler.json file"
     )
@@ -126,7 +126,7 @@ def _start_local(
 
     for name, v in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise N2VError(f"{name} must be a positive integer, got {v!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     try:
         with _quiet_port_fallback():
             cluster = LocalCluster(
@@ -216,7 +216,7 @@ def _connect(stack: contextlib.ExitStack, kind: str, target: str, timeout: float
     try:
         if kind == "file":
             if not Path(target).is_file():
-                raise N2VError(f"scheduler file {target}: no such file")
+                raise InputNotFoundError(f"scheduler file {target}: no such file")
             address = _scheduler_file_address(target)
             if address:  # a stale file from a scheduler that has stopped is the usual case
                 _probe(address, min(timeout, PROBE_TIMEOUT), f" (from scheduler file {target})")

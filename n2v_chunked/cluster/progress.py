@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, TextIO
 
-from ..errors import N2VError
+from ..errors import ConfigError
 
 #: Seconds between two progress lines without a terminal.
 DEFAULT_INTERVAL = 30.0
@@ -34,7 +34,7 @@ def parse_interval(text: str | float | None) -> tuple[str, float]:
 
     Raises
     ------
-    N2VError
+    ConfigError
         Not a positive number of seconds or a percentage in (0, 100].
     """
     if text is None or text == "":
@@ -46,7 +46,7 @@ def parse_interval(text: str | float | None) -> tuple[str, float]:
     except ValueError:
         value = -1.0
     if not value > 0 or (kind == "%" and value > 100):
-        raise N2VError(f"--progress-interval must be seconds (e.g. 30) or a percentage (e.g. 10%), got {text!r}")
+        raise ConfigError(f"--progress-interval must be seconds (e.g. 30) or a percentage (e.g. 10%), got {text!r}")
     return kind, value
 
 

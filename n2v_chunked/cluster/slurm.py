@@ -17,7 +17,7 @@ import dask
 import yaml
 from dask.utils import parse_bytes
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, InputNotFoundError, N2VError, first_line
 from .common import _announce, _dashboard_address, _quiet_port_fallback, _safe_close
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def read_jobqueue_config(
     try:
         text = src.read_text()
     except FileNotFoundError:
-        raise N2VError(f"{where}: no such file") from None
+        raise InputNotFoundError(f"{where}: no such file") from None
     except OSError as exc:
         raise N2VError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     try:
@@ -73,21 +73,21 @@ def read_jobqueue_config(
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or first_line(exc)
-        raise N2VError(f"{where}: invalid YAML{at}: {problem}") from None
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
     if not isinstance(data, dict) or not isinstance(data.get("jobqueue"), dict):
-        raise N2VError(f"{where}: expected a 'jobqueue:' mapping with a 'slurm:' section")
+        raise ConfigError(f"{where}: expected a 'jobqueue:' mapping with a 'slurm:' section")
     extra_top = sorted(str(k) for k in data if k != "jobqueue")
     if extra_top:
-        raise N2VError(f"{where}: only the 'jobqueue: slurm:' section is read; remove {', '.join(extra_top)}")
+        raise ConfigError(f"{where}: only the 'jobqueue: slurm:' section is read; remove {', '.join(extra_top)}")
     jq = data["jobqueue"]
     other = sorted(str(k) for k in jq if k != "slurm")
     if other:
-        raise N2VError(f"{where}: only 'jobqueue: slurm:' is supported, found jobqueue: {', '.join(other)}")
+        raise ConfigError(f"{where}: only 'jobqueue: slurm:' is supported, found jobqueue: {', '.join(other)}")
     section = jq.get("slurm")
     if section is None:
         section = {}
     if not isinstance(section, dict):
-        raise N2VError(f"{where}: 'jobqueue: slurm:' must be a mapping, got {type(section).__name__}")
+        raise ConfigError(f"{where}: 'jobqueue: slurm:' must be a mapping, got {type(section).__name__}")
     merged = {str(k).replace("_", "-"): v for k, v in section.items()}
     merged.update({str(k).replace("_", "-"): v for k, v in (overrides or {}).items()})
     return _check_slurm_section(merged, where)
@@ -97,7 +97,7 @@ def _check_slurm_section(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     known = set(_slurm_defaults())
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
-        raise N2VError(
+        raise ConfigError(
             f"{where}: unknown key(s) in 'jobqueue: slurm:': {', '.join(unknown)} "
             f"(known: {', '.join(sorted(known))})"
         )
@@ -105,12 +105,12 @@ def _check_slurm_section(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     def positive_int(key: str) -> None:
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise N2VError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+            raise ConfigError(f"{where}: '{key}' must be a positive integer, got {v!r}")
 
     positive_int("cores")
     positive_int("processes")
     if cfg.get("cores") is not None and cfg.get("processes") is not None and cfg["processes"] > cfg["cores"]:
-        raise N2VError(f"{where}: 'processes' ({cfg['processes']}) must not exceed 'cores' ({cfg['cores']})")
+        raise ConfigError(f"{where}: 'processes' ({cfg['processes']}) must not exceed 'cores' ({cfg['cores']})")
     for key in ("memory", "job-mem"):
         v = cfg.get(key)
         if v is not None:
@@ -119,13 +119,13 @@ def _check_slurm_section(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             except (ValueError, TypeError):
                 ok = False
             if not ok:
-                raise N2VError(f"{where}: '{key}' must be a size like '16GB', got {v!r}")
+                raise ConfigError(f"{where}: '{key}' must be a size like '16GB', got {v!r}")
     for key in ("walltime", "queue", "account", "name", "python", "interface", "local-directory", "log-directory"):
         v = cfg.get(key)
         if v is not None and not isinstance(v, str):
-            raise N2VError(f"{where}: '{key}' must be a string (quote it in YAML), got {v!r}")
+            raise ConfigError(f"{where}: '{key}' must be a string (quote it in YAML), got {v!r}")
     if isinstance(cfg.get("walltime"), str) and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", cfg["walltime"]):
-        raise N2VError(f"{where}: 'walltime' must look like '04:00:00' or '1-00:00:00', got {cfg['walltime']!r}")
+        raise ConfigError(f"{where}: 'walltime' must look like '04:00:00' or '1-00:00:00', got {cfg['walltime']!r}")
     for key in _LIST_KEYS:
         if key in cfg:
             v = cfg[key]
@@ -134,9 +134,9 @@ def _check_slurm_section(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             elif isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v):
                 cfg[key] = [str(x) for x in v]
             else:
-                raise N2VError(f"{where}: '{key}' must be a list of strings, got {v!r}")
+                raise ConfigError(f"{where}: '{key}' must be a list of strings, got {v!r}")
     if cfg.get("scheduler-options") is not None and not isinstance(cfg["scheduler-options"], dict):
-        raise N2VError(f"{where}: 'scheduler-options' must be a mapping, got {cfg['scheduler-options']!r}")
+        raise ConfigError(f"{where}: 'scheduler-options' must be a mapping, got {cfg['scheduler-options']!r}")
     return cfg
 
 
@@ -218,7 +218,7 @@ def _preflight(cluster: Any, where: str) -> None:
     if res.returncode != 0:
         lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
         err = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else f"exit {res.returncode}")
-        raise N2VError(f"SLURM rejects the dask worker job from {where}: {err}")
+        raise ConfigError(f"SLURM rejects the dask worker job from {where}: {err}")
     log.info("worker job script accepted by sbatch --test-only:\n%s", script)
 
 
@@ -238,11 +238,11 @@ def _start_slurm(
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in adapt)
             or adapt[0] < 0 or adapt[1] < max(1, adapt[0])
         ):
-            raise N2VError(
+            raise ConfigError(
                 f"adapt must be (minimum_jobs, maximum_jobs) with 0 <= minimum <= maximum, maximum >= 1; got {adapt!r}"
             )
     elif isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise N2VError(f"jobs must be a positive integer, got {jobs!r}")
+        raise ConfigError(f"jobs must be a positive integer, got {jobs!r}")
     cfg = read_jobqueue_config(jobqueue_config, overrides)
     if shutil.which("sbatch") is None:
         raise N2VError(
@@ -264,7 +264,7 @@ def _start_slurm(
             cluster = SLURMCluster(scheduler_options=scheduler_options)
     except (ValueError, TypeError, KeyError) as exc:
         first = first_line(exc) or type(exc).__name__
-        raise N2VError(f"jobqueue config {where}: {first}") from None
+        raise ConfigError(f"jobqueue config {where}: {first}") from None
     stack.callback(_safe_close, cluster, "SLURM dask cluster")
     _preflight(cluster, where)
     client = Client(cluster)
