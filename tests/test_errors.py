@@ -154,6 +154,18 @@ def _jobqueue(tmp_path, text):
     return read_jobqueue_config(path)
 
 
+def _zoo_package(tmp_path, rdf):
+    """A Zoo package zip holding ``rdf`` as its rdf.yaml (None: no RDF at all), read as a description."""
+    import zipfile
+
+    from n2v_chunked.zoo.spec import read_description
+
+    path = tmp_path / "model.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("rdf.yaml" if rdf is not None else "README.md", rdf or "no RDF")
+    return read_description(path)
+
+
 _TYPED = [
     # cluster/
     ("cluster-interval", lambda tmp: __import__("n2v_chunked.cluster.progress").cluster.progress.parse_interval("fast"),
@@ -166,6 +178,13 @@ _TYPED = [
     ("jobqueue-key", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cpus: 4\n"), ConfigError, "unknown key"),
     ("jobqueue-cores", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cores: -1\n"), ConfigError,
      "positive integer"),
+    # zoo/
+    ("zoo-halo", lambda tmp: __import__("n2v_chunked.zoo.load").zoo.load.parse_halo([1, -2], 2), ConfigError,
+     "--halo needs one non-negative size"),
+    ("zoo-no-rdf", lambda tmp: _zoo_package(tmp, None), IncompatibleModelError, "not a BioImage Model Zoo package"),
+    ("zoo-rdf-list", lambda tmp: _zoo_package(tmp, "- 1\n"), IncompatibleModelError, "its RDF is not a mapping"),
+    ("zoo-not-a-model", lambda tmp: _zoo_package(tmp, "type: dataset\nformat_version: 0.5.0\n"),
+     IncompatibleModelError, "describes a 'dataset', not a model"),
 ]
 
 

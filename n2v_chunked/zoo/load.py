@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, IncompatibleModelError, N2VError, first_line
 from ..model.checkpoint import Trained
 from ..model.config import ModelConfig
 from ..model.unet import UNet, halo_width, size_multiple
@@ -112,7 +112,7 @@ def _stats_descr(op: Any, values: np.ndarray, spec: ZooSpec, where: str, stage: 
             return s.ScaleLinearDescr(kwargs=s.ScaleLinearAlongAxisKwargs(
                 axis=s.AxisId("channel"), gain=gain.tolist(), offset=offset.tolist()))
         return s.ScaleLinearDescr(kwargs=s.ScaleLinearKwargs(gain=float(gain[0]), offset=float(offset[0])))
-    raise N2VError(f"{where}: {stage}processing {op.id!r} depends on statistics of each "
+    raise IncompatibleModelError(f"{where}: {stage}processing {op.id!r} depends on statistics of each "
                    f"{'output' if stage == 'post' else 'sample'} and cannot be applied block by block")
 
 
@@ -212,7 +212,7 @@ def parse_halo(halo: Any, n: int) -> tuple[int, ...] | None:
     if len(values) == 1:
         values = values * n
     if len(values) != n or any(int(v) < 0 for v in values):
-        raise N2VError(f"--halo needs one non-negative size or {n} (one per spatial axis), got {halo}")
+        raise ConfigError(f"--halo needs one non-negative size or {n} (one per spatial axis), got {halo}")
     return tuple(int(v) for v in values)
 
 
@@ -244,11 +244,11 @@ def prepare(path: str | Path, data: Any, *, halo: Any = None, weight_format: str
     descr = read_description(path)
     spec = inspect_description(descr, where)
     if weight_format is not None and weight_format not in spec.weight_formats:
-        raise N2VError(f"{where} has no {weight_format} weights (it has {', '.join(spec.weight_formats)})")
+        raise IncompatibleModelError(f"{where} has no {weight_format} weights (it has {', '.join(spec.weight_formats)})")
     wf = weight_format or spec.weight_formats[0]
     sizes = dict(zip(data.dims, data.shape))
     if sizes.get("c", 1) != spec.channels:
-        raise N2VError(f"{where} takes {spec.channels} channel(s) but the input has {sizes.get('c', 1)}")
+        raise IncompatibleModelError(f"{where} takes {spec.channels} channel(s) but the input has {sizes.get('c', 1)}")
     h = parse_halo(halo, len(spec.spatial)) or spec.halo
     ours = _our_config(descr)
     pre, post = freeze_processing(descr, spec, data, where)
@@ -265,13 +265,13 @@ def prepare(path: str | Path, data: Any, *, halo: Any = None, weight_format: str
         grid, reach, features, independent = tuple(st for _, st in spec.sizes), h, 32, False
     exact = round_up(reach, grid)
     if h is None and ours is None:
-        raise N2VError(f"{where} declares no output halo; pass --halo {','.join(map(str, exact))} (its probed reach "
+        raise IncompatibleModelError(f"{where} declares no output halo; pass --halo {','.join(map(str, exact))} (its probed reach "
                        "on its grid) to predict it block by block")
     h = exact if h is None else h
     short = [f"{d}: {hh} < {r}" for d, hh, r in zip(spec.spatial, h, reach) if r > hh]
     if short and check_reach:
         how = "computed from its architecture" if ours is not None else "probed"
-        raise N2VError(f"{where}: halo {list(h)} is smaller than the network's reach {list(reach)} "
+        raise IncompatibleModelError(f"{where}: halo {list(h)} is smaller than the network's reach {list(reach)} "
                        f"({', '.join(short)}, {how}); blocks would show seams; "
                        f"pass --halo {','.join(str(max(a, b)) for a, b in zip(round_up(h, grid), exact))}")
     gain, offset = _fast_affine(ref, spec.channels)
@@ -504,7 +504,7 @@ def load(ref: ZooRef, device: str | torch.device | None = None) -> ZooTrained:
     if fast is not None:
         module, mean, std = fast
     elif ref.contract is not None and ref.contract.torch_module:
-        raise N2VError(f"cannot load Zoo model {name} ({ref.weight_format}) as a torch module on {dev}")
+        raise IncompatibleModelError(f"cannot load Zoo model {name} ({ref.weight_format}) as a torch module on {dev}")
     else:
         from bioimageio.core import create_prediction_pipeline
 
@@ -566,7 +566,7 @@ def probe_grid_and_reach(trained: ZooTrained, spec: ZooSpec, mean: np.ndarray, s
             reach = np.maximum(reach, np.abs(where - (side // 2 + k)).max(axis=0))
     reach = tuple(int(r) for r in reach)
     if any(r >= side // 2 - max(grid) for r in reach):
-        raise N2VError(f"Zoo model {Path(trained.meta.get('zoo_package', '')).name}: its reach exceeds the probe "
+        raise IncompatibleModelError(f"Zoo model {Path(trained.meta.get('zoo_package', '')).name}: its reach exceeds the probe "
                        f"({side} pixels); pass --halo N with the network's reach")
     return tuple(grid), reach
 
@@ -588,7 +588,7 @@ def _period(run: Any, x: np.ndarray, y: np.ndarray, axis: int, tol: float) -> in
         moved[2 + axis] = slice(n // 4 - p, n // 2 - p)
         if np.abs(shifted[tuple(moved)] - y[tuple(inner)]).max() <= tol:
             return p
-    raise N2VError(f"cannot find the grid of this network along axis {axis} (no shift up to {p} moves its output "
+    raise IncompatibleModelError(f"cannot find the grid of this network along axis {axis} (no shift up to {p} moves its output "
                    "alike); it cannot be predicted block by block")
 
 
@@ -630,11 +630,11 @@ def init_source(path: str | Path, allow_unvalidated: bool = False) -> tuple[dict
     descr = read_description(path)
     meta = _our_meta(descr)
     if meta is None:
-        raise N2VError(f"Zoo package {path.name} is not an N2V model of n2v_chunked (no pytorch_state_dict of "
+        raise IncompatibleModelError(f"Zoo package {path.name} is not an N2V model of n2v_chunked (no pytorch_state_dict of "
                        "N2VUNet with config.n2v_chunked); --init-from continues only our own exported models")
     name = _weights_name(descr, "pytorch_state_dict")
     try:
         state = torch.load(io.BytesIO(_package_file(path, name)), map_location="cpu", weights_only=True)
     except Exception as exc:  # a missing member, a truncated file, a pickle that is more than tensors
-        raise N2VError(f"cannot read the weights {name} of Zoo package {path.name}: {first_line(exc)[:160]}") from None
+        raise IncompatibleModelError(f"cannot read the weights {name} of Zoo package {path.name}: {first_line(exc)[:160]}") from None
     return meta, state

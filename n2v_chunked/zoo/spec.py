@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import N2VError, first_line
+from ..errors import IncompatibleModelError, first_line
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript")
@@ -41,15 +41,15 @@ def _raw_rdf(path: Path) -> dict[str, Any]:
             with zipfile.ZipFile(path) as zf:
                 names = [n for n in zf.namelist() if n in RDF_NAMES]
                 if not names:
-                    raise N2VError(f"{path} is not a BioImage Model Zoo package: no rdf.yaml or bioimageio.yaml in it")
+                    raise IncompatibleModelError(f"{path} is not a BioImage Model Zoo package: no rdf.yaml or bioimageio.yaml in it")
                 text = zf.read(names[0]).decode()
         else:
             text = next((path / n) for n in RDF_NAMES if (path / n).is_file()).read_text()
         rdf = yaml.safe_load(text)
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise N2VError(f"cannot read Zoo package {path}: {first_line(exc)}") from None
+        raise IncompatibleModelError(f"cannot read Zoo package {path}: {first_line(exc)}") from None
     if not isinstance(rdf, dict):
-        raise N2VError(f"cannot read Zoo package {path}: its RDF is not a mapping")
+        raise IncompatibleModelError(f"cannot read Zoo package {path}: its RDF is not a mapping")
     return rdf
 
 
@@ -65,7 +65,7 @@ def read_description(path: str | Path) -> Any:
 
     Raises
     ------
-    N2VError
+    IncompatibleModelError
         The package is unreadable, newer than the installed ``bioimageio.spec``,
         not a model, or fails validation (the first error is named).
     """
@@ -80,21 +80,21 @@ def read_description(path: str | Path) -> Any:
     have = v0_5.ModelDescr.implemented_format_version
     fv = rdf.get("format_version")
     if _version(fv) > _version(have):
-        raise N2VError(f"Zoo package {path} has format version {fv}, newer than the {have} this bioimageio.spec "
+        raise IncompatibleModelError(f"Zoo package {path} has format version {fv}, newer than the {have} this bioimageio.spec "
                        "reads; update it (pip install -U 'n2v-chunked[zoo]')")
     if rdf.get("type", "model") != "model":
-        raise N2VError(f"Zoo package {path} describes a {rdf.get('type')!r}, not a model")
+        raise IncompatibleModelError(f"Zoo package {path} describes a {rdf.get('type')!r}, not a model")
     try:
         descr = load_model_description(path, format_version="latest", perform_io_checks=False)
     except ValueError as exc:  # "Invalid model description:" then one line per error
         lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip(" -")]
         first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or ["invalid"])[0]
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 and lines[0].endswith(":") else ""
-        raise N2VError(f"Zoo package {path} fails validation: {first[:200]}{more}") from None
+        raise IncompatibleModelError(f"Zoo package {path} fails validation: {first[:200]}{more}") from None
     if isinstance(descr, InvalidDescr) or not isinstance(descr, v0_5.ModelDescr):
         errors = getattr(getattr(descr, "validation_summary", None), "errors", None) or []
         first = f"{'.'.join(str(p) for p in errors[0].loc)}: {errors[0].msg}" if errors else "invalid description"
-        raise N2VError(f"Zoo package {path} fails validation: {first[:200]}")
+        raise IncompatibleModelError(f"Zoo package {path} fails validation: {first[:200]}")
     return descr
 
 
@@ -123,13 +123,13 @@ def inspect_description(descr: Any, where: str) -> ZooSpec:
     from bioimageio.spec.model import v0_5 as s
 
     if len(descr.inputs) != 1 or len(descr.outputs) != 1:
-        raise N2VError(f"{where} has {len(descr.inputs)} input(s) and {len(descr.outputs)} output(s); "
+        raise IncompatibleModelError(f"{where} has {len(descr.inputs)} input(s) and {len(descr.outputs)} output(s); "
                        "chunked prediction runs models with one image input and one image output")
     inp, out = descr.inputs[0], descr.outputs[0]
     formats = tuple(f for f in WEIGHT_FORMATS if getattr(descr.weights, f, None) is not None)
     if not formats:
         have = [f for f, v in descr.weights if v is not None]
-        raise N2VError(f"{where} has weights as {', '.join(have)} only; n2v-chunked runs pytorch_state_dict or "
+        raise IncompatibleModelError(f"{where} has weights as {', '.join(have)} only; n2v-chunked runs pytorch_state_dict or "
                        "torchscript weights (convert them with bioimageio.core's weight converters)")
     in_axes = {str(a.id): a for a in inp.axes}
     out_axes = {str(a.id): a for a in out.axes}
@@ -137,10 +137,10 @@ def inspect_description(descr: Any, where: str) -> ZooSpec:
     other = [f"{i} ({a.type})" for i, a in in_axes.items() if a.type not in ("batch", "channel", "space")]
     other += [f"{i}" for i, a in in_axes.items() if a.type == "space" and i not in ("z", "y", "x")]
     if other or len(spatial) not in (2, 3) or "y" not in spatial or "x" not in spatial:
-        raise N2VError(f"{where}: input axes {', '.join(in_axes)} are not batch, channel and 2 or 3 of z, y, x; "
+        raise IncompatibleModelError(f"{where}: input axes {', '.join(in_axes)} are not batch, channel and 2 or 3 of z, y, x; "
                        "chunked prediction needs an image model")
     if set(out_axes) != set(in_axes):
-        raise N2VError(f"{where}: output axes {', '.join(out_axes)} differ from the input axes {', '.join(in_axes)}")
+        raise IncompatibleModelError(f"{where}: output axes {', '.join(out_axes)} differ from the input axes {', '.join(in_axes)}")
     sizes, halo = [], []
     for d in spatial:
         size = in_axes[d].size
@@ -149,20 +149,20 @@ def inspect_description(descr: Any, where: str) -> ZooSpec:
         elif isinstance(size, s.DataDependentSize) or size is None:
             sizes.append((1, 1))
         else:
-            raise N2VError(f"{where}: input axis {d} has a fixed size ({size}); chunked prediction needs sizes "
+            raise IncompatibleModelError(f"{where}: input axis {d} has a fixed size ({size}); chunked prediction needs sizes "
                            "that grow (min + n * step)")
         oa = out_axes[d]
         ref = oa.size
         ok = isinstance(ref, s.SizeReference) and str(ref.tensor_id) == str(inp.id) and str(ref.axis_id) == d \
             and ref.offset == 0 and float(oa.scale) == float(in_axes[d].scale)
         if not ok:
-            raise N2VError(f"{where}: output axis {d} is not on the input's grid (size {ref}); chunked prediction "
+            raise IncompatibleModelError(f"{where}: output axis {d} is not on the input's grid (size {ref}); chunked prediction "
                            "needs an output of the input's shape")
         halo.append(int(getattr(oa, "halo", 0) or 0))
     cin = in_axes["channel"].size if "channel" in in_axes else 1
     cout = out_axes["channel"].size if "channel" in out_axes else 1
     if not isinstance(cin, int) or cin != cout:
-        raise N2VError(f"{where}: {cout} output channel(s) for {cin} input channel(s); chunked prediction needs "
+        raise IncompatibleModelError(f"{where}: {cout} output channel(s) for {cin} input channel(s); chunked prediction needs "
                        "as many output channels as input channels")
     return ZooSpec(str(inp.id), str(out.id), "batch" in in_axes, "channel" in in_axes, int(cin), spatial,
                    tuple(sizes), tuple(halo) if any(halo) else None, formats)
