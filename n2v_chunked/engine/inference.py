@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import N2VError
+from ..errors import ConfigError, IncompatibleModelError, N2VError
 from ..model.checkpoint import Trained
 from ..model.unet import BYTES_PER_PIXEL_FEATURE
 from .padding import NUMPY_PAD_MODE, pad_border
@@ -234,7 +234,7 @@ def _checked(y: torch.Tensor, x: torch.Tensor, channels: int) -> torch.Tensor:
 def blend_tensor(trained: Trained) -> torch.Tensor:
     """The model's blend weight as a ``(1, C, 1, ...)`` tensor; one clear line when it has none."""
     if trained.blend_weight is None:
-        raise N2VError(
+        raise IncompatibleModelError(
             "cannot blend: the model has no noise level or validation record (trained by an older version, "
             "or not validated yet); predict without --blend, or retrain it"
         )
@@ -277,11 +277,11 @@ def denoise(
     """
     con = trained.contract
     if x.ndim != con.dims + 2:
-        raise N2VError(f"model is {con.dims}D but data has {x.ndim - 2} spatial dims")
+        raise IncompatibleModelError(f"model is {con.dims}D but data has {x.ndim - 2} spatial dims")
     if x.shape[1] != con.in_channels:
-        raise N2VError(f"model expects {con.in_channels} channel(s), data has {x.shape[1]}")
+        raise IncompatibleModelError(f"model expects {con.in_channels} channel(s), data has {x.shape[1]}")
     if boundary not in NUMPY_PAD_MODE:
-        raise N2VError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
+        raise ConfigError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
     mean = trained.mean.reshape(1, -1, *([1] * con.dims))
     std = trained.std.reshape(1, -1, *([1] * con.dims))
     halo = con.halo

@@ -44,7 +44,7 @@ from typing import Any, Callable, Literal, get_args
 import numpy as np
 import torch
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, N2VError, first_line
 from ..model.architecture import N2VUNet
 
 log = logging.getLogger(__name__)
@@ -137,13 +137,13 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
         installed falls back to torch with one WARNING line.
     """
     if runtime not in RUNTIMES:
-        raise N2VError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+        raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
-        raise N2VError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     if runtime != "auto" and cuda and not runtime.startswith("torch"):
-        raise N2VError(f"runtime {runtime} runs on CPU only; use --runtime torch (or auto) with device {dev}")
+        raise ConfigError(f"runtime {runtime} runs on CPU only; use --runtime torch (or auto) with device {dev}")
     if precision == "auto":
         fast = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
         precision = "bf16" if fast else "fp32"
@@ -157,10 +157,10 @@ def resolve(runtime: str, precision: str, device: str | torch.device | None = No
         else:
             runtime = "torch"
     if precision not in SUPPORTED[runtime]:
-        raise N2VError(f"runtime {runtime} cannot run precision {precision}; "
+        raise ConfigError(f"runtime {runtime} cannot run precision {precision}; "
                        f"use --precision {' or '.join(SUPPORTED[runtime])}, or another --runtime")
     if runtime == "openvino" and installed(runtime) and not can_run(runtime, precision):
-        raise N2VError(f"runtime openvino cannot run precision {precision} on this CPU (OpenVINO runs "
+        raise ConfigError(f"runtime openvino cannot run precision {precision} on this CPU (OpenVINO runs "
                        f"{', '.join(openvino_precisions())} here: no native {precision}); use --precision "
                        f"{' or '.join(openvino_precisions())}, or --runtime torch (emulated {precision}, slower)")
     if not installed(runtime):

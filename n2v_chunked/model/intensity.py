@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, N2VError, first_line
 
 log = logging.getLogger("n2v_chunked")
 
@@ -74,14 +74,16 @@ def choose_normalization(data: Any, model_mean: np.ndarray, model_std: np.ndarra
 
     Raises
     ------
+    ConfigError
+        An unknown ``mode``.
     N2VError
-        An unknown ``mode``, or ``mode="data"`` on an input whose statistics
-        cannot be computed (NaN/Inf, a constant channel).
+        ``mode="data"`` on an input whose statistics cannot be computed
+        (NaN/Inf, a constant channel).
     """
     from .normalization import channel_stats
 
     if mode not in NORMALIZE_MODES:
-        raise N2VError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
     model_mean, model_std = np.asarray(model_mean, np.float64), np.asarray(model_std, np.float64)
     try:
         data_mean, data_std = channel_stats(data)

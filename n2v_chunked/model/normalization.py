@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import N2VError
+from ..errors import AxesError, UnreadableDataError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 # Regions of a sampled estimate: 256 strata put the mean of a linear trend within ~1/256 of its
@@ -59,7 +59,7 @@ def _finish(rows: list[np.ndarray], where: str, note: str = "") -> tuple[np.ndar
     nonfinite = table[:, :, 3].sum(axis=0)
     if nonfinite.any():
         k = int(np.flatnonzero(nonfinite)[0])
-        raise N2VError(
+        raise UnreadableDataError(
             f"{where} contains NaN or Inf values ({int(nonfinite.sum())} found{note}, "
             f"first in channel {k}); replace or mask them before training"
         )
@@ -69,13 +69,13 @@ def _finish(rows: list[np.ndarray], where: str, note: str = "") -> tuple[np.ndar
         for n, m, m2, _ in table[:, k]:
             acc = _combine(acc, (int(n), float(m), float(m2)))
         if acc[0] == 0:
-            raise N2VError(f"{where} is empty: cannot compute normalisation statistics")
+            raise UnreadableDataError(f"{where} is empty: cannot compute normalisation statistics")
         mean.append(acc[1])
         std.append(math.sqrt(acc[2] / acc[0]))
     std_arr = np.array(std)
     if not (std_arr > 0).all():
         k = int(np.flatnonzero(std_arr <= 0)[0])
-        raise N2VError(f"channel {k} of {where} is constant{note} (std 0): nothing to denoise, "
+        raise UnreadableDataError(f"channel {k} of {where} is constant{note} (std 0): nothing to denoise, "
                        "or sample more of it (max_bytes)")
     return np.array(mean), std_arr
 
@@ -238,7 +238,7 @@ def channel_stats(
 
     Raises
     ------
-    N2VError
+    UnreadableDataError
         NaN or Inf values in the (sampled) data, or a constant channel.
     """
     import dask.array as da
@@ -255,10 +255,10 @@ def channel_stats(
     except ImportError:  # pragma: no cover - xarray is a dependency
         pass
     if dims is None:
-        raise N2VError("dims are required to find the channel axis, e.g. dims=('c', 'y', 'x')")
+        raise AxesError("dims are required to find the channel axis, e.g. dims=('c', 'y', 'x')")
     dims = tuple(dims)
     if len(dims) != data.ndim:
-        raise N2VError(f"dims {dims} do not match the {data.ndim}-d data")
+        raise AxesError(f"dims {dims} do not match the {data.ndim}-d data")
     c_axis = dims.index("c") if "c" in dims else None
     if isinstance(data, np.ndarray):
         return stats_numpy(data, c_axis)

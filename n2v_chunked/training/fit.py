@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError, N2VError
+from ..errors import ConfigError, IncompatibleModelError
 from ..io.sources import open_image
 from ..io.stores import REMOTE_IO_THREADS, protocol, redact
 from ..model import checkpoint as ckpt
@@ -44,13 +44,13 @@ def fit_patch_shape(sizes: dict[str, int], spatial: tuple[str, ...], model_cfg: 
     if requested:
         for d, p in zip(spatial, requested):
             if p > sizes[d]:
-                raise N2VError(f"patch size {p} along '{d}' is larger than the image ({sizes[d]} pixels)")
+                raise ConfigError(f"patch size {p} along '{d}' is larger than the image ({sizes[d]} pixels)")
         return list(requested)
     patch = []
     for d, p in zip(spatial, default_patch(len(spatial))):
         fitted = min(p, sizes[d] // m * m)
         if fitted < m:
-            raise N2VError(f"axis '{d}' has {sizes[d]} pixels, fewer than the {m} a depth-{model_cfg.depth} U-Net needs")
+            raise IncompatibleModelError(f"axis '{d}' has {sizes[d]} pixels, fewer than the {m} a depth-{model_cfg.depth} U-Net needs")
         patch.append(fitted)
     return patch
 
@@ -151,11 +151,11 @@ def fit(
     if dims is None:
         dims = model_cfg.dims if resume or init else (3 if has_z else 2)
     if dims == 3 and not has_z:
-        raise N2VError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
+        raise IncompatibleModelError(f"a 3D model needs a 'z' axis; the data has axes {''.join(data.dims)}")
     spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
     channels = int(data.sizes.get("c", 1))
     if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
-        raise N2VError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+        raise IncompatibleModelError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
                        f"the data gives {dims}D with {channels}")
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     if mask_cfg is not None:
@@ -208,7 +208,7 @@ def _settings(model_dir: Any, model_cfg: ModelConfig | None, mask_cfg: MaskConfi
     init = None
     if init_from is not None:
         if resume:
-            raise N2VError("--init-from starts a new model from another one; it cannot be combined with --resume")
+            raise ConfigError("--init-from starts a new model from another one; it cannot be combined with --resume")
         from ..zoo.load import init_source
 
         meta, weights = init_source(init_from, allow_unvalidated)

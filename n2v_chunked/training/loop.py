@@ -31,7 +31,9 @@ from ..cluster import preemption
 from ..cluster.progress import Progress
 from ..engine.runtimes import autocast_context
 from ..engine.transfer import LateScalar, ready, to_device
-from ..errors import N2VError, Preempted, first_line
+from ..errors import (
+    ConfigError, IncompatibleModelError, N2VError, OutputExistsError, Preempted, UnreadableDataError, first_line,
+)
 from ..io.lock import HeldLock, output_lock
 from ..model import checkpoint as ckpt
 from ..model.config import MaskConfig, ModelConfig, TrainConfig, resume_changes, resumed, to_dict
@@ -103,10 +105,10 @@ def default_patch(dims: int) -> list[int]:
 def _check_patch(patch: list[int], model_cfg: ModelConfig) -> None:
     m = size_multiple(model_cfg)
     if len(patch) != model_cfg.dims:
-        raise N2VError(f"patch_size {patch} has {len(patch)} axes but the model is {model_cfg.dims}D")
+        raise ConfigError(f"patch_size {patch} has {len(patch)} axes but the model is {model_cfg.dims}D")
     bad = [p for p in patch if p % m]
     if bad:
-        raise N2VError(f"patch_size {patch} must be a multiple of 2**depth = {m} along every axis")
+        raise ConfigError(f"patch_size {patch} must be a multiple of 2**depth = {m} along every axis")
 
 
 def _log_density(mask_cfg: MaskConfig, dims: int) -> None:
@@ -140,7 +142,7 @@ def _to_tensor(batch: Any, device: torch.device) -> torch.Tensor:
     """A checked batch on ``device``; on CUDA copied on a side stream, overlapping the step still running."""
     t = torch.as_tensor(batch, dtype=torch.float32)
     if not torch.isfinite(t).all():
-        raise N2VError("training batch contains NaN or Inf values; clean the data or use a foreground filter")
+        raise UnreadableDataError("training batch contains NaN or Inf values; clean the data or use a foreground filter")
     return ready(*to_device(t, device))
 
 
@@ -364,13 +366,13 @@ def _settings(model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | No
         ckpt.remove_stale_temp_files(model_dir)
     elif (model_dir / ckpt.CONFIG).exists():
         if not ckpt.never_checkpointed(model_dir):
-            raise N2VError(f"model directory {model_dir} already holds a model; pass --resume to continue it or "
+            raise OutputExistsError(f"model directory {model_dir} already holds a model; pass --resume to continue it or "
                            "choose another")
         log.warning("%s holds only the config of a run stopped before its first checkpoint: starting afresh",
                     model_dir)
         ckpt.remove_stale_temp_files(model_dir)
     if isinstance(train_cfg, dict):
-        raise N2VError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
+        raise ConfigError("a mapping of training settings is a resumed run's changes; a new run takes a TrainConfig")
     mask_cfg = mask_cfg or MaskConfig()
     train_cfg = train_cfg or TrainConfig()
     if not train_cfg.patch_size:
@@ -379,7 +381,7 @@ def _settings(model_dir: Path, model_cfg: ModelConfig, mask_cfg: MaskConfig | No
     _log_density(mask_cfg, model_cfg.dims)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != (model_cfg.in_channels,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
-        raise N2VError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
+        raise ConfigError(f"normalisation statistics must be finite with std > 0 for {model_cfg.in_channels} channel(s)")
     return model_cfg, mask_cfg, train_cfg, mean, std, meta, state, new_lr
 
 
@@ -434,7 +436,7 @@ class Trainer:
             try:
                 model.load_state_dict(init_weights)
             except (RuntimeError, TypeError) as exc:
-                raise N2VError(f"--init-from: weights do not match their configuration: {first_line(exc)[:160]}") \
+                raise IncompatibleModelError(f"--init-from: weights do not match their configuration: {first_line(exc)[:160]}") \
                     from None
         self.channels_last = model_cfg.dims == 2  # oneDNN/cuDNN run NHWC convolutions much faster
         self.model = model.to(device)

@@ -20,7 +20,7 @@ import itertools
 
 import torch
 
-from ..errors import N2VError
+from ..errors import ConfigError
 from ..model.config import MaskConfig
 
 _AXIS_FROM_END = {"x": 1, "y": 2, "z": 3}
@@ -60,7 +60,7 @@ def grid_cell(density: float, ndim: int) -> int:
     """
     limit = max_density(ndim)
     if not 0.0 < density <= limit:
-        raise N2VError(f"mask density {density:g} is too high for {ndim}D patches: the masking grid needs a cell "
+        raise ConfigError(f"mask density {density:g} is too high for {ndim}D patches: the masking grid needs a cell "
                        f"of at least 2 pixels per axis, so at most {limit:g} (1/{2**ndim}); "
                        f"the paper uses 1/64 = {1 / 64:g}")
     return max(2, round(density ** (-1.0 / ndim)))
@@ -101,7 +101,7 @@ def _struct_offsets(cfg: MaskConfig, ndim: int) -> list[list[int]]:
     for name in cfg.struct_axes:
         axis = ndim - _AXIS_FROM_END[name]
         if axis < 0:
-            raise N2VError(f"structN2V axis '{name}' does not exist in {ndim}D data")
+            raise ConfigError(f"structN2V axis '{name}' does not exist in {ndim}D data")
         for t in range(-h, h + 1):
             if t:
                 o = [0] * ndim
@@ -169,9 +169,9 @@ def mask_batch(x: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> 
     shape = tuple(spatial)
     ndim = len(shape)
     if ndim not in (2, 3):
-        raise N2VError(f"masking needs 2 or 3 spatial dims, got shape {tuple(x.shape)}")
+        raise ConfigError(f"masking needs 2 or 3 spatial dims, got shape {tuple(x.shape)}")
     if shape[-1] < 2:
-        raise N2VError(f"patches must be at least 2 pixels wide along x, got {shape}")
+        raise ConfigError(f"patches must be at least 2 pixels wide along x, got {shape}")
     device = x.device
     size = _constant(shape, device)
     n = b * c

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..engine.inference import run_network
-from ..errors import N2VError, first_line
+from ..errors import ConfigError, N2VError, OutputExistsError, first_line
 from ..model import architecture as unet_arch
 from ..model.checkpoint import CONFIG, Trained, check_trained, cpu_state, load_model
 from ..model.unet import halo_width, size_multiple
@@ -296,15 +296,15 @@ def export(
 
     model_dir, out = Path(model_dir), Path(out)
     if out.suffix != ".zip":
-        raise N2VError(f"export writes a .zip package, got {out}")
+        raise ConfigError(f"export writes a .zip package, got {out}")
     if out.exists() and not overwrite:
-        raise N2VError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     trained = load_model(model_dir, device="cpu")
     with tempfile.TemporaryDirectory(prefix="n2v-export-") as tmp:
         try:
             descr = build_description(trained, model_dir, Path(tmp), name=name, authors=authors, license=license)
         except ValueError as exc:  # pydantic's ValidationError: a bad --license, --author ...
-            raise N2VError(f"cannot build the Zoo description: {_first_error(exc)}") from None
+            raise ConfigError(f"cannot build the Zoo description: {_first_error(exc)}") from None
         partial = out.with_name(f".{out.name}.partial")
         save_bioimageio_package(descr, output_path=partial)
         partial.replace(out)  # a killed export leaves no package that looks complete
