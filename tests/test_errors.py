@@ -166,25 +166,58 @@ def _zoo_package(tmp_path, rdf):
     return read_description(path)
 
 
+def _mod(name):
+    """A submodule of n2v_chunked by its dotted name below the package."""
+    import importlib
+
+    return importlib.import_module(f"n2v_chunked.{name}")
+
+
 _TYPED = [
     # cluster/
-    ("cluster-interval", lambda tmp: __import__("n2v_chunked.cluster.progress").cluster.progress.parse_interval("fast"),
+    ("cluster-interval", lambda tmp: _mod("cluster.progress").parse_interval("fast"),
      ConfigError, "--progress-interval must be"),
-    ("cluster-scheduler", lambda tmp: __import__("n2v_chunked.cluster.client").cluster.client._classify("nowhere"),
+    ("cluster-scheduler", lambda tmp: _mod("cluster.client")._classify("nowhere"),
      ConfigError, "unknown scheduler"),
-    ("jobqueue-missing", lambda tmp: __import__("n2v_chunked.cluster.slurm").cluster.slurm.read_jobqueue_config(
+    ("jobqueue-missing", lambda tmp: _mod("cluster.slurm").read_jobqueue_config(
         tmp / "none.yaml"), InputNotFoundError, "no such file"),
     ("jobqueue-yaml", lambda tmp: _jobqueue(tmp, "jobqueue: [\n"), ConfigError, "invalid YAML"),
     ("jobqueue-key", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cpus: 4\n"), ConfigError, "unknown key"),
     ("jobqueue-cores", lambda tmp: _jobqueue(tmp, "jobqueue:\n  slurm:\n    cores: -1\n"), ConfigError,
      "positive integer"),
     # zoo/
-    ("zoo-halo", lambda tmp: __import__("n2v_chunked.zoo.load").zoo.load.parse_halo([1, -2], 2), ConfigError,
+    ("zoo-halo", lambda tmp: _mod("zoo.load").parse_halo([1, -2], 2), ConfigError,
      "--halo needs one non-negative size"),
     ("zoo-no-rdf", lambda tmp: _zoo_package(tmp, None), IncompatibleModelError, "not a BioImage Model Zoo package"),
     ("zoo-rdf-list", lambda tmp: _zoo_package(tmp, "- 1\n"), IncompatibleModelError, "its RDF is not a mapping"),
     ("zoo-not-a-model", lambda tmp: _zoo_package(tmp, "type: dataset\nformat_version: 0.5.0\n"),
      IncompatibleModelError, "describes a 'dataset', not a model"),
+    # training/, engine/, model/
+    ("patch-axes", lambda tmp: _mod("training.loop")._check_patch([16], _mod("model.config").ModelConfig(dims=2)),
+     ConfigError, "has 1 axes but the model is 2D"),
+    ("mask-density", lambda tmp: _mod("training.masking").grid_cell(0.5, 2), ConfigError, "mask density 0.5"),
+    ("runtime", lambda tmp: _mod("engine.runtimes").resolve("fastest", "fp32"), ConfigError, "unknown runtime"),
+    ("precision", lambda tmp: _mod("engine.runtimes").resolve("torch", "fp8"), ConfigError, "unknown precision"),
+    ("normalize-mode", lambda tmp: _mod("model.intensity").choose_normalization(
+        np.ones((8, 8)), np.zeros(1), np.ones(1), mode="both"), ConfigError, "normalize must be one of"),
+    ("stats-nan", lambda tmp: _mod("model.normalization").channel_stats(
+        np.array([[np.nan, 1.0], [2.0, 3.0]]), dims=("y", "x")), UnreadableDataError, "contains NaN or Inf"),
+    ("stats-constant", lambda tmp: _mod("model.normalization").channel_stats(np.ones((4, 4)), dims=("y", "x")),
+     UnreadableDataError, "is constant"),
+    ("stats-dims", lambda tmp: _mod("model.normalization").channel_stats(np.ones((4, 4))), AxesError,
+     "dims are required"),
+    # io/, sampling/, cli/
+    ("level-missing", lambda tmp: open_image(_image(tmp / "in.ome.zarr"), level=5), ConfigError,
+     "level 5 does not exist"),
+    ("no-group", lambda tmp: _mod("io.ngff").open_group(str(tmp / "none.zarr"), "r"), InputNotFoundError,
+     "no Zarr group at"),
+    ("http-output", lambda tmp: _mod("io.stores").check_writable("https://example.org/out.ome.zarr"), ConfigError,
+     "http\\(s\\) URLs are read-only"),
+    ("no-validation-block", lambda tmp: _dataset(data=np.zeros((16, 16), np.float32), val_fraction=0.5), ConfigError,
+     "cannot hold out validation data"),
+    ("demo-sample", lambda tmp: _mod("cli.demo").sample_path("cells"), ConfigError, "unknown sample"),
+    ("cli-option", lambda tmp: _mod("cli.commands")._Parser(prog="n2v-chunked").parse_args(["--bogus"]), ConfigError,
+     "unrecognized arguments"),
 ]
 
 

@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from .. import __version__
-from ..errors import INTERNAL_ERROR_EXIT, N2VError, PREEMPTED_EXIT, environment_problem, first_line
+from ..errors import INTERNAL_ERROR_EXIT, ConfigError, N2VError, PREEMPTED_EXIT, environment_problem, first_line
 from .config_file import add_storage_options, apply_config_file, configure_stores, given_options
 
 log = logging.getLogger("n2v_chunked")
@@ -533,7 +533,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors instead of a usage dump."""
 
     def error(self, message: str) -> Any:  # argparse's signature; never returns
-        raise N2VError(f"{message} (see {self.prog} --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from ..errors import ConfigError, N2VError
+from ..errors import ConfigError
 from ..model.typecheck import BAD, conform, mismatch
 
 
@@ -62,7 +62,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> A
     data = read_config_file(known.config)
     top = data.get("storage_options")
     if top is not None and not isinstance(top, dict):
-        raise N2VError(f"config file {known.config}: 'storage_options' must be a mapping")
+        raise ConfigError(f"config file {known.config}: 'storage_options' must be a mapping")
     command = next((a for a in rest if not a.startswith("-")), None)
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if command not in subparsers.choices:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import N2VError
+from ..errors import ConfigError, OutputExistsError
 from ..model.config import TrainConfig
 
 SAMPLES = {
@@ -29,7 +29,7 @@ SAMPLES = {
 def sample_path(name: str) -> Path:
     """Path of a bundled sample image."""
     if name not in SAMPLES:
-        raise N2VError(f"unknown sample {name!r}; choose from {', '.join(SAMPLES)}")
+        raise ConfigError(f"unknown sample {name!r}; choose from {', '.join(SAMPLES)}")
     return Path(str(files("n2v_chunked") / "data" / SAMPLES[name][0]))
 
 
@@ -105,7 +105,7 @@ def run_demo(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise N2VError(f"output directory {out} exists and is not empty; pass --overwrite")
+            raise OutputExistsError(f"output directory {out} exists and is not empty; pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     path = sample_path(sample)

@@ -94,9 +94,10 @@ def cluster_client(
 
     Raises
     ------
+    ConfigError
+        Unknown scheduler, invalid jobqueue config, a worker job SLURM rejects.
     N2VError
-        Unknown scheduler, unreachable address, invalid jobqueue config, no
-        ``sbatch`` on PATH, a worker job SLURM rejects, no worker within ``worker_timeout``.
+        Unreachable address, no ``sbatch`` on PATH, no worker within ``worker_timeout``.
     """
     check_not_spawn_reimport()
     kind, target = _classify(scheduler)

@@ -55,9 +55,13 @@ def read_jobqueue_config(
 
     Raises
     ------
+    InputNotFoundError
+        The file does not exist.
+    ConfigError
+        Invalid YAML, a section other than ``jobqueue: slurm:``, unknown keys
+        or values of the wrong kind.
     N2VError
-        Missing or unreadable file, invalid YAML, a section other than
-        ``jobqueue: slurm:``, unknown keys or values of the wrong kind.
+        The file cannot be read (permissions, I/O).
     """
     src = Path(path) if path is not None else DEFAULT_JOBQUEUE_CONFIG
     where = f"jobqueue config {src}"

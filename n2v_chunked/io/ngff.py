@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import zarr
 
-from ..errors import N2VError, UnreadableDataError
+from ..errors import InputNotFoundError, N2VError, UnreadableDataError
 from .metadata_axes import AXIS_TYPES
 from . import objects
 
@@ -17,7 +17,7 @@ def open_group(path: str, mode: str, storage_options: dict[str, Any] | None = No
     try:
         return zarr.open_group(store=objects.zarr_store(path, read_only=mode == "r", options=storage_options), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
-        raise N2VError(f"no Zarr group at {path}: {type(exc).__name__}") from None
+        raise InputNotFoundError(f"no Zarr group at {path}: {type(exc).__name__}") from None
     except PermissionError as exc:
         raise N2VError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
 

@@ -173,7 +173,7 @@ def tune_for_latency() -> None:
 def check_writable(url: str) -> None:
     """Refuse an output on a read-only kind of store (``http(s)://``) before anything runs."""
     if protocol(url) in ("http", "https"):
-        raise N2VError(f"cannot write {redact(url)}: http(s) URLs are read-only; write to a local path or s3://")
+        raise ConfigError(f"cannot write {redact(url)}: http(s) URLs are read-only; write to a local path or s3://")
 
 
 def require_client(url: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from ..errors import N2VError, UnreadableDataError, first_line
+from ..errors import ConfigError, UnreadableDataError, first_line
 from .metadata_axes import AXIS_TYPES, CANONICAL
 from .ngff import ome_metadata
 from .readers import ChunkReader, Raw, SourceInfo, from_reader, not_one_image
@@ -47,7 +47,7 @@ def open_zarr(source: str, level: int, storage_options: dict[str, Any], url: boo
         if parent is not None:
             group, ms, version, index = parent
             if level not in (0, index):
-                raise N2VError(f"{source} is level {index} of its OME-Zarr; do not also pass level {level}")
+                raise ConfigError(f"{source} is level {index} of its OME-Zarr; do not also pass level {level}")
             return _open_multiscales(group, ms, version, index, source.rstrip("/").rsplit("/", 1)[0])
         return _plain_zarr(node, source)
     ms, version = _multiscales(node.attrs.asdict())
@@ -149,7 +149,7 @@ def _open_multiscales(group: Any, ms: dict[str, Any], version: str | None, level
     if not datasets:
         raise UnreadableDataError(f"OME-Zarr {source} lists no datasets in its multiscales metadata")
     if level >= len(datasets):
-        raise N2VError(
+        raise ConfigError(
             f"OME-Zarr {source} has {len(datasets)} level(s) (0..{len(datasets) - 1}); level {level} does not exist"
         )
     try:

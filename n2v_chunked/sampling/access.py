@@ -288,7 +288,7 @@ class BadChunks:
             self.reasons[chunk] = why
             n = len(self.reasons)
             if n > self.limit:
-                raise N2VError(
+                raise UnreadableDataError(
                     f"too many bad chunks in {self.name}: {n} > max_bad_chunks={self.limit}; "
                     f"last: chunk {chunk} {why}"
                 )

@@ -207,7 +207,7 @@ class ZarrPatchDataset(IterableDataset):
         window = self.grid.max_window_voxels(self.straddle) * self._voxel_bytes
         self._slots_total = int(buffer_bytes) // window
         if self._slots_total < 1:
-            raise N2VError(
+            raise ConfigError(
                 f"buffer_bytes={buffer_bytes} cannot hold one block window ({window} bytes); "
                 "raise buffer_bytes or use smaller blocks"
             )

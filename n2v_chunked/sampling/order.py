@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import ConfigError, N2VError
+from ..errors import ConfigError
 from .grid import TAG_PERM, TAG_VAL, BlockGrid, Index, Strata, seeded_rng
 
 _MASK = 2**64 - 1
@@ -221,7 +221,7 @@ class BlockSplit:
         n = strata.n_blocks
         n_val = 0 if fraction == 0 else max(1, int(round(fraction * n)))
         if n - n_val < 1:
-            raise N2VError(
+            raise ConfigError(
                 f"cannot hold out validation data: the array has only {n} block(s); "
                 "use val_fraction=0 or smaller chunks"
             )
