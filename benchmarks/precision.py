@@ -71,12 +71,16 @@ def score(name: str, model_dir: Path, clean: list[np.ndarray], noisy: list[np.nd
 
     from n2v_chunked.model.checkpoint import load_model
     from n2v_chunked.engine.inference import denoise
-    from n2v_chunked.engine.runtimes import installed
+    from n2v_chunked.engine.runtimes import can_run, installed
 
     trained = load_model(model_dir, which=weights)
     ref = None
     for runtime, precision in COMBOS:
         if not installed(runtime):
+            continue
+        if not can_run(runtime, precision):  # e.g. OpenVINO bf16 on a CPU without it: refused, so not scored
+            print(json.dumps({"benchmark": "precision", "data": name, "runtime": runtime, "precision": precision,
+                              "skipped": "this CPU does not run it natively"}), flush=True)
             continue
         out = [denoise(trained, im, precision=precision, runtime=runtime) for im in noisy]
         psnr = float(np.mean([peak_signal_noise_ratio(c, o, data_range=data_range) for c, o in zip(clean, out)]))

@@ -133,7 +133,7 @@ def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
     import torch
 
     from n2v_chunked.model import checkpoint as ckpt
-    from n2v_chunked.engine.runtimes import get_runner, installed
+    from n2v_chunked.engine.runtimes import can_run, get_runner, installed
 
     cuda = device.startswith("cuda")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -146,6 +146,8 @@ def ceiling(model_dir: Path, tile: int, repeats: int, device: str = "cpu",
             continue
         if precision == "fp16" and not cuda:
             continue
+        if runtime in ("openvino", "onnxruntime") and not can_run(runtime, precision):
+            continue  # the CPU runs it only as f32 (OpenVINO bf16 without native bf16): not a ceiling of its own
         if runtime == "torch-nchw":
             run = trained.model
         else:

@@ -67,7 +67,12 @@ def test_precision_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert rows[0]["runtime"] == "torch" and rows[0]["precision"] == "fp32" and rows[0]["delta_db"] == 0
     assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("torch", "bf16")}
+    from n2v_chunked.engine.runtimes import can_run
+
     for r in rows:
+        if "skipped" in r:  # a combination this CPU refuses (OpenVINO bf16 without native bf16), never scored as run
+            assert not can_run(r["runtime"], r["precision"]), r
+            continue
         assert r["data"] == "nuclei" and math.isfinite(r["psnr"]) and r["passes"] == (abs(r["delta_db"]) < 0.05)
 
 
