@@ -231,7 +231,7 @@ def create_ome_zarr(
     Parameters
     ----------
     path : str or Path
-        Output location: local path or fsspec URL.
+        Output location: local path or URL.
     shape : sequence of int
         Level-0 shape, in the order of ``dims``.
     dims : str or sequence of str
@@ -250,10 +250,8 @@ def create_ome_zarr(
         Extra JSON entries for ``attributes["n2v_chunked"]``.
     overwrite : bool
         Replace an existing Zarr output at ``path``.
-    name : str, optional
-        Name stored in the multiscales metadata.
-    storage_options : dict, optional
-        fsspec options for URLs.
+    name, storage_options : optional
+        Name stored in the multiscales metadata; the object store's options for URLs.
 
     Returns
     -------

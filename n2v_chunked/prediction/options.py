@@ -32,7 +32,63 @@ Normalize = Literal["model", "data"]
 
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
-    """Every setting of prediction (see :func:`n2v_chunked.prediction.predict` for each one's meaning)."""
+    """Every setting of prediction (:func:`n2v_chunked.prediction.run.predict`), declared once.
+
+    Attributes
+    ----------
+    chunks : sequence of int or dict, optional
+        Working and output chunks (see :func:`~n2v_chunked.prediction.plan.plan`).
+    boundary : {"reflect", "nearest", "periodic", "constant"}
+        Image border extension (dask's names; ``reflect`` is numpy's ``symmetric``).
+    tta : bool
+        Average the 8 rotations/flips of the YX plane.
+    blend : bool
+        Mix the prediction with the noisy input with the model's weight
+        (:func:`n2v_chunked.model.checkpoint.blend_weight`): higher PSNR under
+        pixel-independent noise, at the price of some visible grain.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Arithmetic of the network (default ``auto``, as on the command line:
+        bf16 where the hardware has it, else fp32; :func:`n2v_chunked.engine.runtimes.resolve`).
+    runtime : {"auto", "torch", "torch-compile", "openvino", "onnxruntime"}
+        Engine of the network (default ``auto``, as on the command line;
+        ``runtime="torch", precision="fp32"`` for bit-for-bit float32).
+    resume : bool
+        Finish an interrupted run into ``output``: blocks already written are skipped.
+    overwrite : bool
+        Replace an existing output.
+    scheduler : None, str or distributed.Client
+        None: the active distributed client, else local threads.  ``"sync"``,
+        ``"threads"``, ``"local"`` (a LocalCluster), ``"tcp://host:port"`` or
+        ``"slurm"`` (see :func:`~n2v_chunked.cluster.scheduling.scheduler_context`).
+    ngff_version : {"0.5", "0.4"}
+        Output format.
+    dtype : dtype-like or None
+        Output type (float32; None keeps the input's; integers are rounded and clipped).
+    axes : str, optional
+        Axis letters for inputs without metadata.
+    level : int
+        Resolution level of a multiscale input.
+    batch_blocks : int, optional
+        Blocks per submitted graph (:data:`~n2v_chunked.prediction.run.DEFAULT_BATCH_BLOCKS`).
+    progress : bool
+        Progress bar (blocks, MPix/s, ETA).
+    device : str, optional
+        Torch device of the workers (CUDA when available).
+    pyramid : bool
+        Add downsampled levels once level 0 is complete.
+    jobqueue_config, jobs
+        For ``scheduler="slurm"``.
+    halo : int or sequence of int, optional
+        Zoo models only: halo per spatial axis instead of the declared one.
+    normalize : {"model", "data"}
+        Normalise with the model's stored statistics (a warning when the
+        input's are far from them), or with the input's own, sampled once per
+        run (:func:`n2v_chunked.model.intensity.choose_normalization`); recorded in
+        the output's provenance (``normalization``).
+    allow_unvalidated : bool
+        Use a model directory without validated weights (see
+        :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
+    """
 
     chunks: Any = None
     boundary: Boundary = "reflect"

@@ -91,10 +91,9 @@ def fit(
 ) -> TrainResult:
     """Train from any source the data layer opens, streaming patches.
 
-    ``source -> sampler -> masking -> model -> loss``: the image is opened
-    lazily (:func:`~n2v_chunked.io.sources.open_image`), normalisation statistics
-    come from a sample of blocks, and patches stream from a bounded buffer of
-    chunk-aligned blocks (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`).
+    ``source -> sampler -> masking -> model -> loss``: the image opened lazily, statistics from a
+    sample of blocks, patches streamed from a bounded buffer of chunk-aligned blocks
+    (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`).
 
     Parameters
     ----------
@@ -103,12 +102,11 @@ def fit(
     model_dir : str or Path
         Where the model goes.
     axes : str, optional
-        Axes of the source when its metadata has none (e.g. ``"tyx"``).
+        Axes of a source whose metadata has none (``"tyx"``).
     level : int
         Resolution level of a multiscale OME-Zarr.
     dims : {2, 3}, optional
-        Model dimensionality; default 3D when the data has ``z``.  With 2,
-        ``z`` becomes a sample axis.
+        Default 3D when the data has ``z``; with 2, ``z`` is a sample axis.
     model_cfg, mask_cfg, train_cfg : config dataclasses, optional
         ``dims`` and ``in_channels`` of ``model_cfg`` are set from the data.
         Without ``mask_cfg``, :class:`MaskConfig`'s defaults (N2V2's median
@@ -119,22 +117,17 @@ def fit(
         takes effect or is refused with one line (:func:`~n2v_chunked.model.config.resumed`);
         ``model_cfg``/``mask_cfg``, when given, must equal the stored ones.
     device : optional
-        Defaults to CUDA when present.
+        Default: CUDA when present.
     val_fraction : float, optional
-        Fraction of blocks held out for validation (default 0.1; on resume,
-        the stored one: a different one is refused).
-    buffer_bytes : int, optional
-        Bound on the sampler's decoded-block buffer.
-    min_std : float, optional
-        Foreground filter: skip patches whose std is below this (input units).
-    progress : bool
-        Show a progress bar.
+        Blocks held out for validation (default 0.1; on resume the stored one).
+    buffer_bytes, min_std : optional
+        Bound on the sampler's decoded-block buffer; foreground filter (skip
+        patches whose std is below ``min_std``, in input units).
     init_from : str or Path, optional
-        Start from the weights, architecture, masking and normalisation of
-        another model: a Zoo package written by ``n2v-chunked export`` or a
-        model directory (:func:`n2v_chunked.zoo.load.init_source`).
-    tensorboard : bool
-        Also write TensorBoard events (see :func:`train`).
+        Start from another model's weights, architecture, masking and normalisation: a
+        package of ``n2v-chunked export`` or a model directory (:func:`n2v_chunked.zoo.load.init_source`).
+    progress, tensorboard : bool
+        A progress bar; TensorBoard events too (see :func:`train`).
     allow_unvalidated : bool
         ``init_from``: start from a model directory without validated weights (see
         :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
