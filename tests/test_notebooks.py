@@ -144,13 +144,14 @@ def test_large_volume(tmp_path: Path, nb_env: None) -> None:
     from n2v_chunked.io.ome import is_complete
 
     nb, s = run_notebook("02_large_volume.ipynb", {
-        # a 2D model with few features and a high learning rate: 30 steps already beat the noisy input by ~4 dB
-        "SHAPE": (32, 128, 128), "CHUNKS": (16, 64, 64), "DIMS": 2, "PATCH": [32, 32], "FEATURES": 16, "STEPS": 30,
+        # a 2D model with few features and a high learning rate: 60 steps beat the noisy input by ~4 dB in fp32
+        # (30 steps did only where training ran in bf16: on the AMD EPYC without it, 21.24 -> 20.96 dB)
+        "SHAPE": (32, 128, 128), "CHUNKS": (16, 64, 64), "DIMS": 2, "PATCH": [32, 32], "FEATURES": 16, "STEPS": 60,
         "MINUTES": 3.0, "BATCH_SIZE": 16, "LR": 4e-3, "VAL_PATCHES": 16, "BUFFER_MB": 8, "N_WORKERS": 1,
         "THREADS_PER_WORKER": 1, "GEN_THREADS": 1, "PREDICT_CHUNKS": {"z": 16}, "CHECK_CROP": (32, 128, 128),
     }, tmp_path)
     assert s["volume_shape"] == [32, 128, 128]
-    assert s["steps"] == 30
+    assert s["steps"] == 60
     assert s["complete"] and is_complete(s["output"])
     assert s["predict_stats"]["blocks_computed"] == 2  # PREDICT_CHUNKS: two blocks along z
     assert s["tasks"] > 0 and "Dask dashboard: http" in _text(nb)
