@@ -317,7 +317,12 @@ def test_train_sbatch_two_processes(slurm, noisy: Path, tmp_path: Path) -> None:
 
 
 def _steps_per_second(noisy: Path, workdir: Path) -> float:
-    """Training speed of this machine in the configuration of the time-limit test (one thread, as the job)."""
+    """Steady training speed of this machine in the time-limit test's configuration (one thread, as the job).
+
+    Measured between the validations at steps 20 and 60, so start-up, the first
+    steps and the step-0 validation (which made a 40-step probe read a third of
+    the real speed on a fast CPU) do not count.
+    """
     import torch
 
     from n2v_chunked.model.config import ModelConfig, TrainConfig
@@ -327,16 +332,18 @@ def _steps_per_second(noisy: Path, workdir: Path) -> float:
     torch.set_num_threads(1)
     try:
         res = fit(str(noisy), workdir / "probe", axes="tyx", model_cfg=ModelConfig(features=4), device="cpu",
-                  train_cfg=TrainConfig(steps=40, batch_size=4, patch_size=[32, 32], seed=1, stop_patience=0),
+                  train_cfg=TrainConfig(steps=60, batch_size=4, patch_size=[32, 32], seed=1, stop_patience=0,
+                                        val_interval=20, val_patches=16),
                   progress=False)
     finally:
         torch.set_num_threads(threads)
-    return res.step / res.seconds
+    seconds = {h["step"]: h["seconds"] for h in res.history}
+    return 40 / (seconds[60] - seconds[20])
 
 
 @pytest.mark.timeout(400)
 def test_train_sbatch_time_limit_requeues_and_finishes_all_steps(slurm, noisy: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    """A 1-minute time limit with the warning 15 s before it, and about 60 s of training.
+    """A 1-minute time limit with the warning 15 s before it, and about 80 s of training.
 
     slurmctld looks at time limits every 30 s and sends the warning at the first
     look that is less than warning + 30 s before the limit: here 15-45 s into
@@ -348,7 +355,7 @@ def test_train_sbatch_time_limit_requeues_and_finishes_all_steps(slurm, noisy: P
     """
     from n2v_chunked.model import checkpoint as ckpt
 
-    every = max(5, int(_steps_per_second(noisy, tmp_path) * 60 / 4))
+    every = max(5, int(_steps_per_second(noisy, tmp_path) * 80 / 4))
     steps = 4 * every  # validations at every, 2*every, ...: the grid an uninterrupted run validates on
     mdir = tmp_path / "model"
     args = ["--axes", "tyx", "--steps", str(steps), "--val-interval", str(every), "--stop-patience", "0",
