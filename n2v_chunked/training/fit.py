@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError, IncompatibleModelError
+from ..errors import CollectionError, ConfigError, IncompatibleModelError
 from ..io.collections import Collection, check_consistent, collection_kind, open_collection, select_images
 from ..io.sources import open_image
 from ..io.stores import REMOTE_IO_THREADS, protocol, redact
@@ -184,9 +184,9 @@ def fit(
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     if mask_cfg is not None:
         grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
-    if collection is not None and not train_cfg.patch_size:  # the default fits the smallest image (the sampler
-        m = size_multiple(model_cfg)  # names any image too small for a network of this depth)
-        sizes = {d: max(n, m) for d, n in sizes.items()}
+    if collection is not None:  # the default fits the smallest image; the sampler names the images too small
+        m = size_multiple(model_cfg)  # for the patch, or for a network of this depth
+        sizes = {d: max(n, m, *train_cfg.patch_size) for d, n in sizes.items()}
     patch = fit_patch_shape(sizes, spatial, model_cfg, train_cfg.patch_size)
     train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
     io_threads = _io_threads(data.attrs.get("source", "") if collection is None else collection.source)
@@ -204,7 +204,7 @@ def fit(
         extra: dict[str, Any] = {"input": label}
     else:
         make, stats, extra = _collection_sampler(
-            collection, model_dir, patch, spatial, train_cfg, resume, init, normalize_per, val_by,
+            collection, model_dir, patch, spatial, train_cfg, val_fraction, resume, init, normalize_per, val_by,
             axes=axes, level=level, buffer_bytes=buffer_bytes, min_std=min_std, io_threads=io_threads)
     if init is not None:
         stats = (init[1], init[2])  # the units the initial network works in
@@ -232,8 +232,17 @@ def _collection(source: Any, axes: str | None, level: int, select: Any) -> Colle
     """``source`` as a collection (listed from metadata, ``select`` applied); None for one image."""
     if isinstance(source, Collection):
         return select_images(source, select) if select is not None else source
-    if not isinstance(source, (str, Path)) or collection_kind(source) is None:
+    if not isinstance(source, (str, Path)):
         return None
+    kind = collection_kind(source)
+    if kind is None:
+        return None
+    if kind == "folder" and select is None:  # TIFFs of one shape and dtype stay one stack, as before
+        try:
+            open_image(source, axes=axes, level=level)
+            return None
+        except CollectionError:
+            pass
     return open_collection(source, axes=axes, level=level, select=select)
 
 
@@ -271,7 +280,7 @@ def _collection_settings(model_dir: Any, collection: Collection, resume: bool, n
 
 
 def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int], spatial: tuple[str, ...],
-                        train_cfg: TrainConfig, resume: bool, init: Any, normalize_per: str | None,
+                        train_cfg: TrainConfig, val_fraction: float, resume: bool, init: Any, normalize_per: str | None,
                         val_by: str | None, **options: Any,
                         ) -> tuple[Callable[[float], ZarrPatchDataset], Any, dict[str, Any]]:
     """The sampler factory, statistics and ``config.yaml`` record of training on a collection.
@@ -290,6 +299,8 @@ def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int]
         dataset.reference = reference
         return dataset
 
+    if val_by == "image" and val_fraction > 0:
+        make(val_fraction)  # too few images to hold one out: refused before any pixel is read
     if resume:
         norm = ckpt.read_config(model_dir)["normalization"]
         reference, stats = (np.asarray(norm["mean"]), np.asarray(norm["std"])), None
