@@ -261,6 +261,12 @@ class CollectionPatchDataset(ZarrPatchDataset):
 
     # -- images, opened on demand ------------------------------------------
 
+    def share_images(self, other: CollectionPatchDataset) -> None:
+        """Use ``other``'s opened images and per-image statistics (samplers of one run over the same images)."""
+        if other.images != self.images:
+            raise ConfigError("share_images needs a sampler over the same images")
+        self._members, self._stats, self._lock = other._members, other._stats, other._lock
+
     def _member(self, i: int) -> tuple[Any, Any]:
         """Image ``i`` as (DataArray, sampler source), opened on first use."""
         with self._lock:

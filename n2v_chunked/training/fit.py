@@ -154,7 +154,7 @@ def fit(
     TrainResult
     """
     info = init_distributed()  # before the sampler, so it shards by rank
-    collection = _collection(source, axes, level, select)
+    collection = _collection(source, axes, level, select, bool(select or normalize_per or val_by))
     if collection is None:
         asked = [n for n, v in (("select", select), ("normalize_per", normalize_per), ("val_by", val_by)) if v]
         if asked:  # an option that cannot take effect is refused, not dropped
@@ -228,8 +228,12 @@ def _io_threads(source: Any) -> int:
     return REMOTE_IO_THREADS if protocol(str(source)) else 2
 
 
-def _collection(source: Any, axes: str | None, level: int, select: Any) -> Collection | None:
-    """``source`` as a collection (listed from metadata, ``select`` applied); None for one image."""
+def _collection(source: Any, axes: str | None, level: int, select: Any, asked: bool) -> Collection | None:
+    """``source`` as a collection (listed from metadata, ``select`` applied); None for one image.
+
+    A folder of TIFFs of one shape and dtype is one stack, as before, unless a
+    collection's option is ``asked`` for.
+    """
     if isinstance(source, Collection):
         return select_images(source, select) if select is not None else source
     if not isinstance(source, (str, Path)):
@@ -237,7 +241,7 @@ def _collection(source: Any, axes: str | None, level: int, select: Any) -> Colle
     kind = collection_kind(source)
     if kind is None:
         return None
-    if kind == "folder" and select is None:  # TIFFs of one shape and dtype stay one stack, as before
+    if kind == "folder" and not asked:
         try:
             open_image(source, axes=axes, level=level)
             return None
@@ -289,6 +293,7 @@ def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int]
     """
     normalize_per, val_by, record = _collection_settings(model_dir, collection, resume, normalize_per, val_by)
     reference: tuple[np.ndarray, np.ndarray] | None = None
+    first: list[CollectionPatchDataset] = []  # the run's samplers open each image once, between them
 
     def make(fraction: float) -> CollectionPatchDataset:
         dataset = CollectionPatchDataset(
@@ -297,6 +302,10 @@ def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int]
             buffer_bytes=options["buffer_bytes"] or DEFAULT_BUFFER_BYTES, min_std=options["min_std"],
             io_threads=options["io_threads"])
         dataset.reference = reference
+        if first:
+            dataset.share_images(first[0])
+        else:
+            first.append(dataset)
         return dataset
 
     if val_by == "image" and val_fraction > 0:
