@@ -102,6 +102,10 @@ def test_train_command_hands_the_collection_options_to_fit(tmp_path, monkeypatch
     assert (seen["select"], seen["normalize_per"], seen["val_by"]) == ("B3,C*", "image", "image")
     main(["train", "plate.ome.zarr", "--model-dir", str(tmp_path / "m"), "--no-progress"])
     assert (seen["select"], seen["normalize_per"], seen["val_by"]) == (None, None, None)  # fit's defaults
+    config = tmp_path / "options.yaml"  # the YAML config takes them too
+    config.write_text("train:\n  select: B3\n  normalize-per: image\n  val-by: block\n")
+    main(["--config", str(config), "train", "plate.ome.zarr", "--model-dir", str(tmp_path / "m"), "--no-progress"])
+    assert (seen["select"], seen["normalize_per"], seen["val_by"]) == ("B3", "image", "block")
 
 
 def test_mixed_folder_trains_and_patches_come_from_every_image_by_size(tmp_path, monkeypatch):

@@ -99,9 +99,7 @@ def fit(
 
     ``source -> sampler -> masking -> model -> loss``: the image opened lazily, statistics from a
     sample of blocks, patches streamed from a bounded buffer of chunk-aligned blocks
-    (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`).  A collection (HCS plate,
-    bioformats2raw container, folder or glob of images, or a
-    :class:`~n2v_chunked.io.collections.Collection`) trains one model on all its images
+    (:class:`~n2v_chunked.sampling.dataset.ZarrPatchDataset`); of all images of a collection
     (:class:`~n2v_chunked.sampling.collection.CollectionPatchDataset`; docs/collections.md).
 
     Parameters
@@ -140,37 +138,83 @@ def fit(
     allow_unvalidated : bool
         ``init_from``: start from a model directory without validated weights (see
         :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
-    select : str or sequence of str, optional
-        Collections only: the images to train on (:func:`~n2v_chunked.io.collections.select_images`).
-    normalize_per : {"collection", "image"}, optional
-        Collections only: one set of statistics for all images, or each image
-        normalised by its own (default :data:`DEFAULT_NORMALIZE_PER`; on resume the stored one).
-    val_by : {"block", "image"}, optional
-        Collections only: hold out blocks of every image, or whole images
-        (default :data:`DEFAULT_VAL_BY`; on resume the stored one).
+    select, normalize_per, val_by : optional
+        Collections only: the images (:func:`~n2v_chunked.io.collections.select_images`); statistics over
+        the ``"collection"`` or per ``"image"``; validation by ``"block"`` or by ``"image"`` (defaults
+        :data:`DEFAULT_NORMALIZE_PER`, :data:`DEFAULT_VAL_BY`; on resume the stored ones).
 
     Returns
     -------
     TrainResult
     """
     info = init_distributed()  # before the sampler, so it shards by rank
-    collection = _collection(source, axes, level, select, bool(select or normalize_per or val_by))
-    if collection is None:
-        asked = [n for n, v in (("select", select), ("normalize_per", normalize_per), ("val_by", val_by)) if v]
-        if asked:  # an option that cannot take effect is refused, not dropped
-            raise ConfigError(f"{asked[0]} is for collections of images (plate, container, folder); "
-                              f"{source if isinstance(source, (str, Path)) else 'this source'} is one image")
-        data = open_image(source, axes=axes, level=level)
-        data_dims, sizes = tuple(str(d) for d in data.dims), dict(data.sizes)
-    else:
-        check_consistent(collection.images)
-        data_dims = tuple(collection.images[0].axes)
-        sizes = {d: min(im.shape[k] for im in collection.images) for k, d in enumerate(data_dims)}
+    collection, data, data_dims, sizes = _open(source, axes, level, select, normalize_per, val_by)
     model_cfg, mask_cfg, train_cfg, val_fraction, init, resume = _settings(
         model_dir, model_cfg, mask_cfg, train_cfg, val_fraction, resume, init_from, allow_unvalidated)
-    if resume and collection is None and "collection" in ckpt.read_config(model_dir):
+    model_cfg, train_cfg, spatial = _shapes(model_cfg, mask_cfg, train_cfg, data_dims, sizes, dims, collection is not None,
+                                            resume, init, model_dir if resume else init_from)
+    io_threads = _io_threads(data.attrs.get("source", "") if collection is None else collection.source)
+    options = dict(buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std, io_threads=io_threads)
+    if collection is None:
+        make, stats, extra = _image_sampler(data, source, model_dir, spatial, train_cfg, resume, options)
+    else:
+        make, stats, extra = _collection_sampler(collection, model_dir, spatial, train_cfg, val_fraction, resume, init,
+                                                 normalize_per, val_by, axes=axes, level=level, **options)
+    if init is not None:
+        stats = (init[1], init[2])  # the units the initial network works in
+    mean, std, dataset, val, stream = _streams(make, stats, train_cfg, val_fraction, device, model_cfg.in_channels)
+    if isinstance(dataset, CollectionPatchDataset) and dataset.val_by == "image":
+        extra["collection"]["held_out"] = dataset.held_out_images
+    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
+    return train(
+        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
+        resume=resume, device=device, sampler=dataset, axes="".join(data_dims), progress=progress,
+        tensorboard=tensorboard, init_weights=init[0] if init else None,
+        extra_meta={**extra, "val_fraction": val_fraction, "spatial_dims": list(spatial), "world_size": info.world_size,
+                    **({"init_from": redact(str(init_from))} if init else {})})
+
+
+def _image_sampler(data: Any, source: Any, model_dir: Any, spatial: tuple[str, ...], train_cfg: TrainConfig,
+                   resume: bool, options: dict[str, Any],
+                   ) -> tuple[Callable[[float], ZarrPatchDataset], Any, dict[str, Any]]:
+    """The sampler factory, statistics (None on resume) and ``config.yaml`` record of training on one image."""
+    if resume and "collection" in ckpt.read_config(model_dir):
         raise ConfigError(f"the model in {model_dir} was trained on a collection; --resume continues it on that "
                           "collection (give it, with the same --select), not on one image")
+    def make(fraction: float) -> ZarrPatchDataset:
+        return ZarrPatchDataset(data, train_cfg.patch_size, spatial, seed=train_cfg.seed, val_fraction=fraction,
+                                **options)
+
+    # statistics first: they read every block of a small image, so a NaN there is named as such
+    # instead of surfacing as blocks the sampler skips until none is left
+    stats = None if resume else channel_stats(data, seed=train_cfg.seed)
+    label = data.attrs.get("source", source if isinstance(source, (str, Path)) else "")
+    return make, stats, {"input": redact(str(label))}  # no URL password
+
+
+def _open(source: Any, axes: str | None, level: int, select: Any, normalize_per: str | None,
+          val_by: str | None) -> tuple[Collection | None, Any, tuple[str, ...], dict[str, int]]:
+    """The collection (or None) or the image (else None), the dims and the size along each (a collection's smallest)."""
+    collection = _collection(source, axes, level, select, bool(select or normalize_per or val_by))
+    if collection is not None:
+        check_consistent(collection.images)
+        dims = tuple(collection.images[0].axes)
+        return collection, None, dims, {d: min(im.shape[k] for im in collection.images) for k, d in enumerate(dims)}
+    asked = [n for n, v in (("select", select), ("normalize_per", normalize_per), ("val_by", val_by)) if v]
+    if asked:  # an option that cannot take effect is refused, not dropped
+        raise ConfigError(f"{asked[0]} is for collections of images (plate, container, folder); "
+                          f"{source if isinstance(source, (str, Path)) else 'this source'} is one image")
+    data = open_image(source, axes=axes, level=level)
+    return None, data, tuple(str(d) for d in data.dims), dict(data.sizes)
+
+
+def _shapes(model_cfg: ModelConfig, mask_cfg: MaskConfig | None, train_cfg: TrainConfig, data_dims: tuple[str, ...],
+            sizes: dict[str, int], dims: int | None, collection: bool, resume: bool, init: Any,
+            origin: Any) -> tuple[ModelConfig, TrainConfig, tuple[str, ...]]:
+    """The network's dims and channels and the patch shape for the data; the spatial dims.
+
+    ``origin``: the model resumed or started from (for messages).
+    """
     has_z = "z" in data_dims
     if dims is None:
         dims = model_cfg.dims if resume or init else (3 if has_z else 2)
@@ -179,48 +223,16 @@ def fit(
     spatial = ("z", "y", "x") if dims == 3 else ("y", "x")
     channels = int(sizes.get("c", 1))
     if (resume or init) and (model_cfg.dims != dims or model_cfg.in_channels != channels):
-        raise IncompatibleModelError(f"model in {model_dir if resume else init_from} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
-                       f"the data gives {dims}D with {channels}")
+        raise IncompatibleModelError(f"model in {origin} is {model_cfg.dims}D with {model_cfg.in_channels} channel(s); "
+                                     f"the data gives {dims}D with {channels}")
     model_cfg = dataclasses.replace(model_cfg, dims=dims, in_channels=channels)
     if mask_cfg is not None:
         grid_cell(mask_cfg.density, dims)  # a density the grid cannot express fails before any data is read
-    if collection is not None:  # the default fits the smallest image; the sampler names the images too small
+    if collection:  # the default fits the smallest image; the sampler names the images too small
         m = size_multiple(model_cfg)  # for the patch, or for a network of this depth
         sizes = {d: max(n, m, *train_cfg.patch_size) for d, n in sizes.items()}
     patch = fit_patch_shape(sizes, spatial, model_cfg, train_cfg.patch_size)
-    train_cfg = dataclasses.replace(train_cfg, patch_size=patch)
-    io_threads = _io_threads(data.attrs.get("source", "") if collection is None else collection.source)
-
-    if collection is None:
-        def make(fraction: float) -> ZarrPatchDataset:
-            return ZarrPatchDataset(data, patch, spatial, seed=train_cfg.seed, val_fraction=fraction,
-                                    buffer_bytes=buffer_bytes or DEFAULT_BUFFER_BYTES, min_std=min_std,
-                                    io_threads=io_threads)
-
-        # statistics first: they read every block of a small image, so a NaN there is named as such
-        # instead of surfacing as blocks the sampler skips until none is left
-        stats = None if resume else channel_stats(data, seed=train_cfg.seed)
-        label = redact(str(data.attrs.get("source", source if isinstance(source, (str, Path)) else "")))
-        extra: dict[str, Any] = {"input": label}
-    else:
-        make, stats, extra = _collection_sampler(
-            collection, model_dir, patch, spatial, train_cfg, val_fraction, resume, init, normalize_per, val_by,
-            axes=axes, level=level, buffer_bytes=buffer_bytes, min_std=min_std, io_threads=io_threads)
-    if init is not None:
-        stats = (init[1], init[2])  # the units the initial network works in
-    mean, std, dataset, val, stream = _streams(make, stats, train_cfg, val_fraction, device, channels)
-    if isinstance(dataset, CollectionPatchDataset) and dataset.val_by == "image":
-        extra["collection"]["held_out"] = dataset.held_out_images
-    # on resume every setting as a mapping: one set back to its default is still a change (config.resume_changes)
-    return train(
-        stream, val, mean, std, model_dir, model_cfg, mask_cfg, to_dict(train_cfg) if resume else train_cfg,
-        resume=resume, device=device,
-        sampler=dataset, axes="".join(data_dims), progress=progress, tensorboard=tensorboard,
-        extra_meta={**extra, "val_fraction": val_fraction,
-                    "spatial_dims": list(spatial), "world_size": info.world_size,
-                    **({"init_from": redact(str(init_from))} if init else {})},
-        init_weights=init[0] if init else None,
-    )
+    return model_cfg, dataclasses.replace(train_cfg, patch_size=patch), spatial
 
 
 def _io_threads(source: Any) -> int:
@@ -283,7 +295,7 @@ def _collection_settings(model_dir: Any, collection: Collection, resume: bool, n
     return normalize_per, val_by, {**record, "normalize_per": normalize_per, "val_by": val_by}
 
 
-def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int], spatial: tuple[str, ...],
+def _collection_sampler(collection: Collection, model_dir: Any, spatial: tuple[str, ...],
                         train_cfg: TrainConfig, val_fraction: float, resume: bool, init: Any, normalize_per: str | None,
                         val_by: str | None, **options: Any,
                         ) -> tuple[Callable[[float], ZarrPatchDataset], Any, dict[str, Any]]:
@@ -291,6 +303,7 @@ def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int]
 
     ``options``: ``axes``, ``level``, ``buffer_bytes``, ``min_std``, ``io_threads``.
     """
+    patch = train_cfg.patch_size
     normalize_per, val_by, record = _collection_settings(model_dir, collection, resume, normalize_per, val_by)
     reference: tuple[np.ndarray, np.ndarray] | None = None
     first: list[CollectionPatchDataset] = []  # the run's samplers open each image once, between them
@@ -299,7 +312,7 @@ def _collection_sampler(collection: Collection, model_dir: Any, patch: list[int]
         dataset = CollectionPatchDataset(
             collection.images, patch, spatial, axes=options["axes"], level=options["level"], val_by=val_by,
             normalize_per=normalize_per, seed=train_cfg.seed, val_fraction=fraction,
-            buffer_bytes=options["buffer_bytes"] or DEFAULT_BUFFER_BYTES, min_std=options["min_std"],
+            buffer_bytes=options["buffer_bytes"], min_std=options["min_std"],
             io_threads=options["io_threads"])
         dataset.reference = reference
         if first:
