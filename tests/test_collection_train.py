@@ -86,7 +86,7 @@ def test_plate_trains_one_model_that_predicts(tmp_path):
     n2v_chunked.fit(str(plate), model, val_fraction=0.3, **_fast())
     record = _config(model)["collection"]
     assert record["kind"] == "plate" and record["images"] == 3
-    assert record["normalize_per"] == "collection" and record["val_by"] == "block"
+    assert record["normalize_per"] == "image" and record["val_by"] == "block"  # the measured defaults
     den = _denoised(model, n2v_chunked.open_image(str(plate / "B/3/1")).values)
     assert den.shape == (32, 56) and np.isfinite(den).all()
 
@@ -204,7 +204,7 @@ def test_select_restricts_training_and_resume_continues_a_collection_model(tmp_p
     assert res.step == 3 and _config(model)["train"]["steps"] == 3
     # other images, or another normalisation, cannot continue this model; nor can one image
     for extra, words in ((["--select", "B3,C4"], "the images the model began with"),
-                         (["--select", "B3", "--normalize-per", "image"], "normalize_per cannot change"),
+                         (["--select", "B3", "--normalize-per", "collection"], "normalize_per cannot change"),
                          ([], "the images the model began with")):
         code = main(["train", str(plate), *extra, "--model-dir", str(model), "--resume", "--steps", "6",
                      "--no-progress"])

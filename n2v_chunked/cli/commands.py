@@ -203,9 +203,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-by", choices=["block", "image"],
                    help="collections: hold out --val-fraction of the blocks of every image, or of the images "
                    "(default block; fixed when training starts)")
-    g.add_argument("--normalize-per", choices=["collection", "image"],
-                   help="collections: normalisation statistics over the whole collection, or each image's own "
-                   "(default collection; fixed when training starts)")
+    g.add_argument("--normalize-per", choices=["image", "collection"],
+                   help="collections: each image normalised by its own statistics, or all by the collection's "
+                   "(default image, measured better; predict such a model with --normalize data; fixed when "
+                   "training starts)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events to MODEL_DIR/tensorboard (pip install 'n2v-chunked[tensorboard]'); "

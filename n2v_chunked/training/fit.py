@@ -262,8 +262,9 @@ def _collection(source: Any, axes: str | None, level: int, select: Any, asked: b
     return open_collection(source, axes=axes, level=level, select=select)
 
 
-#: Normalisation statistics of a collection: per image or over the collection (docs/collections.md measures both).
-DEFAULT_NORMALIZE_PER = "collection"
+#: Normalisation statistics of a collection: per image or over the collection (docs/collections.md measures both:
+#: per image denoised frames of different gains and offsets better, 0.929 against 0.848 frame correlation).
+DEFAULT_NORMALIZE_PER = "image"
 #: A collection's validation split: blocks of every image (docs/collections.md says why).
 DEFAULT_VAL_BY = "block"
 
