@@ -38,9 +38,12 @@ from .stream import Loaded
 
 #: Regions sampled for the collection's statistics, spread over the images in proportion to their size.
 COLLECTION_STATS_REGIONS = 64
-#: Regions sampled per image for per-image statistics (exact for an image within the byte budget).
-IMAGE_STATS_REGIONS = 16
-STATS_BYTES = 64 * 2**20  # budget of each of the two samples
+COLLECTION_STATS_BYTES = 64 * 2**20
+#: Regions sampled per image for per-image statistics, within a budget that keeps them small (each
+#: decodes a chunk: 8 regions of a 2048^2 field of 512^2 chunks take about 50 ms, benchmarks/collections.py);
+#: an image within the budget is read whole (exact).
+IMAGE_STATS_REGIONS = 8
+IMAGE_STATS_BYTES = 2**20
 VAL_BY = ("block", "image")
 NORMALIZE_PER = ("collection", "image")
 
@@ -285,7 +288,7 @@ class CollectionPatchDataset(ZarrPatchDataset):
         """Per-channel mean and std of image ``i`` from a bounded sample (cached)."""
         if i not in self._stats:
             arr = self._member(i)[0]
-            stats = channel_stats(arr, max_bytes=STATS_BYTES, max_regions=IMAGE_STATS_REGIONS, seed=self.seed)
+            stats = channel_stats(arr, max_bytes=IMAGE_STATS_BYTES, max_regions=IMAGE_STATS_REGIONS, seed=self.seed)
             with self._lock:
                 self._stats[i] = stats
         return self._stats[i]
@@ -304,7 +307,7 @@ class CollectionPatchDataset(ZarrPatchDataset):
         parts = []
         for i in np.flatnonzero(counts).tolist():
             k = int(counts[i])
-            mean, std = channel_stats(self._member(i)[0], max_bytes=max(STATS_BYTES * k // n, 1), max_regions=k,
+            mean, std = channel_stats(self._member(i)[0], max_bytes=max(COLLECTION_STATS_BYTES * k // n, 1), max_regions=k,
                                       seed=self.seed)
             parts.append((k, mean, std))
         return pooled_stats(*zip(*parts))
