@@ -31,7 +31,7 @@ Usage::
 
     python benchmarks/collections.py                                  # 96 wells x 4 fields, 0 and 20 ms
     python benchmarks/collections.py --rows 1 --columns 2 --fields 2 --size 64 --latency-ms 0 \
-        --train-images 1 4 --features 4 --val-patches 16                                             # a smoke run
+        --train-images 1 4 --features 4 --val-patches 16 --no-warm-up                                # a smoke run
 """
 
 from __future__ import annotations
@@ -166,6 +166,8 @@ def main() -> None:
                     help="images to train on, one start-up measurement each (default 1 24 384; none: skip)")
     ap.add_argument("--features", type=int, default=32, help="network features for training (default 32)")
     ap.add_argument("--val-patches", type=int, default=256, help="validation patches (default 256)")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="skip the discarded warm-up run (the first figure then includes the imports)")
     ap.add_argument("--train-target-s", type=float, default=30.0,
                     help="training start-up target in seconds (default 30)")
     args = ap.parse_args()
@@ -199,9 +201,9 @@ def main() -> None:
         names = field_names(args.rows, args.columns, args.fields)
         runs = []
         with tempfile.TemporaryDirectory() as workdir:
-            # a first run pays the process's one-off costs (imports, the first convolutions): not measured
-            training(vs.add_plate("warm-up", 1, 1, 1, (64, 64), (32, 32)), ["A/1/0"], 1, os.path.join(workdir, "warm-up"),
-                     args.features, 16)
+            if args.warm_up:  # a first run pays the process's one-off costs (imports, the first convolutions)
+                training(vs.add_plate("warm-up", 1, 1, 1, (64, 64), (32, 32)), ["A/1/0"], 1, os.path.join(workdir, "warm-up"),
+                         args.features, 16)
             for n in args.train_images:
                 url = vs.add_plate(f"train-{n}", args.rows, args.columns, args.fields, (args.size, args.size),
                                    (args.chunk, args.chunk))

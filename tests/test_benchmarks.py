@@ -97,7 +97,7 @@ def test_scale_smoke():
 def test_collections_smoke():
     proc, rows = run_benchmark("collections.py", "--rows", "1", "--columns", "2", "--fields", "2", "--size", "64",
                                "--chunk", "32", "--latency-ms", "0", "--threads", "4", "--train-images", "1", "4",
-                               "--features", "4", "--val-patches", "16")
+                               "--features", "4", "--val-patches", "16", "--no-warm-up")
     assert proc.returncode == 0, proc.stderr[-2000:]
     setup, planning, one, four, ratio = rows
     assert (one["measure"], one["images"], four["images"]) == ("training", 1, 4)
