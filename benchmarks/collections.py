@@ -14,12 +14,24 @@ one JSON line per measurement:
   read and listings made (both must be 0: planning reads metadata only);
   ``met``: under the target (``--target-s``, 10 s).
 
-Later layers add training start-up and per-block prediction overhead here.
+* ``training``: per number of images (``--train-images``: the first N fields
+  of the plate, picked with ``--select``; all of them without), seconds from
+  calling :func:`~n2v_chunked.fit` to its first training step (target
+  ``--train-target-s``, 30 s, flat in the number of images), split into the
+  listing, the statistics and the sampler with its validation patches (until
+  the training loop starts) and the loop's start (network, initial
+  validation, first checkpoint); images opened and chunks read before the
+  first step, and peak RSS (after a discarded warm-up run on a tiny plate,
+  which pays the process's imports and first convolutions);
+* ``training_ratio``: start-up at the most images over the fewest.
+
+Per-block prediction overhead comes with prediction on collections.
 
 Usage::
 
     python benchmarks/collections.py                                  # 96 wells x 4 fields, 0 and 20 ms
-    python benchmarks/collections.py --rows 2 --columns 3 --fields 2 --latency-ms 0   # a smoke run
+    python benchmarks/collections.py --rows 1 --columns 2 --fields 2 --size 64 --latency-ms 0 \
+        --train-images 1 4 --features 4 --val-patches 16 --no-warm-up                                # a smoke run
 """
 
 from __future__ import annotations
@@ -74,6 +86,70 @@ def planning(url: str, threads: int) -> dict[str, Any]:
             "listings": vs.COUNTS.listings, "bytes_listed": coll.nbytes}
 
 
+def training(url: str, images: list[str], total: int, model_dir: str, features: int, val_patches: int) -> dict[str, Any]:
+    """``fit`` on the first ``len(images)`` fields of the plate at ``url``, stopped at its first step."""
+    import resource
+
+    import virtual_store as vs
+
+    import n2v_chunked
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
+    from n2v_chunked.sampling import collection as sampling_collection
+    from n2v_chunked.training import fit as fit_module, loop
+
+    marks: dict[str, float] = {}
+    opened = [0]
+
+    class FirstStep(Exception):
+        pass
+
+    def mark(name: str, fn: Any) -> Any:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            if name == "first_step":
+                marks[name] = time.perf_counter()
+                raise FirstStep
+            out = fn(*a, **k)
+            marks.setdefault(name, time.perf_counter())
+            return out
+        return wrapped
+
+    def counted(*a: Any, **k: Any) -> Any:
+        opened[0] += 1
+        return real_open(*a, **k)
+
+    real_open, real_list, real_train = (sampling_collection.open_image, fit_module.open_collection,
+                                        fit_module.train)
+    sampling_collection.open_image = counted
+    fit_module.open_collection = mark("listed", real_list)
+    fit_module.train = lambda *a, **k: (marks.setdefault("sampler", time.perf_counter()), real_train(*a, **k))[1]
+    real_step = loop.Trainer.step
+    loop.Trainer.step = mark("first_step", real_step)
+    vs.COUNTS.reset()
+    select = None if len(images) == total else ",".join(images)
+    t0 = time.perf_counter()
+    try:
+        n2v_chunked.fit(url, model_dir, select=select,
+                        model_cfg=ModelConfig(features=features),
+                        train_cfg=TrainConfig(steps=1, val_patches=val_patches), progress=False)
+    except FirstStep:
+        pass
+    finally:
+        sampling_collection.open_image, fit_module.open_collection, fit_module.train = real_open, real_list, real_train
+        loop.Trainer.step = real_step
+    first = marks["first_step"] - t0
+    return {"images": len(images), "startup_s": round(first, 3), "listing_s": round(marks["listed"] - t0, 3),
+            "sampler_s": round(marks["sampler"] - marks["listed"], 3),
+            "loop_start_s": round(marks["first_step"] - marks["sampler"], 3), "images_opened": opened[0],
+            "chunk_reads": vs.COUNTS.chunk_reads, "listings": vs.COUNTS.listings,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def field_names(rows: int, columns: int, fields: int) -> list[str]:
+    """The plate's images in its order (``A/1/0``, ``A/1/1``, ...)."""
+    return [f"{r}/{c + 1}/{f}" for r in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:rows] for c in range(columns)
+            for f in range(fields)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=8, help="plate rows (default 8)")
@@ -86,11 +162,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+",
                     help="metadata reads in flight, one run each (default: the library's, METADATA_THREADS)")
     ap.add_argument("--target-s", type=float, default=10.0, help="planning target in seconds (default 10)")
+    ap.add_argument("--train-images", type=int, nargs="*", default=[1, 24, 384],
+                    help="images to train on, one start-up measurement each (default 1 24 384; none: skip)")
+    ap.add_argument("--features", type=int, default=32, help="network features for training (default 32)")
+    ap.add_argument("--val-patches", type=int, default=256, help="validation patches (default 256)")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="skip the discarded warm-up run (the first figure then includes the imports)")
+    ap.add_argument("--train-target-s", type=float, default=30.0,
+                    help="training start-up target in seconds (default 30)")
     args = ap.parse_args()
     if not (1 <= args.rows <= 26 and args.columns >= 1 and args.fields >= 1 and args.size >= 1 and args.chunk >= 1):
         raise SystemExit("collections: rows must be 1-26 and columns, fields, size, chunk positive")
     if any(ms < 0 for ms in args.latency_ms) or any(t < 1 for t in args.threads or []):
         raise SystemExit("collections: latencies must be >= 0 and thread counts >= 1")
+    if any(not 1 <= n <= args.rows * args.columns * args.fields for n in args.train_images):
+        raise SystemExit("collections: --train-images must be between 1 and the plate's images")
     import virtual_store as vs
 
     from n2v_chunked.io.collections import METADATA_THREADS
@@ -108,6 +194,28 @@ def main() -> None:
             rec = planning(url, threads)
             emit(measure="planning", latency_ms=latency, threads=threads, target_s=args.target_s,
                  met=rec["seconds"] < args.target_s and rec["chunk_reads"] == 0 and rec["images"] == images, **rec)
+    if args.train_images:
+        import tempfile
+
+        vs.LATENCY_S = 0.0
+        names = field_names(args.rows, args.columns, args.fields)
+        runs = []
+        with tempfile.TemporaryDirectory() as workdir:
+            if args.warm_up:  # a first run pays the process's one-off costs (imports, the first convolutions)
+                training(vs.add_plate("warm-up", 1, 1, 1, (64, 64), (32, 32)), ["A/1/0"], 1, os.path.join(workdir, "warm-up"),
+                         args.features, 16)
+            for n in args.train_images:
+                url = vs.add_plate(f"train-{n}", args.rows, args.columns, args.fields, (args.size, args.size),
+                                   (args.chunk, args.chunk))
+                rec = training(url, names[:n], images, os.path.join(workdir, f"model-{n}"), args.features,
+                               args.val_patches)
+                runs.append(rec)
+                emit(measure="training", target_s=args.train_target_s, met=rec["startup_s"] < args.train_target_s,
+                     **rec)
+        few, most = runs[0], runs[-1]
+        emit(measure="training_ratio", images=[few["images"], most["images"]],
+             startup=round(most["startup_s"] / few["startup_s"], 2),
+             images_opened=[few["images_opened"], most["images_opened"]])
 
 
 if __name__ == "__main__":

@@ -96,9 +96,14 @@ def test_scale_smoke():
 
 def test_collections_smoke():
     proc, rows = run_benchmark("collections.py", "--rows", "1", "--columns", "2", "--fields", "2", "--size", "64",
-                               "--chunk", "32", "--latency-ms", "0", "--threads", "4")
+                               "--chunk", "32", "--latency-ms", "0", "--threads", "4", "--train-images", "1", "4",
+                               "--features", "4", "--val-patches", "16", "--no-warm-up")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    setup, planning = rows
+    setup, planning, one, four, ratio = rows
+    assert (one["measure"], one["images"], four["images"]) == ("training", 1, 4)
+    assert one["met"] and four["met"] and 0 < one["startup_s"] and one["listings"] == 0
+    assert (one["images_opened"], four["images_opened"]) == (1, 4)  # each image opened once, by the sampler
+    assert ratio["measure"] == "training_ratio" and ratio["images"] == [1, 4]
     assert setup["images"] == 4 and "cpu" in setup
     assert (planning["images"], planning["wells"], planning["chunk_reads"], planning["listings"]) == (4, 2, 0, 0)
     assert planning["met"] is True and planning["metadata_reads"] > 4 and planning["threads"] == 4

@@ -290,7 +290,7 @@ def test_other_commands_refuse_a_collection_in_one_line(data, name, what, capsys
     if not model.exists():
         make_model_dir(model, features=4)
     out = data["tmp"] / f"out-{name}.zarr"
-    for argv in (["convert", str(source), str(out)], ["train", str(source), "--model-dir", str(data["tmp"] / "m")],
+    for argv in (["convert", str(source), str(out)],  # train takes collections (test_collection_train.py)
                  ["predict", str(source), str(out), "--model-dir", str(model), "--no-progress"]):
         msg = one_error(capsys, main(argv))
         assert what in msg and "`n2v-chunked info` lists its images" in msg and "later version" in msg, msg

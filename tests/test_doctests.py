@@ -16,6 +16,8 @@ MODULES = [
     "n2v_chunked.prediction.plan",
     "n2v_chunked.sampling.grid",
     "n2v_chunked.sampling.order",
+    "n2v_chunked.sampling.collection",
+    "n2v_chunked.model.normalization",
     "n2v_chunked.training.validation",
 ]
 

@@ -130,11 +130,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "  n2v-chunked train stack.ome.zarr --model-dir models/n2v --steps 4000\n"
         "  n2v-chunked train movie.tif --axes tyx --model-dir models/movie --minutes 30 --n2v2\n"
         "  n2v-chunked train stack.ome.zarr --model-dir models/n2v --resume --steps 8000\n"
+        "  n2v-chunked train screen.ome.zarr --select 'B*' --model-dir models/screen   # one model, a plate's wells\n"
         "  torchrun --nproc_per_node=4 -m n2v_chunked.cli train big.ome.zarr --model-dir models/big",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="OME-Zarr, Zarr, TIFF file/folder/glob, or fsspec URL")
+    p.add_argument("input", help="OME-Zarr, Zarr, TIFF file/folder/glob, or fsspec URL; or a collection (HCS "
+                   "plate, bioformats2raw container, folder or glob of images): one model for all its images")
     p.add_argument("--model-dir", required=True, help="directory for the model and its checkpoints")
+    p.add_argument("--select", metavar="PATTERNS",
+                   help="images of a collection to train on, comma-separated globs: wells (B3,C*), fields (B3/0, */1), "
+                   "series (0,2-5) or file names (see `n2v-chunked info`)")
     p.add_argument("--axes", help=AXES_HELP)
     p.add_argument("--level", type=int, default=0, help="resolution level of a multiscale OME-Zarr (default 0)")
     p.add_argument("--dims", type=int, choices=[2, 3], help="model dimensionality (default: 3 if the data has z)")
@@ -195,6 +200,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="fraction of blocks held out (default 0.1; fixed when training starts)")
     g.add_argument("--buffer-mb", type=float, default=256, help="decoded-block buffer per stream in MiB (default 256)")
     g.add_argument("--min-std", type=float, help="foreground filter: skip patches with a lower std (input units)")
+    g.add_argument("--val-by", choices=["block", "image"],
+                   help="collections: hold out --val-fraction of the blocks of every image, or of the images "
+                   "(default block; fixed when training starts)")
+    g.add_argument("--normalize-per", choices=["image", "collection"],
+                   help="collections: each image normalised by its own statistics, or all by the collection's "
+                   "(default image, measured better; predict such a model with --normalize data; fixed when "
+                   "training starts)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard events to MODEL_DIR/tensorboard (pip install 'n2v-chunked[tensorboard]'); "
@@ -242,7 +254,8 @@ def _run_train(args: argparse.Namespace) -> int:
               val_fraction=args.val_fraction if "val_fraction" in args.given or not args.resume else None,
               buffer_bytes=int(args.buffer_mb * 2**20),
               min_std=args.min_std, progress=not args.no_progress, init_from=args.init_from,
-              tensorboard=args.tensorboard, allow_unvalidated=args.allow_unvalidated)
+              tensorboard=args.tensorboard, allow_unvalidated=args.allow_unvalidated, select=args.select,
+              normalize_per=args.normalize_per, val_by=args.val_by)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary from rank 0
         print(f"trained {res.step} steps in {res.seconds:.0f} s ({res.patches_per_second:.0f} patches/s); "
               f"best validation loss {res.best_val_loss:.4f}; model in {res.model_dir}")

@@ -91,6 +91,9 @@ class ImageEntry:
         Series index (containers only): ``--select 0-3`` picks by range.
     ngff_version : str or None
         The image's NGFF version (OME-Zarr images only).
+    chunks : tuple of tuple of int
+        Chunk sizes along each axis (dask style), as read: the training
+        sampler plans its blocks from them without opening the image again.
     """
 
     name: str
@@ -104,6 +107,7 @@ class ImageEntry:
     keys: tuple[str, ...] = ()
     index: int | None = None
     ngff_version: str | None = None
+    chunks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def channels(self) -> int:
@@ -291,7 +295,8 @@ def open_collection(
         arr, si = open_image_info(item.path, axes, level, storage_options=options)
         return ImageEntry(item.name, item.path, tuple(int(n) for n in arr.shape), "".join(arr.dims),
                           si.dtype or str(arr.dtype), arr.attrs["format"], item.label,
-                          dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"])
+                          dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"],
+                          tuple(tuple(int(c) for c in cs) for cs in arr.data.chunks))
 
     images = tuple(map_concurrently(entry, items, threads))
     if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only

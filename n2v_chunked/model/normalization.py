@@ -269,6 +269,38 @@ def channel_stats(
     return stats_dask(data, c_axis, max_bytes=max_bytes, max_regions=max_regions, seed=seed, where=where)
 
 
+def pooled_stats(weights: Sequence[float], means: Sequence[np.ndarray],
+                 stds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of a mixture of parts (images), each given by its own mean and std.
+
+    The variance is the weighted mean of the parts' variances plus the
+    variance of their means (the law of total variance).
+
+    Parameters
+    ----------
+    weights : sequence of float
+        Share of each part (e.g. the regions sampled from it).
+    means, stds : sequence of ndarray
+        Each part's per-channel statistics, ``(C,)``.
+
+    Returns
+    -------
+    mean, std : ndarray
+        float64, shape ``(C,)``.
+
+    Examples
+    --------
+    >>> m, s = pooled_stats([1, 1], [np.array([0.0]), np.array([2.0])], [np.array([1.0]), np.array([1.0])])
+    >>> m.tolist(), s.round(4).tolist()
+    ([1.0], [1.4142])
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    m, s = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+    mean = w @ m
+    return mean, np.sqrt(w @ (s**2 + (m - mean) ** 2))
+
+
 def noise_std(patches: np.ndarray) -> np.ndarray:
     """Per-channel standard deviation of the noise, estimated from noisy patches.
 

@@ -32,12 +32,13 @@ from .grid import (
     TAG_BLOCK,
     TAG_SLOT,
     TAG_VALDRAW,
+    BlockGrid,
     Box,
     make_block_grid,
     origin_boxes,
     seeded_rng,
 )
-from .order import Index, Permutation, assign_blocks, split_validation
+from .order import BlockSplit, Index, Permutation, assign_blocks, split_validation
 from .stream import BLOCK_TRIES, Entry, Foreground, Loaded, PatchStream, StreamSpec, ahead
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
@@ -148,15 +149,22 @@ class ZarrPatchDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self._source, self.dims = open_source(data, dims, chunks)
-        self._set_patch(patch_shape, spatial_dims)
+        self._set_patch(patch_shape, spatial_dims, self._source.shape)
         self._set_grid(min_block_bytes, with_mask=mask is not None)
+        self.mask = None if mask is None else open_mask(mask, self.grid.shape, self.grid.dims)
+        self._set_rest(straddle, buffer_bytes, val_fraction, reuse, io_threads, min_std, min_foreground,
+                       max_bad_chunks, rank, world_size, epochs, seed)
+
+    def _set_rest(self, straddle: bool, buffer_bytes: int, val_fraction: float, reuse: float, io_threads: int,
+                  min_std: float | None, min_foreground: float, max_bad_chunks: int, rank: int | None,
+                  world_size: int | None, epochs: int | None, seed: int) -> None:
+        """The settings every sampler shares, once its grid is set; then the split and pass 0."""
         self.straddle = bool(straddle)
         self._set_buffer(buffer_bytes)
         self.val_fraction = float(val_fraction)
         self.reuse = float(reuse)
         self.io_threads = max(0, int(io_threads))
         self.min_std = None if min_std is None else float(min_std)
-        self.mask = None if mask is None else open_mask(mask, self.grid.shape, self.grid.dims)
         self.min_foreground = float(min_foreground)
         self.max_bad_chunks = int(max_bad_chunks)
         self.rank, self.world_size = rank, world_size
@@ -167,7 +175,8 @@ class ZarrPatchDataset(IterableDataset):
 
     # -- set-up steps ------------------------------------------------------------
 
-    def _set_patch(self, patch_shape: Sequence[int] | None, spatial_dims: Sequence[str] | None) -> None:
+    def _set_patch(self, patch_shape: Sequence[int] | None, spatial_dims: Sequence[str] | None,
+                   shape: Sequence[int]) -> None:
         """Check and set ``spatial_dims``, ``patch_shape``, the channel axis and ``n_channels``."""
         dims = self.dims
         if spatial_dims is None:
@@ -187,18 +196,24 @@ class ZarrPatchDataset(IterableDataset):
             raise ConfigError(f"patch_shape {patch_shape} must give a positive size for each of {spatial_dims}")
         self.spatial_dims, self.patch_shape = spatial_dims, patch_shape
         self._c_axis = dims.index("c") if "c" in dims else None
-        self.n_channels = self._source.shape[self._c_axis] if self._c_axis is not None else 1
+        self.n_channels = int(shape[self._c_axis]) if self._c_axis is not None else 1
 
     def _set_grid(self, min_block_bytes: int, with_mask: bool) -> None:
         """Group the source's chunks into blocks over the grid dims (all but ``c``)."""
-        src, dims = self._source, self.dims
+        src = self._source
+        self._voxel_bytes = src.dtype.itemsize * self.n_channels + (1 if with_mask else 0)
+        self.grid = self._block_grid(src.shape, src.chunks, self._voxel_bytes, min_block_bytes)
+
+    def _block_grid(self, shape: Sequence[int], chunks: Sequence[Sequence[int]], voxel_bytes: int,
+                    min_block_bytes: int) -> BlockGrid:
+        """The block grid of an array of ``shape`` and ``chunks`` over all dims (sets the grid axes)."""
+        dims = self.dims
         self._grid_axes = [i for i, d in enumerate(dims) if d != "c"]
         gdims = tuple(dims[i] for i in self._grid_axes)
         patch_all = tuple(self.patch_shape[self.spatial_dims.index(d)] if d in self.spatial_dims else 1 for d in gdims)
-        self._voxel_bytes = src.dtype.itemsize * self.n_channels + (1 if with_mask else 0)
-        self.grid = make_block_grid(
-            [src.shape[i] for i in self._grid_axes], [src.chunks[i] for i in self._grid_axes], gdims, patch_all,
-            voxel_bytes=self._voxel_bytes, min_block_bytes=min_block_bytes,
+        return make_block_grid(
+            [shape[i] for i in self._grid_axes], [chunks[i] for i in self._grid_axes], gdims, patch_all,
+            voxel_bytes=voxel_bytes, min_block_bytes=min_block_bytes,
             spatial=[d in self.spatial_dims for d in gdims],
         )
 
@@ -213,11 +228,16 @@ class ZarrPatchDataset(IterableDataset):
             )
         self.buffer_bytes = int(buffer_bytes)
 
+    @property
+    def name(self) -> str:
+        """The source, for messages."""
+        return self._source.name
+
     # -- blocks, schedule, state ---------------------------------------------
 
     def _set_seed(self, seed: int) -> None:
         self.seed = seed
-        self.split = split_validation(self.grid, self.val_fraction, seed)
+        self.split = self._make_split(seed)
         self.train_blocks, self.val_blocks = self.split.train, self.split.val
         # A block's quota depends on its shape only: one per stratum, and sums over strata.
         patch = math.prod(self.grid.patch)
@@ -225,6 +245,10 @@ class ZarrPatchDataset(IterableDataset):
                                         for own in self.grid.strata.own(self.straddle)], dtype=np.int64)
         self._pass_quota = int(self._stratum_quota @ self.split.train_per_stratum)
         self._val_cache.clear()
+
+    def _make_split(self, seed: int) -> BlockSplit:
+        """The validation hold-out: ``val_fraction`` of the blocks, stratified by shape."""
+        return split_validation(self.grid, self.val_fraction, seed)
 
     def block_quota(self, block: Index) -> Index:
         """Patches block(s) ``block`` serve per load: ``max(1, round(reuse * owned origins / patch voxels))``."""
@@ -342,24 +366,34 @@ class ZarrPatchDataset(IterableDataset):
 
     def _load(self, epoch: int, block: int, stream: int, known_bad: frozenset, validation: bool = False) -> Loaded:
         """Read one block window and prepare its patch origins (runs in a reader thread)."""
-        grid = self.grid
+        return self._load_from(self._source, self.grid, 0, block, epoch, stream, known_bad, validation)
+
+    def _load_from(self, source: Any, grid: Any, offset: int, local: int, epoch: int, stream: int,
+                   known_bad: frozenset, validation: bool, scale: tuple[np.ndarray, np.ndarray] | None = None,
+                   ) -> Loaded:
+        """Read block ``local`` of ``grid`` over ``source`` (block ``offset + local`` of this dataset).
+
+        ``scale``: per-channel ``(a, b)``; the window becomes ``a * x + b``
+        in float32 (a collection normalised per image).
+        """
+        block = offset + local
         straddle = self.straddle and not validation
-        window = grid.window(block, straddle)
-        own = grid.origin_box(block, straddle)
+        window = grid.window(local, straddle)
+        own = grid.origin_box(local, straddle)
         mask_win = None
         if self.mask is not None:
             mask_win = read_mask(self.mask, window, grid.shape)
             core = tuple(slice(lo - w0, hi - w0 + p - 1) for (lo, hi), (w0, _), p in zip(own, window, grid.patch))
             if not mask_win[core].any():
                 return Loaded(None, {}, background=True, block=block)
-        data, bad = read_window(self._source, self._region(window), known_bad)
+        data, bad = read_window(source, self._region(window), known_bad)
         # Forbidden footprint regions: other validation blocks (for training), bad chunks.
         forbidden: list[Box] = []
         for other in grid.blocks_overlapping(window):
-            if other != block and (validation or self.split.is_val(other)):
+            if other != local and (validation or self.split.is_val(offset + other)):
                 forbidden.append(grid.bounds(other))
         for chunk in set(bad) | known_bad:
-            ext = chunk_slices(self._source, chunk)
+            ext = chunk_slices(source, chunk)
             forbidden.append(tuple((ext[ax].start, ext[ax].stop) for ax in self._grid_axes))
         boxes = origin_boxes(own, forbidden, grid.patch)
         if not boxes:
@@ -368,14 +402,17 @@ class ZarrPatchDataset(IterableDataset):
             data = np.moveaxis(data, self._c_axis, 0)
         else:
             data = data[None]
-        local = [tuple((lo - w0, hi - w0) for (lo, hi), (w0, _) in zip(box, window)) for box in boxes]
+        if scale is not None:
+            shape = (-1,) + (1,) * (data.ndim - 1)
+            data = data.astype(np.float32) * scale[0].reshape(shape) + scale[1].reshape(shape)
+        local_boxes = [tuple((lo - w0, hi - w0) for (lo, hi), (w0, _) in zip(box, window)) for box in boxes]
         view = np.lib.stride_tricks.sliding_window_view(data, (self.n_channels, *grid.patch))
         mask_view = None
         if mask_win is not None:
             mask_view = np.lib.stride_tricks.sliding_window_view(mask_win, grid.patch)
         rng = seeded_rng(self.seed, TAG_VALDRAW if validation else TAG_BLOCK, epoch, block, stream)
         nbytes = data.nbytes + (mask_win.nbytes if mask_win is not None else 0)
-        return Loaded(Entry(block, view, mask_view, local, rng, self.block_quota(block), nbytes), bad)
+        return Loaded(Entry(block, view, mask_view, local_boxes, rng, self.block_quota(block), nbytes), bad)
 
     # -- iteration ------------------------------------------------------------
 
@@ -384,7 +421,7 @@ class ZarrPatchDataset(IterableDataset):
         if stream is None or n_streams is None:
             stream, n_streams = self._streams()
         spec = StreamSpec(
-            name=self._source.name,
+            name=self.name,
             schedule=self._schedule(stream, n_streams),
             # re-seeded from the start position: a resumed stream skips without replaying
             rng=seeded_rng(self.seed, TAG_SLOT, stream, n_streams, *self._start_position(stream, n_streams)),
@@ -441,7 +478,7 @@ class ZarrPatchDataset(IterableDataset):
         order = [self.val_blocks[shuffle(k)] for k in range(min(len(self.val_blocks), n, 64))]
         out = np.empty((n, self.n_channels, *self.patch_shape), dtype=np.float32)
         flat = out.reshape(n, self.n_channels, *self.grid.patch)
-        bad = BadChunks(self._source.name, self.max_bad_chunks)
+        bad = BadChunks(self.name, self.max_bad_chunks)
         foreground = self._foreground()
         got, tries = 0, 0
         for k, block in enumerate(order):
@@ -467,7 +504,7 @@ class ZarrPatchDataset(IterableDataset):
             why = (f"every one holds bad chunks{bad.summary()}" if bad.reasons
                    else "the held-out data looks all-background")
             raise UnreadableDataError(f"no validation patch found in the {len(order)} validation block(s) of "
-                           f"{self._source.name} after {tries} tries: {why}")
+                           f"{self.name} after {tries} tries: {why}")
         if got < n:  # filters left some blocks short: repeat the accepted patches
             flat[got:] = flat[np.arange(n - got) % got]
         self._val_cache[n] = out

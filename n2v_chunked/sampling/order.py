@@ -198,7 +198,7 @@ class BlockSplit:
 
     Stratum ``k`` (``c_k`` blocks) holds out ``v_k`` of them: the blocks at
     the first ``v_k`` positions of a seeded :class:`Permutation` of its
-    ranks.  The ``v_k`` add up to ``n_val`` and each is ``n_val * c_k /
+    ranks (or, given ``held_strata``, all of the strata marked held out).  The ``v_k`` add up to ``n_val`` and each is ``n_val * c_k /
     n_blocks`` rounded up or down (systematic rounding with a seeded offset,
     so every block is held out with the same probability).  Knowing each
     stratum's count, totals over the training blocks (patches per pass) are
@@ -215,22 +215,26 @@ class BlockSplit:
         The training and held-out block ids (lazy sequences).
     """
 
-    def __init__(self, strata: Strata, fraction: float, seed: int) -> None:
+    def __init__(self, strata: Strata, fraction: float, seed: int, held_strata: np.ndarray | None = None) -> None:
         if not 0.0 <= fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {fraction}")
         n = strata.n_blocks
-        n_val = 0 if fraction == 0 else max(1, int(round(fraction * n)))
+        sizes = strata.sizes.tolist()
+        if held_strata is not None:  # whole strata held out (a collection's split by image)
+            val_cum = [0, *itertools.accumulate(s if held else 0 for s, held in zip(sizes, held_strata))]
+            n_val = val_cum[-1]
+        else:
+            n_val = 0 if fraction == 0 else max(1, int(round(fraction * n)))
+            offset = int(seeded_rng(seed, TAG_VAL).integers(n))
+            # Python ints: n_val * blocks before can pass 2**63 on a huge volume.
+            cum = [0, *itertools.accumulate(sizes)]
+            val_cum = [(n_val * c + offset) // n for c in cum]
         if n - n_val < 1:
             raise ConfigError(
                 f"cannot hold out validation data: the array has only {n} block(s); "
                 "use val_fraction=0 or smaller chunks"
             )
         self.strata, self.seed, self.n_blocks, self.n_val = strata, int(seed), n, n_val
-        sizes = strata.sizes.tolist()
-        offset = int(seeded_rng(seed, TAG_VAL).integers(n))
-        # Python ints: n_val * blocks before can pass 2**63 on a huge volume.
-        cum = [0, *itertools.accumulate(sizes)]
-        val_cum = [(n_val * c + offset) // n for c in cum]
         self.val_per_stratum = np.diff(val_cum).astype(np.int64)
         self.train_per_stratum = strata.sizes - self.val_per_stratum
         self._val_cum = np.array(val_cum, dtype=np.int64)
