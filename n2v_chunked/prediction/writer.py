@@ -71,6 +71,11 @@ def remove_markers(path: str) -> None:
     objects.remove_tree(marker_dir(path))
 
 
+def has_output(path: str) -> bool:
+    """Whether anything is stored at ``path`` (a run killed before its metadata leaves nothing, or an empty folder)."""
+    return bool(objects.listdir(path, 1)) or objects.is_file(path)
+
+
 def has_level0(path: str) -> bool:
     """Whether level 0 of the output exists (a kill may have come before it)."""
     try:
