@@ -296,19 +296,29 @@ def open_collection(
         patterns = parse_selection(select)
         items = _pick(items, patterns, str(source))
 
-    def entry(item: _Item) -> ImageEntry:
-        arr, si = open_image_info(item.path, axes, level, storage_options=options)
+    complete = _written_complete(s, kind, attrs, options)
+
+    def entry(item: _Item) -> ImageEntry | None:
+        try:
+            arr, si = open_image_info(item.path, axes, level, storage_options=options)
+        except (InputNotFoundError, UnreadableDataError):
+            if complete is False:  # a half-written output of predict: images not begun yet are left out
+                return None
+            raise
         return ImageEntry(item.name, item.path, tuple(int(n) for n in arr.shape), "".join(arr.dims),
                           si.dtype or str(arr.dtype), arr.attrs["format"], item.label,
                           dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"])
 
-    images = tuple(map_concurrently(entry, items, threads))
+    found = map_concurrently(entry, items, threads)
+    images = tuple(im for im in found if im is not None)
+    if complete is False:
+        missing = f" ({len(found) - len(images)} of its {len(found)} images not written yet)" if None in found else ""
+        log.warning("%s is marked incomplete: it is an unfinished or failed n2v-chunked output%s", source, missing)
+    if not images:
+        raise UnreadableDataError(f"{source} holds no images")
     if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only
         meta["ngff_version"] = images[0].ngff_version
     selection = ",".join(patterns) if patterns else None
-    complete = _written_complete(s, kind, attrs, options)
-    if complete is False:
-        log.warning("%s is marked incomplete: it is an unfinished or failed n2v-chunked output", source)
     return Collection(str(source), kind, images, level=level, total=total, selection=selection, complete=complete,
                       **meta)
 

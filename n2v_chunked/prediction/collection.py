@@ -266,6 +266,8 @@ def _ngff(key: str, value: Any, version: str) -> dict[str, Any]:
     """Group attributes holding NGFF metadata ``key`` (``plate``, ``well``, ...) in ``version``'s place."""
     if version == "0.4":
         return {key: {**value, "version": "0.4"} if isinstance(value, dict) else value}
+    if key == "plate":  # as ome-zarr-py writes it (ome-zarr-models warns without)
+        value = {**value, "version": "0.5"}
     return {"ome": {"version": "0.5", key: value}}
 
 

@@ -222,7 +222,7 @@ def predict(
     opts = PredictOptions.of(options, **kwargs)
     if model_dir is None:
         raise ConfigError("predict needs a model (--model)")
-    if _is_collection(source, opts):  # a plate, container or folder: the same layout out
+    if is_collection(source, opts):  # a plate, container or folder: the same layout out
         if output is None:
             raise ConfigError(f"{source} is a collection of images: give an output to predict it into (a plate "
                               "gives a plate, a container a container, a folder a folder)")
@@ -247,7 +247,7 @@ def predict(
     return _write(location(output), data, p, trained, src, opts, kw, norm_record, remote)
 
 
-def _is_collection(source: Any, opts: PredictOptions) -> bool:
+def is_collection(source: Any, opts: PredictOptions) -> bool:
     """Whether ``source`` is a collection of images (a plate, a container of several series, a folder of mixed images).
 
     A folder of TIFFs of one shape, and a container of one series, are one image, as for every command.
