@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -185,7 +186,29 @@ def test_a_folder_of_mixed_tiff_and_ome_zarr_gives_a_folder_through_the_command_
     assert open_collection(out).complete  # a folder is listed without its subfolders; a glob with ** finds them
     assert [im.name for im in open_collection(f"{out}/**").images] == ["a.ome.zarr", "c.ome.zarr", "day1/b.ome.zarr"]
     assert main(argv) == 2 and "exists" in capsys.readouterr().err  # a second run neither overwrites nor resumes
+    assert main(argv + ["--overwrite", "--preview"]) == 2 and "--preview shows one image" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0  # our folder may be replaced
+
+
+def test_the_next_image_starts_before_the_last_blocks_of_the_one_before_finish(model, tmp_path, monkeypatch):
+    """No barrier between images: with 2 threads, image 2's first block is written before image 1's last."""
+    from n2v_chunked.cluster import scheduling
+
+    monkeypatch.setattr(scheduling, "usable_cpus", lambda: 2)
+    plate = write_plate(tmp_path / "plate.zarr", "0.5")
+    real, writes = run.write_task, []
+
+    def slow_write(block, block_info=None, *, path, **kwargs):
+        res = real(block, block_info=block_info, path=path, **kwargs)  # dask's meta inference fails here: not counted
+        time.sleep(0.3)  # blocks that take a while, as real ones do (longer than an image takes to begin)
+        writes.append(path.rsplit("/", 3)[-3:])
+        return res
+
+    monkeypatch.setattr(run, "write_task", slow_write)
+    P.predict(str(plate), str(tmp_path / "out.zarr"), model, scheduler="threads", **KW)
+    order = ["/".join(w) for w in writes]
+    assert len(order) == 12 and sorted(set(order)) == NAMES
+    assert order.index("B/3/1") < len(order) - 1 - order[::-1].index("B/3/0"), order
 
 
 # ----------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from .writer import has_output
 log = logging.getLogger(__name__)
 
 IMAGES_IN_FLIGHT = 32  # images written at once, at most (a thread each, feeding its batches)
-BUSY = 2  # start another image while the running ones have fewer blocks left than BUSY x the scheduler's threads
+BUSY = 4  # start another image while the running ones have fewer blocks left than BUSY x the scheduler's threads
 _SUFFIX = re.compile(r"(\.ome)?(\.[A-Za-z0-9]+)?$")  # an image file's or store's suffix: a.ome.tif, b.zarr, c.png
 _OPTIONS = ("boundary", "tta", "blend", "dtype", "level", "normalize", "ngff_version")  # compared on resume
 

@@ -44,7 +44,7 @@ from ..cluster import preemption
 from ..cluster.common import check_not_spawn_reimport
 from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
 from ..model import checkpoint as ckpt
-from ..errors import CollectionError, ConfigError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
+from ..errors import CollectionError, ConfigError, InputNotFoundError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
 from ..engine.inference import blend_tensor
 from ..model.intensity import choose_normalization
 from ..io import objects
@@ -254,7 +254,10 @@ def is_collection(source: Any, opts: PredictOptions) -> bool:
     """
     if not isinstance(source, (str, os.PathLike)):
         return False
-    kind = collection_kind(str(source))
+    try:
+        kind = collection_kind(str(source))
+    except InputNotFoundError:  # said where one image is opened, after the model's checks, as ever
+        return False
     if kind in ("plate", "well"):
         return True
     if kind is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +25,9 @@ from ..io import objects
 from ..io.stores import is_url, location, summary, with_retries
 
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
+# zarr warns of the marker folder when it lists a group's members (the pyramid does); catch_warnings there is
+# not thread-safe, and the images of a collection are written by several threads at once
+warnings.filterwarnings("ignore", message=f"Object at {MARKER_DIR} is not recognized", category=UserWarning)
 DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): io/durable.py
 
 _OUTPUTS: dict[str, tuple[str, Any]] = {}
