@@ -211,6 +211,15 @@ def test_the_next_image_starts_before_the_last_blocks_of_the_one_before_finish(m
     assert order.index("B/3/1") < len(order) - 1 - order[::-1].index("B/3/0"), order
 
 
+def test_a_distributed_cluster_writes_the_same_plate(model, tmp_path, local_cluster):
+    plate = write_plate(tmp_path / "plate.zarr", "0.5")
+    ref = P.predict(str(plate), str(tmp_path / "threads.zarr"), model, scheduler="threads", **KW)
+    res = P.predict(str(plate), str(tmp_path / "dist.zarr"), model, scheduler=local_cluster.scheduler_address, **KW)
+    assert list(res.stats) == NAMES and res.blocks_computed == 12 and is_complete(tmp_path / "dist.zarr")
+    for name in NAMES:
+        assert np.array_equal(res.open(name).values, ref.open(name).values)
+
+
 # ----------------------------------------------------------------------------
 # Refusals, failures, resume.
 # ----------------------------------------------------------------------------

@@ -518,7 +518,8 @@ def predict_collection(source: Any, output: str, model_dir: Any, opts: PredictOp
                            "and rerun with --resume to finish them")
         held.check()
         mark_output(output, coll.kind, True)
-    result = PredictedCollection(output, coll.kind, {im.entry.name: im.out for im in images}, stats,
+    result = PredictedCollection(output, coll.kind, {im.entry.name: im.out for im in images},
+                                 {im.entry.name: stats[im.entry.name] for im in images},  # in the collection's order
                                  round(time.perf_counter() - t0, 3))
     log.info("predicted %s: %d image(s), %d block(s) computed, %d skipped", output, len(images),
              result.blocks_computed, result.blocks_skipped)
