@@ -505,8 +505,9 @@ def predict_collection(source: Any, output: str, model_dir: Any, opts: PredictOp
         opts = dataclasses.replace(opts, overwrite=False)  # the root was replaced as a whole
 
         def job(im: CollectionImage) -> Job:  # on a resumed collection, an image not begun yet starts without a word
-            fresh = resumed and not has_output(im.out)
-            return begin(im.out, im.data, im.p, trained, dataclasses.replace(opts, resume=resumed and not fresh),
+            fresh = resumed and not has_output(im.out)  # nothing there, or an empty folder a kill left: replaced
+            return begin(im.out, im.data, im.p, trained,
+                         dataclasses.replace(opts, resume=resumed and not fresh, overwrite=fresh),
                          is_url(im.entry.path), im.name)
 
         for im, j in zip(images, map_concurrently(job, images, METADATA_THREADS)):
