@@ -211,6 +211,7 @@ def test_the_next_image_starts_before_the_last_blocks_of_the_one_before_finish(m
     assert order.index("B/3/1") < len(order) - 1 - order[::-1].index("B/3/0"), order
 
 
+@pytest.mark.slow  # 16 s on 2 busy cores: the workers import torch and load the model
 def test_a_distributed_cluster_writes_the_same_plate(model, tmp_path, local_cluster):
     plate = write_plate(tmp_path / "plate.zarr", "0.5")
     ref = P.predict(str(plate), str(tmp_path / "threads.zarr"), model, scheduler="threads", **KW)
