@@ -1,6 +1,7 @@
 """Predicting a collection (issue 26): a plate into a plate, a container into a container, a folder into a folder.
 
-:func:`~n2v_chunked.prediction.run.predict_collection` (which ``predict`` calls for a collection) lists the collection (:func:`~n2v_chunked.io.collections.open_collection`,
+:func:`~n2v_chunked.prediction.run.predict_collection` (which ``predict`` calls for a
+collection) lists the collection (:func:`~n2v_chunked.io.collections.open_collection`;
 ``select`` picks images), refuses up front, in one line naming them, images
 that disagree in axes or channels or do not fit the model, writes the
 output's layout (plate, well and field metadata; bioformats2raw's layout and
