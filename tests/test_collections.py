@@ -25,7 +25,6 @@ from n2v_chunked.io.collections import (
 from n2v_chunked.io.ome import write_ome_zarr
 from n2v_chunked.io.sources import open_image
 
-from helpers import make_model_dir
 
 ome_writer = pytest.importorskip("ome_zarr.writer", reason="ome-zarr-py is in the test extra")
 from ome_zarr.format import FormatV04, FormatV05  # noqa: E402
@@ -286,12 +285,8 @@ def test_other_commands_refuse_a_collection_in_one_line(data, name, what, capsys
     source = {"well": data["p05"] / "B" / "3", "tiffs": f"{data['folder']}/*.tif"}.get(name) or data[name]
     with pytest.raises(CollectionError, match="later version"):
         open_image(source)  # never its first image
-    model = data["tmp"] / "model"
-    if not model.exists():
-        make_model_dir(model, features=4)
     out = data["tmp"] / f"out-{name}.zarr"
-    for argv in (["convert", str(source), str(out)],  # train takes collections (test_collection_train.py)
-                 ["predict", str(source), str(out), "--model-dir", str(model), "--no-progress"]):
+    for argv in (["convert", str(source), str(out)],):  # train and predict take collections (test_collection_*.py)
         msg = one_error(capsys, main(argv))
         assert what in msg and "`n2v-chunked info` lists its images" in msg and "later version" in msg, msg
     assert not out.exists() and not (data["tmp"] / "m").exists()

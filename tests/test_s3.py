@@ -426,7 +426,8 @@ def test_prediction_from_a_url_reads_ahead(s3_env, files, monkeypatch):
                    progress=False)
     seen = {}
     real = run._run
-    monkeypatch.setattr(run, "_run", lambda x, *a, **k: seen.update(chunks=x.chunksize, **k) or real(x, *a, **k))
+    monkeypatch.setattr(run, "_run", lambda job, *a, **k: seen.update(chunks=job.data.data.chunksize,
+                                                                    read_ahead=job.remote) or real(job, *a, **k))
     run.predict("s3://ahead/in.zarr", "s3://ahead/out.zarr", files["model"], chunks=(1, 32, 32), scheduler="sync",
                 progress=False, pyramid=False)
     assert seen["chunks"] == (1, 32, 32) and seen["read_ahead"] is True  # not the store's 16x16

@@ -401,13 +401,19 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "  n2v-chunked predict noisy.ome.zarr denoised.ome.zarr --model-dir models/n2v\n"
         "  n2v-chunked predict movie.tif out.ome.zarr --model-dir m --axes tyx --chunks 1,512,512\n"
         "  n2v-chunked predict big.ome.zarr out.ome.zarr --model-dir m --resume\n"
+        "  n2v-chunked predict plate.ome.zarr denoised-plate.ome.zarr --model-dir m --select 'B3,C*'\n"
         "  n2v-chunked predict big.ome.zarr out.ome.zarr --model-dir m --scheduler tcp://10.0.0.5:8786\n"
         "  n2v-chunked predict big.ome.zarr out.ome.zarr --model-dir m --scheduler slurm "
         "--jobqueue-config my-jobqueue.yaml --jobs 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="input image path, folder, glob or URL")
-    p.add_argument("output", help="output OME-Zarr path")
+    p.add_argument("input", help="input image path, folder, glob or URL; or a collection: HCS plate, bioformats2raw "
+                   "container, folder or glob of images")
+    p.add_argument("output", help="output OME-Zarr path (for a collection: a plate, container or folder of the same "
+                   "layout)")
+    p.add_argument("--select", metavar="PATTERNS",
+                   help="images of a collection to predict, comma-separated globs: wells (B3,C*), fields (B3/0, */1), "
+                   "series (0,2-5 or a series name), or file names (*.tif)")
     p.add_argument("--model", "--model-dir", dest="model_dir", required=True, metavar="PATH",
                    help="model directory written by training, or a BioImage Model Zoo package (.zip, or a folder "
                    "holding rdf.yaml / bioimageio.yaml)")
@@ -460,8 +466,11 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     """``n2v-chunked predict``: the options object from the command line, then predict and a summary line."""
+    import xarray as xr
+
     from ..io.convert import parse_int_list
     from ..prediction import PredictOptions, predict
+    from ..prediction.run import is_collection
 
     named = {"boundary": "boundary", "precision": "precision", "runtime": "runtime", "ngff_version": "ngff",
              "normalize": "normalize"}
@@ -485,8 +494,15 @@ def _run_predict(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         halo=parse_int_list(args.halo, "--halo", minimum=0),
         allow_unvalidated=args.allow_unvalidated,
+        select=args.select,
     )
+    if args.preview and (args.select is not None or is_collection(args.input, opts)):
+        raise ConfigError("--preview shows one image: drop it for a collection (n2v-chunked info lists its images)")
     out = predict(args.input, args.output, args.model_dir, opts)
+    if not isinstance(out, xr.DataArray):  # a collection, written in its own layout
+        print(f"n2v-chunked: wrote {args.output}: {len(out.images)} images ({out.kind}), {out.blocks_computed} "
+              f"block(s) computed, {out.blocks_skipped} skipped, {out.seconds:.1f} s", flush=True)
+        return 0
     if args.preview:
         from ..io.sources import open_image
         from ..prediction.preview import write_predict_preview

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 
 import dask
 import numpy as np
-from dask.callbacks import Callback
 
 from .client import cluster_client
 
@@ -76,17 +75,17 @@ def run_local(batches: Iterator[list[Any]], done: Callable[[int], None], schedul
               prefix: str = "n2v-write-") -> None:
     """Compute each batch of delayed tasks on a local scheduler.
 
-    ``done(sum of the result)`` is called after each task whose key starts with ``prefix``.
+    ``done(sum of the result)`` is called after each task whose key starts with ``prefix``.  The
+    callback is given to this computation only, not made global (``with Callback()``): several
+    threads may run images of a collection at once, each counting its own tasks.
     """
 
-    class Progress(Callback):
-        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-            if isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(prefix):
-                done(int(np.sum(result)))
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(prefix):
+            done(int(np.sum(result)))
 
-    with Progress():
-        for tasks in batches:
-            dask.compute(*tasks, scheduler=scheduler, num_workers=threads)
+    for tasks in batches:
+        dask.compute(*tasks, scheduler=scheduler, num_workers=threads, callbacks=[(None, None, None, posttask, None)])
 
 
 def run_distributed(client: Any, batches: Iterator[list[Any]], done: Callable[[int], None], window: int) -> None:

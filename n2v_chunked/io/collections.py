@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import logging
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -59,7 +61,10 @@ from .stores import ZARR_MARKERS, is_url
 
 #: Metadata reads in flight while listing (each is one round trip on an object store).
 KINDS = ("plate", "well", "container", "folder")
+#: A folder written by ``predict`` records its run here (a plate or container in its root's ``n2v_chunked`` attributes).
+RECORD = ".n2v_chunked.json"
 _RANGE = re.compile(r"(\d+)-(\d+)")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +148,9 @@ class Collection:
         Images in the whole collection, before any selection.
     selection : str or None
         The ``--select`` patterns that picked ``images``.
+    complete : bool or None
+        An output of ``n2v-chunked predict``: whether every image of it was
+        written (its root's flag); None for other collections.
     """
 
     source: str
@@ -153,6 +161,7 @@ class Collection:
     level: int = 0
     total: int = 0
     selection: str | None = None
+    complete: bool | None = None
 
     @property
     def nbytes(self) -> int:
@@ -291,18 +300,46 @@ def open_collection(
         patterns = parse_selection(select)
         items = _pick(items, patterns, str(source))
 
-    def entry(item: _Item) -> ImageEntry:
-        arr, si = open_image_info(item.path, axes, level, storage_options=options)
+    complete = _written_complete(s, kind, attrs, options)
+
+    def entry(item: _Item) -> ImageEntry | None:
+        try:
+            arr, si = open_image_info(item.path, axes, level, storage_options=options)
+        except (InputNotFoundError, UnreadableDataError):
+            if complete is False:  # a half-written output of predict: images not begun yet are left out
+                return None
+            raise
         return ImageEntry(item.name, item.path, tuple(int(n) for n in arr.shape), "".join(arr.dims),
                           si.dtype or str(arr.dtype), arr.attrs["format"], item.label,
                           dict(arr.attrs["scale"]), item.keys, item.index, arr.attrs["ngff_version"],
                           tuple(tuple(int(c) for c in cs) for cs in arr.data.chunks))
 
-    images = tuple(map_concurrently(entry, items, threads))
+    found = map_concurrently(entry, items, threads)
+    images = tuple(im for im in found if im is not None)
+    if complete is False:
+        missing = f" ({len(found) - len(images)} of its {len(found)} images not written yet)" if None in found else ""
+        log.warning("%s is marked incomplete: it is an unfinished or failed n2v-chunked output%s", source, missing)
+    if not images:
+        raise UnreadableDataError(f"{source} holds no images")
     if kind == "container" and meta.get("ngff_version") is None:  # 0.4 states it on the images only
         meta["ngff_version"] = images[0].ngff_version
     selection = ",".join(patterns) if patterns else None
-    return Collection(str(source), kind, images, level=level, total=total, selection=selection, **meta)
+    return Collection(str(source), kind, images, level=level, total=total, selection=selection, complete=complete,
+                      **meta)
+
+
+def _written_complete(source: str, kind: str, attrs: dict[str, Any], options: dict[str, Any]) -> bool | None:
+    """The ``complete`` flag of a collection ``predict`` wrote (:data:`RECORD` in a folder); None for others."""
+    if kind == "folder":
+        if GLOB.search(source):
+            return None
+        try:
+            raw = objects.read(join(source, RECORD), options)
+            attrs = {"n2v_chunked": json.loads(raw)} if raw else {}
+        except Exception:  # unreadable or not JSON: not ours
+            return None
+    meta = attrs.get("n2v_chunked")
+    return bool(meta.get("complete")) if isinstance(meta, dict) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,7 +488,8 @@ def _pick(images: list[Any], patterns: list[str], source: str) -> list[Any]:
     return [im for i, im in enumerate(images) if i in chosen]
 
 
-def _some(names: list[str], limit: int = 3) -> str:
+def some_names(names: list[str], limit: int = 3) -> str:
+    """``a, b, c and 4 more``."""
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -472,7 +510,7 @@ def check_consistent(images: Iterable[ImageEntry], what: str = "one model") -> N
     if len(groups) <= 1:
         return
     kinds = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    parts = [f"{_some(names)} {'is' if len(names) == 1 else 'are'} {axes} with {c} channel{'s' if c != 1 else ''}"
+    parts = [f"{some_names(names)} {'is' if len(names) == 1 else 'are'} {axes} with {c} channel{'s' if c != 1 else ''}"
              for (axes, c), names in kinds]
     raise CollectionError(f"images disagree in axes or channels, so they cannot share {what}: {'; '.join(parts)} "
                           "(pick one kind with --select)")

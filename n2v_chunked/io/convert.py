@@ -210,6 +210,9 @@ def format_collection(coll: Any) -> str:
                                                           im.dtype, human_bytes(im.nbytes)] for im in images]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    if coll.complete is not None:
+        state = "complete" if coll.complete else "INCOMPLETE (unfinished or failed write; predict --resume finishes it)"
+        lines.insert(7, f"written by:   n2v-chunked, {state}")
     return "\n".join(lines)
 
 

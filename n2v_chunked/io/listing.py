@@ -83,8 +83,10 @@ def folder_images(source: str, storage_options: dict[str, Any] | None = None,
         fixed = s[: GLOB.search(s).start()].rsplit("/", 1)[0] if "/" in s[: GLOB.search(s).start()] else "."
         base = Path(fixed).expanduser().resolve()
         matches = [Path(m).resolve() for m in glob.glob(s, recursive=True)]
+        stores = {m for m in matches if is_local_zarr(m)}  # ``**`` also matches their arrays: not images of their own
         found = [(str(m.relative_to(base)) if m.is_relative_to(base) else str(m), str(m)) for m in matches
-                 if not m.name.startswith(".") and (is_local_zarr(m) or (m.is_file() and is_image_file(m.name)))]
+                 if not m.name.startswith(".") and not stores.intersection(m.parents)
+                 and (m in stores or (m.is_file() and is_image_file(m.name)))]
     else:
         base = Path(s).expanduser().resolve()
         found = [(p.name, str(p)) for p in base.iterdir() if not p.name.startswith(".")

@@ -8,11 +8,14 @@
   and the graph of a batch of blocks with its borders padded;
 - :mod:`~n2v_chunked.prediction.writer`: each block's chunks and its marker (:func:`done_blocks`);
 - :mod:`~n2v_chunked.prediction.run`: :func:`predict`, which ties them together
-  (schedulers: :mod:`n2v_chunked.cluster`);
+  (schedulers: :mod:`n2v_chunked.cluster`), for one image or a collection;
+- :mod:`~n2v_chunked.prediction.collection`: a plate, container or folder in, the same layout out
+  (:class:`PredictedCollection`);
 - :mod:`~n2v_chunked.prediction.preview`: ``predict --preview``, input and output side by side.
 """
 
 from .blocks import batch_prediction, get_model, model_token, predict_block
+from .collection import PredictedCollection
 from ..model.checkpoint import ModelDir
 from ..model.contract import BlockModel, ModelContract, ModelSource
 from .model_source import open_source
@@ -23,6 +26,6 @@ from .writer import MARKER_DIR, done_blocks
 
 __all__ = [
     "BLOCK_ACTIVATION_BYTES", "MARKER_DIR", "BlockModel", "ModelContract", "ModelDir", "ModelSource", "Plan",
-    "PredictOptions", "batch_prediction", "check_compatible", "done_blocks", "get_model", "model_spatial_dims",
+    "PredictOptions", "PredictedCollection", "batch_prediction", "check_compatible", "done_blocks", "get_model", "model_spatial_dims",
     "model_token", "open_source", "plan", "predict", "predict_block",
 ]

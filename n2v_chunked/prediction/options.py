@@ -88,6 +88,10 @@ class PredictOptions:
     allow_unvalidated : bool
         Use a model directory without validated weights (see
         :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
+    select : str or sequence of str, optional
+        Collections only (a plate, container or folder of images): the images to
+        predict, as ``--select`` patterns (:func:`n2v_chunked.io.collections.select_images`);
+        refused for a single image.
     """
 
     chunks: Any = None
@@ -112,6 +116,7 @@ class PredictOptions:
     halo: Any = None
     normalize: Normalize = "model"
     allow_unvalidated: bool = False
+    select: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ngff_version", str(self.ngff_version))  # YAML and Python may give 0.5

@@ -27,14 +27,15 @@ so the scheduler's memory stays bounded for volumes of millions of chunks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -43,7 +44,7 @@ from ..cluster import preemption
 from ..cluster.common import check_not_spawn_reimport
 from ..cluster.scheduling import run_distributed, run_local, scheduler_context, thread_layout
 from ..model import checkpoint as ckpt
-from ..errors import ConfigError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
+from ..errors import CollectionError, ConfigError, InputNotFoundError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
 from ..engine.inference import blend_tensor
 from ..model.intensity import choose_normalization
 from ..io import objects
@@ -57,16 +58,24 @@ from ..cluster.progress import Progress
 from ..engine.runtimes import describe as describe_runtime, resolve as resolve_runtime
 from ..io.lock import output_lock
 from ..io.pyramid import build_pyramid
+from ..io.collections import check_consistent, collection_kind, open_collection, some_names
 from ..io.sources import open_image
+from ..io.listing import METADATA_THREADS, map_concurrently, strip_file
 from ..io.stores import REMOTE_READ_AHEAD, is_url, local_path, location, redact
 from ..zoo.spec import is_zoo_package
 from .blocks import batch_prediction, get_model
+from .collection import (
+    CollectionImage, PredictedCollection, Stopped, image_outputs, mark_output, plan_images, run_images,
+    run_record, scheduler_slots, shared_pool, start_output,
+)
 from ..model.checkpoint import ModelDir
 from ..model.contract import BlockModel, ModelSource
 from .model_source import open_source
 from .options import PredictOptions
 from .plan import Plan, batches, plan
-from .writer import MARKER_DIR, done_blocks, has_level0, marker_dir, remove_markers, sync_output, write_task
+from .writer import (
+    MARKER_DIR, done_blocks, has_level0, has_output, marker_dir, remove_markers, sync_output, write_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +83,34 @@ DEFAULT_BATCH_BLOCKS = 512  # blocks per submitted graph (~35 tasks each in 2D b
 
 
 class _Bar:
-    """Progress over blocks with the output rate in MPix/s (a bar, or log lines without a terminal)."""
+    """Progress over blocks with the output rate in MPix/s (a bar, or log lines without a terminal).
+
+    One bar counts the blocks of every image of a collection (their threads report
+    concurrently); after :meth:`stop` the next block reported raises
+    :class:`~n2v_chunked.prediction.collection.Stopped`.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = Progress(total, "predicting", "block", enabled=enabled)
         self.t0 = time.perf_counter()
         self.pixels = 0
         self.blocks = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
 
     def done(self, pixels: int) -> None:
-        self.pixels += pixels
-        self.blocks += 1
+        with self.lock:
+            self.pixels += pixels
+            self.blocks += 1
         self.bar.update(1, f"{self.mpix_per_s:.2f} MPix/s")
+        self.check()
+
+    def check(self) -> None:
+        if self.stopped.is_set():
+            raise Stopped()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     @property
     def mpix_per_s(self) -> float:
@@ -100,7 +125,7 @@ def _existing_output(out: str, overwrite: bool, resume: bool) -> dict[str, Any] 
     if not resume:
         check_replaceable(out, overwrite, resumable=True)  # replaced later, by the writer
         return None
-    if not objects.listdir(out, 1) and not objects.is_file(out):  # nothing there, or killed before its metadata
+    if not has_output(out):
         log.warning("nothing to resume at %s (no output there yet): starting it", redact(out))
         return None
     try:
@@ -185,14 +210,25 @@ def predict(
 
     Returns
     -------
-    xarray.DataArray
+    xarray.DataArray or PredictedCollection
         The written output opened lazily (``attrs["predict_stats"]`` counts the
         blocks computed and skipped), or the lazy prediction when ``output`` is None.
+        A collection (an HCS plate, a bioformats2raw container, a folder of
+        images; ``select`` picks some) is written in the same layout
+        (:func:`~n2v_chunked.prediction.collection.predict_collection`), which
+        returns a :class:`~n2v_chunked.prediction.collection.PredictedCollection`.
     """
     check_not_spawn_reimport()  # a worker re-importing a script without the __main__ guard: stop here
     opts = PredictOptions.of(options, **kwargs)
     if model_dir is None:
         raise ConfigError("predict needs a model (--model)")
+    if is_collection(source, opts):  # a plate, container or folder: the same layout out
+        if output is None:
+            raise ConfigError(f"{source} is a collection of images: give an output to predict it into (a plate "
+                              "gives a plate, a container a container, a folder a folder)")
+        return predict_collection(source, location(output), model_dir, opts)
+    if opts.select is not None:
+        raise ConfigError(f"--select picks images of a collection (plate, container, folder); {source} is one image")
     data, src, trained = _open(source, model_dir, opts)
     runtime, precision = _engine(trained, src, opts)
     p = plan(trained, data, opts.chunks)
@@ -209,6 +245,28 @@ def predict(
         y = batch_prediction(data.data, p, (0,) * len(p.dims), p.numblocks, **kw)
         return xr.DataArray(y, dims=p.dims, attrs=dict(data.attrs))
     return _write(location(output), data, p, trained, src, opts, kw, norm_record, remote)
+
+
+def is_collection(source: Any, opts: PredictOptions) -> bool:
+    """Whether ``source`` is a collection of images (a plate, a container of several series, a folder of mixed images).
+
+    A folder of TIFFs of one shape, and a container of one series, are one image, as for every command.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    try:
+        kind = collection_kind(str(source))
+    except InputNotFoundError:  # said where one image is opened, after the model's checks, as ever
+        return False
+    if kind in ("plate", "well"):
+        return True
+    if kind is None:
+        return False
+    try:  # a container or folder: one image where open_image reads it as one
+        open_image(source, axes=opts.axes, level=opts.level)
+    except CollectionError:
+        return True
+    return False
 
 
 def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, ModelSource, BlockModel]:
@@ -269,64 +327,238 @@ def _provenance(data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSour
     }
 
 
+@dataclasses.dataclass
+class Job:
+    """One output image of a run: where it goes, its input and plan, and what is already written.
+
+    :func:`begin` makes it (a resumed output's record and finished blocks
+    read), :func:`settle` fixes its engine settings and provenance (refusing a
+    resume with other settings), :func:`produce` writes it.  A single image
+    is one job; a collection (:mod:`~n2v_chunked.prediction.collection`) runs
+    several at once on one scheduler.
+    """
+
+    out: str
+    data: xr.DataArray
+    p: Plan
+    stored: dict[str, Any] | None  # the output's ``n2v_chunked`` record when resuming it
+    fresh: bool  # nothing to keep: created anew
+    done: set[tuple[int, ...]]
+    remote: bool = False
+    name: str | None = None  # multiscales name of the output
+    kw: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prov: dict[str, Any] = dataclasses.field(default_factory=dict)
+    computed: int = 0  # blocks written by this run so far
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.stored and self.stored.get("complete"))
+
+    @property
+    def skipped(self) -> int:
+        p = self.p
+        return sum(1 for idx in self.done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
+
+    @property
+    def todo(self) -> int:
+        """Blocks this run computes."""
+        return 0 if self.complete else self.p.nblocks - self.skipped
+
+    def skipped_stats(self) -> dict[str, Any]:
+        return {"blocks_total": self.p.nblocks, "blocks_computed": 0, "blocks_skipped": self.p.nblocks}
+
+
+def begin(out: str, data: xr.DataArray, p: Plan, trained: BlockModel, opts: PredictOptions, remote: bool = False,
+          name: str | None = None) -> Job:
+    """The job of writing ``data`` to ``out``: refuse an existing output unless asked, read what a resume keeps."""
+    stored = _existing_output(out, opts.overwrite, opts.resume)
+    if stored is not None:
+        p = plan(trained, data, stored["parameters"].get("chunks") if opts.chunks is None else opts.chunks)
+    fresh = stored is None or not has_level0(out)  # a kill before level 0 existed: nothing to keep
+    done = done_blocks(out) if not fresh and not stored.get("complete") else set()
+    return Job(out, data, p, stored, fresh, done, remote, name)
+
+
+def settle(job: Job, trained: BlockModel, src: ModelSource, opts: PredictOptions, kw: dict[str, Any],
+           norm_record: Any) -> None:
+    """Fix the job's engine settings and provenance; refuse to resume an output begun with other settings."""
+    job.kw = dict(kw)
+    job.prov = _provenance(job.data, job.p, trained, src, opts, job.kw, norm_record)
+    if job.stored is not None:
+        _check_resumable(job.out, job.stored, job.prov)
+        if opts.normalize == "data" and job.stored.get("normalization"):  # the statistics the written blocks used
+            job.prov["normalization"] = job.stored["normalization"]
+            job.kw["norm"] = (job.stored["normalization"]["mean"], job.stored["normalization"]["std"])
+
+
+def produce(job: Job, sched: Any, opts: PredictOptions, bar: _Bar, check_lock: Callable[[], None],
+            pyramid_progress: bool = True) -> dict[str, Any]:
+    """Create or reopen the job's output, run its blocks, add the pyramid, mark it complete, drop the markers."""
+    p, out = job.p, job.out
+    if p.rechunked:
+        log.info("rechunking input %s -> working chunks %s (multiples of the model's grid step %d on %s, halo %s)",
+                 tuple(c[0] for c in job.data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
+    _create_or_reopen(job, opts)
+    stats = _run(job, sched, opts.batch_blocks or DEFAULT_BATCH_BLOCKS, bar, check_lock)
+    if opts.pyramid:
+        build_pyramid(out, progress=pyramid_progress)
+    sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
+    check_lock()  # a run whose lock was taken over must not mark the other run's output complete
+    mark_complete(out, True)
+    sync_output(out, recursive=False)  # the flag itself
+    remove_markers(out)
+    return stats
+
+
 def _write(out: str, data: xr.DataArray, p: Plan, trained: BlockModel, src: ModelSource, opts: PredictOptions,
            kw: dict[str, Any], norm_record: Any, remote: bool) -> xr.DataArray:
     """Predict into the OME-Zarr ``out`` under its lock: create or resume it, run the blocks, mark it complete."""
     check_not_input(out, data.attrs.get("source"))
     with output_lock(out) as held:  # a second run on the same output refuses instead of interleaving
-        stored = _existing_output(out, opts.overwrite, opts.resume)
-        if stored is not None:
-            p = plan(trained, data, stored["parameters"].get("chunks") if opts.chunks is None else opts.chunks)
-        prov = _provenance(data, p, trained, src, opts, kw, norm_record)
-        if stored is not None:
-            _check_resumable(out, stored, prov)
-            if opts.normalize == "data" and stored.get("normalization"):  # the statistics the written blocks used
-                prov["normalization"] = stored["normalization"]
-                kw["norm"] = (stored["normalization"]["mean"], stored["normalization"]["std"])
-            if stored.get("complete"):
-                log.info("%s is already complete; nothing to do", out)
-                remove_markers(out)  # a kill between the complete flag and their removal leaves them
-                return _result(out, {"blocks_total": p.nblocks, "blocks_computed": 0, "blocks_skipped": p.nblocks})
-        if p.rechunked:
-            log.info("rechunking input %s -> working chunks %s (multiples of the model's grid step %d on %s, halo %s)",
-                     tuple(c[0] for c in data.data.chunks), p.chunks, p.multiple, "".join(p.spatial), p.halo)
+        job = begin(out, data, p, trained, opts, remote)
+        settle(job, trained, src, opts, kw, norm_record)
+        if job.complete:
+            log.info("%s is already complete; nothing to do", out)
+            remove_markers(out)  # a kill between the complete flag and their removal leaves them
+            return _result(out, job.skipped_stats())
         t0 = time.perf_counter()
         with scheduler_context(opts.scheduler, jobqueue_config=opts.jobqueue_config, jobs=opts.jobs,
                                device=opts.device) as sched, \
                 _interrupted(out), preemption.handlers(interrupt=True):
-            done = _create_or_reopen(out, data, p, opts, stored, prov)
-            stats = _run(data.data, p, out, done, sched, opts.batch_blocks or DEFAULT_BATCH_BLOCKS, opts.progress,
-                         kw, held.check, read_ahead=remote)
-            if opts.pyramid:
-                build_pyramid(out, progress=opts.progress)
-            sync_output(out, exclude=("0", MARKER_DIR))  # all but level 0 (synced block by block), before the flag
-            held.check()  # a run whose lock was taken over must not mark the other run's output complete
-            mark_complete(out, True)
-            sync_output(out, recursive=False)  # the flag itself
-        remove_markers(out)
+            bar = _Bar(job.todo, opts.progress)
+            try:
+                stats = produce(job, sched, opts, bar, held.check, opts.progress)
+            finally:
+                bar.close()
         stats["seconds"] = round(time.perf_counter() - t0, 3)
-        stats["runtime"] = f"{kw['runtime']} {kw['precision']}"
+        stats["runtime"] = f"{job.kw['runtime']} {job.kw['precision']}"
         log.info("predicted %s: %d block(s) computed, %d skipped, %.2f MPix/s", out, stats["blocks_computed"],
                  stats["blocks_skipped"], stats["mpix_per_s"])
         return _result(out, stats)
 
 
-def _create_or_reopen(out: str, data: xr.DataArray, p: Plan, opts: PredictOptions, stored: Any,
-                      prov: dict[str, Any]) -> set[tuple[int, ...]]:
-    """Create the output (a fresh run, or a resume killed before level 0 existed), else list its finished blocks."""
-    if stored is None or not has_level0(out):  # a kill before level 0 existed: nothing to keep
+def _create_or_reopen(job: Job, opts: PredictOptions) -> None:
+    """Create the output (a fresh run, or a resume killed before level 0 existed); a reopened one keeps its blocks."""
+    out, p, data = job.out, job.p, job.data
+    if job.fresh:
         create_ome_zarr(
-            out, p.shape, p.dims, dtype=prov["parameters"]["dtype"], chunks=p.chunks, ngff_version=opts.ngff_version,
-            scale=data.attrs.get("scale"), units=data.attrs.get("units"),
-            translation=data.attrs.get("translation"), provenance=prov, overwrite=opts.overwrite or opts.resume,
+            out, p.shape, p.dims, dtype=job.prov["parameters"]["dtype"], chunks=p.chunks,
+            ngff_version=opts.ngff_version, scale=data.attrs.get("scale"), units=data.attrs.get("units"),
+            translation=data.attrs.get("translation"), provenance=job.prov, overwrite=opts.overwrite or opts.resume,
+            name=job.name,
         )
         sync_output(out)  # the metadata a resume needs, before any marker
-        done: set[tuple[int, ...]] = set()
-    else:
-        done = done_blocks(out)
+        job.done = set()
     if local_path(out) is not None:
         os.makedirs(marker_dir(out), exist_ok=True)
-    return done
+
+
+def predict_collection(source: Any, output: str, model_dir: Any, opts: PredictOptions) -> PredictedCollection:
+    """Predict every image of a plate, container or folder into an output of the same layout.
+
+    See :mod:`~n2v_chunked.prediction.collection`: a plate gives a plate, a
+    container a container, a folder a folder of ``.ome.zarr`` images named
+    after the inputs' relative paths; each image is written as :func:`predict`
+    writes it alone, several at once on one scheduler.
+
+    Parameters
+    ----------
+    source : str or Path
+        The collection (:func:`~n2v_chunked.io.collections.open_collection`).
+    output : str
+        The output collection.
+    model_dir : str or Path
+        A model directory written by training.
+    opts : PredictOptions
+        As for one image; ``select`` picks images.
+
+    Returns
+    -------
+    PredictedCollection
+
+    Raises
+    ------
+    N2VError
+        Refusals before anything is written (images that disagree or do not
+        fit the model, a taken output, a resume with other settings); at the
+        end, the images that failed (each also reported in a line of its own).
+    """
+    t0 = time.perf_counter()
+    if is_zoo_package(model_dir):
+        raise ConfigError("collections are predicted with n2v_chunked model directories: a Zoo package prepares its "
+                          "processing for one input; predict the images one by one, or train a model on them")
+    coll = open_collection(source, axes=opts.axes, level=opts.level, select=opts.select)
+    check_consistent(coll.images, "one model")
+    ckpt.check_trained(model_dir, opts.allow_unvalidated)  # never step 0's random weights without a word
+    src = open_source(model_dir, halo=opts.halo)
+    trained = get_model(src, src.token(), "cpu")
+    runtime, precision = _engine(trained, src, opts)
+    if opts.blend:
+        _check_blend(trained)
+    check_not_input(output, strip_file(str(source)))
+    images = [CollectionImage(im, out) for im, out in zip(coll.images, image_outputs(coll, output))]
+    plan_images(images, trained, opts)  # refuses images the model cannot predict, before anything is written
+    kw = dict(trained=trained, model_dir=src, boundary=opts.boundary, precision=precision, tta=opts.tta,
+              blend=opts.blend, device=opts.device, runtime=runtime)
+    with output_lock(output) as held:  # one lock for the collection: no second run writes any of its images
+        resumed = start_output(coll, output, run_record(coll, trained, opts, kw), opts)
+        opts = dataclasses.replace(opts, overwrite=False)  # the root was replaced as a whole
+
+        def job(im: CollectionImage) -> Job:  # on a resumed collection, an image not begun yet starts without a word
+            fresh = resumed and not has_output(im.out)  # nothing there, or an empty folder a kill left: replaced
+            return begin(im.out, im.data, im.p, trained,
+                         dataclasses.replace(opts, resume=resumed and not fresh, overwrite=fresh),
+                         is_url(im.entry.path), im.name)
+
+        for im, j in zip(images, map_concurrently(job, images, METADATA_THREADS)):
+            im.job = j
+        stats, failures = _write_images(output, images, trained, src, opts, kw, held.check)
+        if failures:
+            raise N2VError(f"{len(failures)} of {len(images)} images failed ({some_names(list(failures))}; each "
+                           f"said why above); the others are written, {output} stays marked incomplete: fix the cause "
+                           "and rerun with --resume to finish them")
+        held.check()
+        mark_output(output, coll.kind, True)
+    result = PredictedCollection(output, coll.kind, {im.entry.name: im.out for im in images},
+                                 {im.entry.name: stats[im.entry.name] for im in images},  # in the collection's order
+                                 round(time.perf_counter() - t0, 3))
+    log.info("predicted %s: %d image(s), %d block(s) computed, %d skipped", output, len(images),
+             result.blocks_computed, result.blocks_skipped)
+    return result
+
+
+def _write_images(output: str, images: list[CollectionImage], trained: BlockModel, src: ModelSource,
+                  opts: PredictOptions, kw: dict[str, Any], check_lock: Callable[[], None],
+                  ) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """Write every image not finished yet, several at a time on one scheduler; ``(stats, failures)`` by name."""
+    stats: dict[str, Any] = {}
+    todo = []
+    for im in images:
+        if im.job.complete:  # finished by an earlier run
+            remove_markers(im.out)  # a kill between the complete flag and their removal leaves them
+            stats[im.entry.name] = im.job.skipped_stats()
+        else:
+            todo.append(im)
+    if not todo:
+        return stats, {}
+
+    def work(im: CollectionImage) -> dict[str, Any]:
+        job = im.job
+        norm_record = _normalization(job.data, trained, src, opts)
+        norm = (norm_record["mean"], norm_record["std"]) if opts.normalize == "data" else None
+        settle(job, trained, src, opts, {**kw, "norm": norm}, norm_record)
+        return produce(job, sched, opts, bar, check_lock, pyramid_progress=False)
+
+    with scheduler_context(opts.scheduler, jobqueue_config=opts.jobqueue_config, jobs=opts.jobs,
+                           device=opts.device) as sched, shared_pool(sched), \
+            _interrupted(output), preemption.handlers(interrupt=True):
+        bar = _Bar(sum(im.job.todo for im in todo), opts.progress)
+        try:
+            done, failures = run_images(todo, work, scheduler_slots(sched), bar)
+        finally:
+            bar.close()
+    stats.update(done)
+    return stats, failures
 
 
 @contextlib.contextmanager
@@ -352,19 +584,18 @@ def _result(out: str, stats: dict[str, Any]) -> xr.DataArray:
     return res
 
 
-def _run(
-    x: da.Array, p: Plan, out: str, done: set[tuple[int, ...]], sched: Any, batch_blocks: int, progress: bool,
-    kw: dict[str, Any], check_lock: Callable[[], None] = lambda: None, read_ahead: bool = False,
-) -> dict[str, Any]:
-    """Predict and write every block not in ``done``, batch by batch (``check_lock`` before each).
+def _run(job: Job, sched: Any, batch_blocks: int, bar: _Bar, check_lock: Callable[[], None] = lambda: None,
+         ) -> dict[str, Any]:
+    """Predict and write every block of ``job`` not yet done, batch by batch (``check_lock`` before each).
 
-    ``read_ahead`` (a remote input): a local threads scheduler runs more tasks than cores.
+    A remote input (``job.remote``): a local threads scheduler runs more tasks than cores.
     """
+    x, p, out, done, kw = job.data.data, job.p, job.out, job.done, job.kw
     channels = p.shape[p.dims.index("c")] if "c" in p.dims else 1
-    skipped = sum(1 for idx in done if len(idx) == len(p.dims) and all(0 <= i < n for i, n in zip(idx, p.numblocks)))
-    todo = p.nblocks - skipped
+    skipped = job.skipped
     run_id = uuid.uuid4().hex
-    local_threads, threads = thread_layout(sched, REMOTE_READ_AHEAD if read_ahead else 1)
+    local_threads, threads = thread_layout(sched, REMOTE_READ_AHEAD if job.remote else 1)
+    pixels, t0 = 0, time.perf_counter()
 
     def graphs() -> Iterator[list[Any]]:
         for lo, hi in batches(p.numblocks, batch_blocks):
@@ -372,6 +603,7 @@ def _run(
             if not wanted:
                 continue
             check_lock()
+            bar.check()
             y = batch_prediction(x, p, lo, hi, threads=threads, **kw)
             offset = tuple(int(p.bounds(ax)[lo[ax]]) for ax in range(len(lo)))
             w = y.map_blocks(
@@ -381,12 +613,17 @@ def _run(
             blocks = w.to_delayed(optimize_graph=False)  # optimised once, by compute
             yield [blocks[tuple(i - a for i, a in zip(idx, lo))] for idx in wanted]
 
-    bar = _Bar(todo, progress)
+    def block_done(n: int) -> None:
+        nonlocal pixels
+        job.computed += 1
+        pixels += n
+        bar.done(n)
+
     try:
         if isinstance(sched, str):
-            run_local(graphs(), bar.done, sched, local_threads)
+            run_local(graphs(), block_done, sched, local_threads)
         else:
-            run_distributed(sched, graphs(), bar.done, batch_blocks)
+            run_distributed(sched, graphs(), block_done, batch_blocks)
     except Exception as exc:
         unfinished = f"{out} stays marked incomplete"
         if not (isinstance(exc, N2VError) or environment_problem(exc)):
@@ -395,7 +632,6 @@ def _run(
         what = first_line(exc) if isinstance(exc, N2VError) else f"{type(exc).__name__}: {first_line(exc)}"
         msg = f"prediction stopped: {what}; {unfinished} (fix the cause and rerun with --resume to finish it)"
         raise (rephrased(exc, msg) if isinstance(exc, N2VError) else N2VError(msg)) from exc
-    finally:
-        bar.close()
-    return {"blocks_total": p.nblocks, "blocks_computed": bar.blocks, "blocks_skipped": skipped,
-            "mpix_per_s": round(bar.mpix_per_s, 4)}
+    mpix = pixels / max(time.perf_counter() - t0, 1e-9) / 1e6
+    return {"blocks_total": p.nblocks, "blocks_computed": job.computed, "blocks_skipped": skipped,
+            "mpix_per_s": round(mpix, 4)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +25,9 @@ from ..io import objects
 from ..io.stores import is_url, location, summary, with_retries
 
 MARKER_DIR = ".n2v_blocks"  # hidden: OME-Zarr readers only follow the multiscales datasets
+# zarr warns of the marker folder when it lists a group's members (the pyramid does); catch_warnings there is
+# not thread-safe, and the images of a collection are written by several threads at once
+warnings.filterwarnings("ignore", message=f"Object at {MARKER_DIR} is not recognized", category=UserWarning)
 DURABLE = True  # fsync each block's chunks before its marker, the rest before the flag (local files): io/durable.py
 
 _OUTPUTS: dict[str, tuple[str, Any]] = {}
@@ -69,6 +73,11 @@ def sync_output(path: str, **kwargs: Any) -> None:
 def remove_markers(path: str) -> None:
     """Delete the marker folder (once the output is complete)."""
     objects.remove_tree(marker_dir(path))
+
+
+def has_output(path: str) -> bool:
+    """Whether anything is stored at ``path`` (a run killed before its metadata leaves nothing, or an empty folder)."""
+    return bool(objects.listdir(path, 1)) or objects.is_file(path)
 
 
 def has_level0(path: str) -> bool:
