@@ -232,3 +232,33 @@ def test_validation_by_image_and_options_that_need_a_collection(tmp_path):
 def test_allocation_is_proportional_to_size():
     counts = allocate([10, 0, 30, 60], 20, seed=3)
     assert counts.tolist() == [2, 0, 6, 12]
+
+
+def test_a_model_trained_per_image_is_predicted_with_each_images_own_statistics(tmp_path, caplog):
+    """The model's contract says how it was normalised; predict and denoise follow it by default (every door)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    bright, dim = _noisy((48, 48), 1, 100, 1000, "f4"), _noisy((40, 56), 2, 100, 1000, "f4") / 20  # two shapes: a collection
+    tifffile.imwrite(folder / "bright.tif", bright)
+    tifffile.imwrite(folder / "dim.ome.tif", dim)
+    model = tmp_path / "m"
+    n2v_chunked.fit(str(folder), model, val_fraction=0.3, **_fast())
+    trained = n2v_chunked.load_model(model)
+    assert trained.contract.normalize == "data"
+    # in memory: the input's own statistics, not the stored ones (which fit neither image)
+    x = dim[None, None]
+    auto, own = (n2v_chunked.denoise(trained, x, normalize=n) for n in ("auto", "data"))
+    np.testing.assert_array_equal(auto, own)
+    assert not np.allclose(auto, n2v_chunked.denoise(trained, x, normalize="model"), rtol=1e-3)
+    # chunked, through the CLI's default and Python's: the same, recorded as "data"
+    out = tmp_path / "dim.ome.zarr"
+    assert main(["predict", str(folder / "dim.ome.tif"), str(out), "--model-dir", str(model), "--no-progress",
+                 "--scheduler", "sync", "--runtime", "torch", "--precision", "fp32"]) == 0
+    meta = zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]
+    assert meta["parameters"]["normalize"] == meta["normalization"]["mode"] == "data"
+    written = n2v_chunked.open_image(str(out)).values
+    np.testing.assert_allclose(written, own[0, 0], rtol=1e-4, atol=1e-4 * float(np.ptp(own)))
+    caplog.clear()
+    n2v_chunked.predict(str(folder / "dim.ome.tif"), None, model, normalize="model", runtime="torch",
+                        precision="fp32", progress=False)
+    assert "fit no image" in caplog.text  # an explicit --normalize model on such a model is said

@@ -262,3 +262,38 @@ def test_an_output_started_before_runtimes_resumes_with_torch(tmp_path):
         P.predict(str(src), str(out), md, runtime="onnxruntime", resume=True, **kw)
     P.predict(str(src), str(out), md, runtime="torch", resume=True, **kw)
     assert zarr.open_group(str(out), mode="r").attrs["n2v_chunked"]["complete"] is True
+
+
+# A fresh process whose first OpenVINO inferences start in several threads at once (as dask's do).
+_FIRST_USE_IN_THREADS = """
+import threading, torch
+from n2v_chunked.engine import runtimes
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 1, 3, padding=1)).eval()
+run = runtimes.get_runner(net, torch.device("cpu"), "openvino", "fp32")
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()
+    run(torch.zeros(1, 1, 16, 16))
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not R.installed("openvino"), reason="OpenVINO not installed")
+def test_openvino_first_inferences_in_many_threads_do_not_deadlock():
+    """OpenVINO's bindings deadlocked when threads made their first numpy view of a tensor at once (seen as a
+    prediction that hung with no CPU use; before the fix 4 of 8 fresh processes hung): two fresh processes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_USE_IN_THREADS], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process whose threads started OpenVINO inferences at once hung")
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]

@@ -205,7 +205,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "(default block; fixed when training starts)")
     g.add_argument("--normalize-per", choices=["image", "collection"],
                    help="collections: each image normalised by its own statistics, or all by the collection's "
-                   "(default image, measured better; predict such a model with --normalize data; fixed when "
+                   "(default image, measured better; predict then normalises each input by its own; fixed when "
                    "training starts)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--tensorboard", action="store_true",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, IncompatibleModelError, N2VError
 from ..model.checkpoint import Trained
+from ..model.normalization import channel_stats
 from ..model.unet import BYTES_PER_PIXEL_FEATURE
 from .padding import NUMPY_PAD_MODE, pad_border
 from .runtimes import get_runner, resolve
@@ -252,6 +253,7 @@ def denoise(
     blend: bool = False,
     max_pixels: int | None = None,
     runtime: str = "torch",
+    normalize: str = "auto",
 ) -> np.ndarray:
     """Denoise in-memory data of shape ``(N, C, *spatial)`` in input units.
 
@@ -269,6 +271,10 @@ def denoise(
         How to extend the image beyond its borders.
     precision, tta, blend, max_pixels, runtime
         See :func:`run_network`.
+    normalize : {"auto", "model", "data"}
+        The model's stored statistics, or the input's own mean and std per
+        channel (over all of ``x``); ``"auto"``: as the model was trained (its contract's
+        ``normalize``), as :func:`n2v_chunked.predict` does.
 
     Returns
     -------
@@ -282,8 +288,14 @@ def denoise(
         raise IncompatibleModelError(f"model expects {con.in_channels} channel(s), data has {x.shape[1]}")
     if boundary not in NUMPY_PAD_MODE:
         raise ConfigError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
-    mean = trained.mean.reshape(1, -1, *([1] * con.dims))
-    std = trained.std.reshape(1, -1, *([1] * con.dims))
+    if normalize not in ("auto", "model", "data"):
+        raise ConfigError(f"normalize must be auto, model or data, got {normalize!r}")
+    if (con.normalize if normalize == "auto" else normalize) == "data":  # the input's own, as predict samples them
+        mean, std = channel_stats(x, ("n", "c", *con.spatial))
+    else:
+        mean, std = trained.mean, trained.std
+    mean = np.asarray(mean, np.float32).reshape(1, -1, *([1] * con.dims))
+    std = np.asarray(std, np.float32).reshape(1, -1, *([1] * con.dims))
     halo = con.halo
     xn = (np.asarray(x, dtype=np.float32) - mean) / std
     padded = pad_border(xn, [(0, 0), (0, 0), *[(h, h) for h in halo]], boundary)

@@ -297,6 +297,11 @@ def _openvino_runner(onnx: bytes, precision: str, threads: int) -> Runner:
         # process with 2 threads; unpinned at 1.05x).  The OS places the processes' threads.
         "ENABLE_CPU_PINNING": False,
     })
+    # The bindings' first numpy view of a tensor (``Tensor.data``) initialises a C++ static that waits for
+    # the GIL: two dask threads making that first call at once deadlock (one holds the GIL and waits for
+    # the static, the other holds the static and waits for the GIL; 4 of 8 fresh processes hung).  Make
+    # it here, once, in the one thread that builds runners (get_runner holds its lock).
+    _ = ov.Tensor(np.zeros(1, np.float32)).data
     local = threading.local()  # an infer request is not thread-safe; one per dask thread
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,7 @@ def not_one_image(source: str, what: str, example: str | None = None) -> Collect
     """
     one = f"; give one image instead, e.g. {example}" if example else ""
     return CollectionError(f"{source} is {what}: `n2v-chunked info` lists its images (--select picks some); "
-                           f"training and prediction on collections come in a later version{one}")
+                           f"`train` and `predict` take it whole; everything else takes one image{one}")
 
 
 class ChunkReader:

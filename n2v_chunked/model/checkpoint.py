@@ -85,7 +85,9 @@ class Trained:
     def contract(self) -> Any:
         """What prediction relies on (:class:`n2v_chunked.model.contract.ModelContract`)."""
 
-        return unet_contract(self.config, self.mean, self.std, self.weights_digest, self.step)
+        per_image = (self.meta.get("collection") or {}).get("normalize_per") == "image"
+        return unet_contract(self.config, self.mean, self.std, self.weights_digest, self.step,
+                             normalize="data" if per_image else "model")
 
     @property
     def model_id(self) -> str:

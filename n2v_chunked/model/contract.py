@@ -67,6 +67,11 @@ class ModelContract:
         The network is a plain torch module, so every runtime can run it
         (exported to ONNX); False: a Zoo pipeline that only bioimageio.core
         runs, in fp32.
+    normalize : {"model", "data"}
+        The statistics an input is normalised with unless the user says
+        otherwise: ``mean``/``std`` (``"model"``), or the input's own
+        (``"data"``: a model trained on a collection with each image
+        normalised by its own statistics, so ``mean``/``std`` fit no image).
     """
 
     in_channels: int
@@ -81,6 +86,7 @@ class ModelContract:
     weights_digest: str = ""
     step: int | None = None
     torch_module: bool = True
+    normalize: str = "model"
 
     def __post_init__(self) -> None:
         if len(self.grid) != self.dims or len(self.halo) != self.dims:
@@ -104,13 +110,14 @@ def file_digest(path: str | os.PathLike[str] | None = None, data: bytes | None =
     return hashlib.sha256(Path(path).read_bytes() if data is None else data).hexdigest()
 
 
-def unet_contract(cfg: Any, mean: Any, std: Any, weights_digest: str = "", step: int | None = None) -> ModelContract:
+def unet_contract(cfg: Any, mean: Any, std: Any, weights_digest: str = "", step: int | None = None,
+                  normalize: str = "model") -> ModelContract:
     """The contract of our U-Net (:class:`n2v_chunked.model.unet.UNet`) with this config and normalisation."""
     return ModelContract(
         in_channels=cfg.in_channels, out_channels=cfg.in_channels, dims=cfg.dims,
         grid=(size_multiple(cfg),) * cfg.dims, halo=halo_width(cfg), independent_channels=cfg.independent_channels,
         mean=tuple(float(v) for v in np.ravel(mean)), std=tuple(float(v) for v in np.ravel(std)),
-        features=cfg.features, weights_digest=weights_digest, step=step,
+        features=cfg.features, weights_digest=weights_digest, step=step, normalize=normalize,
     )
 
 

@@ -27,7 +27,7 @@ from ..engine.runtimes import Precision, Runtime
 from ..errors import ConfigError
 from ..io.ome import NgffVersion, check_dtype
 
-Normalize = Literal["model", "data"]
+Normalize = Literal["auto", "model", "data"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +80,13 @@ class PredictOptions:
         For ``scheduler="slurm"``.
     halo : int or sequence of int, optional
         Zoo models only: halo per spatial axis instead of the declared one.
-    normalize : {"model", "data"}
+    normalize : {"auto", "model", "data"}
         Normalise with the model's stored statistics (a warning when the
         input's are far from them), or with the input's own, sampled once per
-        run (:func:`n2v_chunked.model.intensity.choose_normalization`); recorded in
-        the output's provenance (``normalization``).
+        image (:func:`n2v_chunked.model.intensity.choose_normalization`); recorded in
+        the output's provenance (``normalization``).  ``"auto"``: as the model
+        was trained (its contract's ``normalize``): the input's own for a model
+        trained on a collection with per-image statistics, else the model's.
     allow_unvalidated : bool
         Use a model directory without validated weights (see
         :func:`n2v_chunked.model.checkpoint.check_trained`); refused by default.
@@ -114,7 +116,7 @@ class PredictOptions:
     jobqueue_config: str | None = None
     jobs: int | None = None
     halo: Any = None
-    normalize: Normalize = "model"
+    normalize: Normalize = "auto"
     allow_unvalidated: bool = False
     select: Any = None
 

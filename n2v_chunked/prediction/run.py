@@ -230,6 +230,7 @@ def predict(
     if opts.select is not None:
         raise ConfigError(f"--select picks images of a collection (plate, container, folder); {source} is one image")
     data, src, trained = _open(source, model_dir, opts)
+    opts = as_trained(opts, trained)
     runtime, precision = _engine(trained, src, opts)
     p = plan(trained, data, opts.chunks)
     remote = isinstance(source, str) and is_url(source)
@@ -283,6 +284,16 @@ def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, 
     src = open_source(model, data, halo=opts.halo)
     trained = get_model(src, src.token(), "cpu")  # cached for local CPU runs
     return (read() if data is None else data), src, trained
+
+
+def as_trained(opts: PredictOptions, trained: BlockModel) -> PredictOptions:
+    """``opts`` with ``normalize="auto"`` made the model's own choice (recorded, and compared on resume, as such)."""
+    if opts.normalize != "auto":
+        if opts.normalize == "model" and trained.contract.normalize == "data":
+            log.warning("--normalize model: this model was trained with each image normalised by its own "
+                        "statistics; its stored ones fit no image (the default, auto, uses the input's own)")
+        return opts
+    return dataclasses.replace(opts, normalize=trained.contract.normalize)
 
 
 def _normalization(data: xr.DataArray, trained: BlockModel, src: ModelSource, opts: PredictOptions) -> Any:
@@ -492,6 +503,7 @@ def predict_collection(source: Any, output: str, model_dir: Any, opts: PredictOp
     ckpt.check_trained(model_dir, opts.allow_unvalidated)  # never step 0's random weights without a word
     src = open_source(model_dir, halo=opts.halo)
     trained = get_model(src, src.token(), "cpu")
+    opts = as_trained(opts, trained)
     runtime, precision = _engine(trained, src, opts)
     if opts.blend:
         _check_blend(trained)

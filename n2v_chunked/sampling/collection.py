@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from ..errors import CollectionError, ConfigError
-from ..io.collections import ImageEntry, _some, check_consistent
+from ..io.collections import ImageEntry, check_consistent, some_names
 from ..io.sources import open_image
 from ..model.normalization import channel_stats, pooled_stats
 from .access import open_source
@@ -227,7 +227,7 @@ class CollectionPatchDataset(ZarrPatchDataset):
                  if any(im.shape[self.dims.index(d)] < p for d, p in zip(self.spatial_dims, self.patch_shape))]
         if small:
             patch = "x".join(str(p) for p in self.patch_shape)
-            raise CollectionError(f"{len(small)} image(s) are smaller than the {patch} patch ({_some(small)}): "
+            raise CollectionError(f"{len(small)} image(s) are smaller than the {patch} patch ({some_names(small)}): "
                                   "leave them out with --select, or train with a smaller --patch")
 
     def _set_grids(self, min_block_bytes: int) -> None:
