@@ -53,12 +53,13 @@ def train_bsd68(data: Path, steps: int, model_dir: Path) -> None:
                     "--model-dir", str(model_dir), "--n-test", "1", "--quiet"], check=True, stdout=subprocess.DEVNULL)
 
 
-def train_nuclei(noisy: np.ndarray, steps: int, batch_size: int, model_dir: Path) -> None:
-    from n2v_chunked.model.config import TrainConfig
+def train_nuclei(noisy: np.ndarray, steps: int, batch_size: int, model_dir: Path, features: int | None = None) -> None:
+    from n2v_chunked.model.config import ModelConfig, TrainConfig
     from n2v_chunked.training.fit import fit
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, val_interval=25, checkpoint_interval=100, seed=0)
-    fit(noisy, model_dir, axes="zyx", dims=2, train_cfg=cfg, progress=False)
+    model_cfg = ModelConfig() if features is None else ModelConfig(features=features)
+    fit(noisy, model_dir, axes="zyx", dims=2, train_cfg=cfg, model_cfg=model_cfg, progress=False)
 
 
 def score(name: str, model_dir: Path, clean: list[np.ndarray], noisy: list[np.ndarray], data_range: float,
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128, help="patches per step of the nuclei model (default 128)")
     p.add_argument("--bsd68-model", help="a bsd68.py --model-dir to score instead of training one")
     p.add_argument("--skip", choices=["bsd68", "nuclei"], help="leave one data set out")
+    p.add_argument("--features", type=int, help="first-level width of the nuclei model (default: the product's)")
     args = p.parse_args(argv)
     import tifffile
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip != "nuclei":
             clean = tifffile.imread(sample_path("nuclei")).astype(np.float32)
             noisy = add_noise(clean, 0)
-            train_nuclei(noisy, args.steps, args.batch_size, Path(tmp) / "nuclei")
+            train_nuclei(noisy, args.steps, args.batch_size, Path(tmp) / "nuclei", args.features)
             score("nuclei", Path(tmp) / "nuclei", [clean[:, None]], [noisy[:, None]], float(clean.max() - clean.min()),
                   "best")
     return 0

@@ -29,15 +29,16 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
     """Train with one replacement, predict, and score against ``clean``."""
     from skimage.metrics import peak_signal_noise_ratio
 
-    from n2v_chunked.model.config import MaskConfig, TrainConfig
+    from n2v_chunked.model.config import MaskConfig, ModelConfig, TrainConfig
     from n2v_chunked.prediction import predict
     from n2v_chunked.training.fit import fit
 
     model = work / replacement
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_interval=25, checkpoint_interval=100,
                       seed=args.seed)
+    model_cfg = ModelConfig() if args.features is None else ModelConfig(features=args.features)
     result = fit(noisy, model, axes="zyx", dims=2, train_cfg=cfg, mask_cfg=MaskConfig(replacement=replacement),
-                 progress=False)
+                 model_cfg=model_cfg, progress=False)
     start = time.perf_counter()
     denoised = predict(noisy, None, model, axes="zyx").values.reshape(noisy.shape)
     predict_s = time.perf_counter() - start
@@ -49,6 +50,7 @@ def run_one(noisy: np.ndarray, clean: np.ndarray, replacement: str, args: argpar
         "replacement": replacement,
         "steps": result.step,
         "batch_size": args.batch_size,
+        "features": ModelConfig().features if args.features is None else args.features,
         "seed": args.seed,
         "psnr_noisy": round(float(peak_signal_noise_ratio(clean, noisy, data_range=data_range)), 3),
         "psnr": round(float(peak_signal_noise_ratio(clean, denoised, data_range=data_range)), 3),
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="training steps per replacement (default 200)")
     p.add_argument("--batch-size", type=int, default=128, help="patches per step (default: the paper's 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, weights, patches and masks")
+    p.add_argument("--features", type=int, help="first-level width (default: the product's)")
     args = p.parse_args(argv)
     import tifffile
 

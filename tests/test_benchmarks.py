@@ -9,8 +9,10 @@ DATA = bsd68_data()
 
 
 @pytest.mark.skipif(DATA is None, reason="BSD68 data absent: no Train400/ and BSD68/ under $N2V_DATA or shared/data")
-@pytest.mark.parametrize("flags, replacement, ema", [([], "median", 0.999), (["--paper"], "uniform", 0.0),
-                                                     (["--n2v2"], "median", 0.999)])
+@pytest.mark.parametrize("flags, replacement, ema", [
+    ([], "median", 0.999),
+    pytest.param(["--paper"], "uniform", 0.0, marks=pytest.mark.slow),  # the flags map to the config: test_train_cli
+    pytest.param(["--n2v2"], "median", 0.999, marks=pytest.mark.slow)])
 def test_bsd68_smoke(flags, replacement, ema):
     proc, rows = run_benchmark("bsd68.py", "--data", str(DATA), "--steps", "2", "--batch-size", "8", "--patch", "32",
                       "--features", "4", "--n-train", "12", "--n-test", "2", "--val-interval", "1", "--quiet",
@@ -40,11 +42,11 @@ def test_bsd68_bad_option_is_one_line(tmp_path):
 
 
 def test_replacement_smoke():
-    proc, rows = run_benchmark("replacement.py", "--steps", "2", "--batch-size", "16")
+    proc, rows = run_benchmark("replacement.py", "--steps", "2", "--batch-size", "16", "--features", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     uniform, median, diff = rows
     assert (uniform["replacement"], median["replacement"]) == ("uniform", "median")
-    assert uniform["steps"] == median["steps"] == 2 and uniform["batch_size"] == 16
+    assert uniform["steps"] == median["steps"] == 2 and uniform["batch_size"] == 16 and uniform["features"] == 4
     assert uniform["psnr_noisy"] == median["psnr_noisy"]  # the same noisy input for both
     assert diff["median_minus_uniform_db"] == pytest.approx(median["psnr"] - uniform["psnr"], abs=2e-3)
 
@@ -63,7 +65,7 @@ def test_channels_smoke():
 
 
 def test_precision_smoke():
-    proc, rows = run_benchmark("precision.py", "--skip", "bsd68", "--steps", "2", "--batch-size", "8")
+    proc, rows = run_benchmark("precision.py", "--skip", "bsd68", "--steps", "2", "--batch-size", "8", "--features", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert rows[0]["runtime"] == "torch" and rows[0]["precision"] == "fp32" and rows[0]["delta_db"] == 0
     assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("torch", "bf16")}

@@ -316,28 +316,30 @@ def test_train_sbatch_two_processes(slurm, noisy: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------
 
 
+_PROBE = """
+import json, sys
+from n2v_chunked.model.config import ModelConfig, TrainConfig
+from n2v_chunked.training.fit import fit
+res = fit(sys.argv[1], sys.argv[2], axes="tyx", model_cfg=ModelConfig(features=4), device="cpu", progress=False,
+          train_cfg=TrainConfig(steps=60, batch_size=4, patch_size=[32, 32], seed=1, stop_patience=0,
+                                val_interval=20, val_patches=16))
+print(json.dumps({h["step"]: h["seconds"] for h in res.history}))
+"""
+
+
 def _steps_per_second(noisy: Path, workdir: Path) -> float:
-    """Steady training speed of this machine in the time-limit test's configuration (one thread, as the job).
+    """Steady training speed in the time-limit job's conditions: a fresh process with one thread (as the job).
 
-    Measured between the validations at steps 20 and 60, so start-up, the first
-    steps and the step-0 validation (which made a 40-step probe read a third of
-    the real speed on a fast CPU) do not count.
+    Measured between the validations at steps 20 and 60, so start-up and the
+    first steps do not count; in a fresh process because inside pytest (other
+    fixtures' threads, a warm heap) the same training ran 3x slower than in the
+    job, so the job finished before the time limit's warning.
     """
-    import torch
 
-    from n2v_chunked.model.config import ModelConfig, TrainConfig
-    from n2v_chunked.training.fit import fit
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = fit(str(noisy), workdir / "probe", axes="tyx", model_cfg=ModelConfig(features=4), device="cpu",
-                  train_cfg=TrainConfig(steps=60, batch_size=4, patch_size=[32, 32], seed=1, stop_patience=0,
-                                        val_interval=20, val_patches=16),
-                  progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    seconds = {h["step"]: h["seconds"] for h in res.history}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(noisy), str(workdir / "probe")], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    seconds = {int(k): v for k, v in __import__("json").loads(out.strip().splitlines()[-1]).items()}
     return 40 / (seconds[60] - seconds[20])
 
 
