@@ -18,6 +18,7 @@ MODULES = [
     "n2v_chunked.sampling.order",
     "n2v_chunked.sampling.collection",
     "n2v_chunked.model.normalization",
+    "n2v_chunked.model.intensity",
     "n2v_chunked.training.validation",
 ]
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, IncompatibleModelError, N2VError
 from ..model.checkpoint import Trained
+from ..model.intensity import resolve_normalize
 from ..model.normalization import channel_stats
 from ..model.unet import BYTES_PER_PIXEL_FEATURE
 from .padding import NUMPY_PAD_MODE, pad_border
@@ -288,9 +289,7 @@ def denoise(
         raise IncompatibleModelError(f"model expects {con.in_channels} channel(s), data has {x.shape[1]}")
     if boundary not in NUMPY_PAD_MODE:
         raise ConfigError(f"unknown boundary mode {boundary!r}; use one of {sorted(NUMPY_PAD_MODE)}")
-    if normalize not in ("auto", "model", "data"):
-        raise ConfigError(f"normalize must be auto, model or data, got {normalize!r}")
-    if (con.normalize if normalize == "auto" else normalize) == "data":  # the input's own, as predict samples them
+    if resolve_normalize(normalize, con.normalize) == "data":  # the input's own, as predict samples them
         mean, std = channel_stats(x, ("n", "c", *con.spatial))
     else:
         mean, std = trained.mean, trained.std

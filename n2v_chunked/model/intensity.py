@@ -38,6 +38,26 @@ MEAN_SIGMAS = 3.0
 STD_RATIO = 3.0
 
 
+def resolve_normalize(mode: str, trained_with: str) -> str:
+    """The normalisation to run: ``mode``, or for ``"auto"`` the one the model was trained with.
+
+    Parameters
+    ----------
+    mode : {"auto", "model", "data"}
+        What the user asked for.
+    trained_with : {"model", "data"}
+        The model contract's ``normalize`` (:class:`n2v_chunked.model.contract.ModelContract`).
+
+    Examples
+    --------
+    >>> resolve_normalize("auto", "data"), resolve_normalize("model", "data")
+    ('data', 'model')
+    """
+    if mode != "auto" and mode not in NORMALIZE_MODES:
+        raise ConfigError(f"normalize must be one of auto, {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+    return trained_with if mode == "auto" else mode
+
+
 def mismatch(
     data_mean: np.ndarray, data_std: np.ndarray, model_mean: np.ndarray, model_std: np.ndarray,
 ) -> list[int]:

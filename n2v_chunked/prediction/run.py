@@ -46,7 +46,7 @@ from ..cluster.scheduling import run_distributed, run_local, scheduler_context, 
 from ..model import checkpoint as ckpt
 from ..errors import CollectionError, ConfigError, InputNotFoundError, N2VError, OutputExistsError, Preempted, environment_problem, first_line, rephrased
 from ..engine.inference import blend_tensor
-from ..model.intensity import choose_normalization
+from ..model.intensity import choose_normalization, resolve_normalize
 from ..io import objects
 from ..io.ome import (
     check_not_input,
@@ -288,12 +288,10 @@ def _open(source: Any, model: Any, opts: PredictOptions) -> tuple[xr.DataArray, 
 
 def as_trained(opts: PredictOptions, trained: BlockModel) -> PredictOptions:
     """``opts`` with ``normalize="auto"`` made the model's own choice (recorded, and compared on resume, as such)."""
-    if opts.normalize != "auto":
-        if opts.normalize == "model" and trained.contract.normalize == "data":
-            log.warning("--normalize model: this model was trained with each image normalised by its own "
-                        "statistics; its stored ones fit no image (the default, auto, uses the input's own)")
-        return opts
-    return dataclasses.replace(opts, normalize=trained.contract.normalize)
+    if opts.normalize == "model" and trained.contract.normalize == "data":
+        log.warning("--normalize model: this model was trained with each image normalised by its own "
+                    "statistics; its stored ones fit no image (the default, auto, uses the input's own)")
+    return dataclasses.replace(opts, normalize=resolve_normalize(opts.normalize, trained.contract.normalize))
 
 
 def _normalization(data: xr.DataArray, trained: BlockModel, src: ModelSource, opts: PredictOptions) -> Any:
